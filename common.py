@@ -1,0 +1,454 @@
+"""Pieces shared by two or more CROPI stages.
+
+Everything here is a small function with a unit test in tests/test_common.py:
+data loading, the verifiable 0/1 reward, prompt formatting, per-token log-probs,
+GRPO group advantages, device/autocast placement, seeding and atomic file writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import types
+import typing
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+# The system prompt of the authors' release.
+DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and, where there is one, the line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: .jsonl read/write with errors that name file and line, atomic writes (temp file + rename)
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it.
+
+    A reader (or a resumed run) therefore sees either the old file or the complete new one, never half of it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Like atomic_path, for a folder (e.g. a model checkpoint): fill the yielded temp folder, then it is renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Write rows as one JSON object per line, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line_number, object) for every non-empty line; DataError names file and line on bad JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(obj).__name__}")
+            yield line_number, obj
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    return [obj for _, obj in iter_jsonl(path)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data rows: GSM8K, MATH and generic files -> {"id", "prompt", "answer"} (+ "source" when given)
+# ----------------------------------------------------------------------------------------------
+
+def last_boxed_content(text: str) -> str | None:
+    r"""Content of the last \boxed{...} (or \fbox{...}) in text, nested braces handled; None if there is none."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    brace = text.find("{", start)
+    if brace < 0:
+        # "\boxed 5" form: the argument runs to the next space or "$"
+        rest = text[start + len("\\boxed"):].strip()
+        return re.split(r"[\s$]", rest, maxsplit=1)[0] or None
+    depth = 0
+    for i in range(brace, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[brace + 1:i]
+    return None  # unbalanced braces
+
+
+def _row_to_example(obj: dict, where: str, default_id: str) -> dict:
+    if "question" in obj and "answer" in obj:  # GSM8K: answer ends with "#### N"
+        solution = str(obj["answer"])
+        if "####" not in solution:
+            raise DataError(f"{where}: GSM8K-style row has no '#### <answer>' in its answer field")
+        prompt, answer = obj["question"], solution.rsplit("####", 1)[1].strip().replace(",", "")
+    elif "problem" in obj and "solution" in obj:  # MATH: the gold answer is the last \boxed{...}
+        answer = last_boxed_content(str(obj["solution"]))
+        if answer is None:
+            raise DataError(f"{where}: MATH-style row has no \\boxed{{...}} in its solution")
+        prompt = obj["problem"]
+    elif "prompt" in obj and "answer" in obj:
+        prompt, answer = obj["prompt"], obj["answer"]
+    else:
+        raise DataError(f"{where}: row needs (question, answer), (problem, solution) or (prompt, answer); "
+                        f"it has {sorted(obj)}")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{where}: empty or non-text prompt")
+    example = {"id": str(obj.get("id", default_id)), "prompt": prompt, "answer": str(answer).strip()}
+    for extra in ("source", "skill"):
+        if extra in obj:
+            example[extra] = obj[extra]
+    return example
+
+
+def load_examples(path: str | os.PathLike) -> list[dict]:
+    """Load a .jsonl (or .parquet) data file into rows {"id", "prompt", "answer"}.
+
+    Ids are the file's own "id" field, else "<file stem>:<line number>" (stable across runs).
+    """
+    path = Path(path)
+    if path.suffix == ".parquet":
+        try:
+            import pandas as pd
+        except ImportError:
+            raise DataError(f"{path}: reading .parquet needs pandas and pyarrow (pip install pandas pyarrow)")
+        records = enumerate(pd.read_parquet(path).to_dict("records"), start=1)
+    else:
+        records = iter_jsonl(path)
+    examples, seen = [], set()
+    for number, obj in records:
+        example = _row_to_example(obj, f"{path}:{number}", f"{path.stem}:{number}")
+        if example["id"] in seen:
+            raise DataError(f"{path}:{number}: duplicate id {example['id']!r}")
+        seen.add(example["id"])
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{path}: no rows")
+    return examples
+
+
+ROLLOUT_FIELDS = ("id", "prompt", "answer", "prompt_ids", "response_ids", "responses", "behavior_logprobs",
+                  "rewards", "temperature")
+
+
+def read_rollouts(path: str | os.PathLike) -> list[dict]:
+    """Read collect_rollouts.py's output and check its schema; DataError names file and line of a bad row.
+
+    Every row: id, prompt, answer, prompt_ids (list of int), response_ids (K lists of int), responses (K str),
+    behavior_logprobs (K lists, one float per response token), rewards (K floats), temperature (float > 0).
+    """
+    rows = []
+    for line_number, row in iter_jsonl(path):
+        where = f"{path}:{line_number}"
+        missing = [f for f in ROLLOUT_FIELDS if f not in row]
+        if missing:
+            raise DataError(f"{where}: rollout row lacks {missing}")
+        k = len(row["response_ids"])
+        if k == 0 or not row["prompt_ids"]:
+            raise DataError(f"{where}: empty prompt_ids or response_ids")
+        if not (len(row["responses"]) == len(row["behavior_logprobs"]) == len(row["rewards"]) == k):
+            raise DataError(f"{where}: response_ids, responses, behavior_logprobs and rewards must all have "
+                            f"K={k} entries")
+        for ids, logprobs in zip(row["response_ids"], row["behavior_logprobs"]):
+            if len(ids) != len(logprobs) or not ids:
+                raise DataError(f"{where}: a response has {len(ids)} token ids but {len(logprobs)} behavior_logprobs")
+        if not (isinstance(row["temperature"], (int, float)) and row["temperature"] > 0):
+            raise DataError(f"{where}: temperature must be a number > 0, got {row['temperature']!r}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rollouts")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The verifiable reward
+# ----------------------------------------------------------------------------------------------
+
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
+
+
+def extract_final_answer(completion: str) -> str | None:
+    r"""The model's final answer: the last \boxed{...}, else "#### X", else "answer is X", else the last number."""
+    boxed = last_boxed_content(completion)
+    if boxed is not None:
+        return boxed
+    for marker in (r"####\s*([^\n]+)", r"answer is[:\s]*\$?\s*([^\n]+?)\s*(?:\.\s|\.$|$|\n)"):
+        found = re.findall(marker, completion, flags=re.IGNORECASE)
+        if found:
+            return found[-1].strip()
+    numbers = re.findall(_NUMBER, completion)
+    return numbers[-1] if numbers else None
+
+
+def _normalize(answer: str) -> str:
+    """Strip what math-verify should not see: thousands separators, dollar signs, a trailing period."""
+    answer = answer.strip().rstrip(".").strip()
+    answer = answer.replace("\\$", "").replace("$", "")
+    answer = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", answer)
+    return answer.strip()
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        if re.fullmatch(r"-?\d+/\d+", text):
+            numerator, denominator = text.split("/")
+            return int(numerator) / int(denominator)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def reward(completion: str, answer: str) -> float:
+    """1.0 if the completion's final answer equals the gold answer mathematically, else 0.0. Never raises."""
+    try:
+        predicted = extract_final_answer(completion or "")
+        if predicted is None:
+            return 0.0
+        predicted, gold = _normalize(predicted), _normalize(str(answer))
+        if not predicted:
+            return 0.0
+        if predicted == gold:
+            return 1.0
+        pred_num, gold_num = _as_number(predicted), _as_number(gold)
+        if pred_num is not None and gold_num is not None:  # plain numbers: no need for a symbolic check
+            return float(math.isclose(pred_num, gold_num, rel_tol=1e-9, abs_tol=1e-9))
+        return float(_math_verify_equal(gold, predicted))
+    except Exception:
+        return 0.0
+
+
+def _math_verify_equal(gold: str, predicted: str) -> bool:
+    from math_verify import parse, verify
+
+    # math-verify's timeouts use signal.alarm, which Python allows only in the main thread.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
+    pred_parsed = parse(f"${predicted}$", parsing_timeout=timeout)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))  # gold first
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------
+
+def format_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """The tokenizer's chat template when it has one, else a plain "system / question / Answer:" template."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": question}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prefix = f"{system_prompt}\n\n" if system_prompt else ""
+    return f"{prefix}Question: {question}\nAnswer:"
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of an already formatted prompt (chat templates carry their own special tokens)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Models, devices, seeds
+# ----------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(local_rank: int | None = None) -> torch.device:
+    """cuda:<local_rank> when a GPU is present, else cpu. The one place that decides device placement."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op context on CPU, so CPU and GPU run the same code."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token log-probs of responses (shared by behaviour policy beta and current policy pi_theta)
+# ----------------------------------------------------------------------------------------------
+
+def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], temperature: float,
+                      pad_token_id: int = 0, with_entropy: bool = False):
+    """log pi(y_t | x, y_<t) of every response token, at sampling temperature T (softmax of logits / T).
+
+    Rows are prompt + response, right-padded (so absolute positions start at 0 on every row).
+    Returns (logprobs [B, Lr], mask [B, Lr]) and, with `with_entropy`, the per-token entropy [B, Lr] too;
+    Lr is the longest response, mask is 1 on real response tokens. Gradients flow unless called under no_grad.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = next(model.parameters()).device
+    batch = len(prompt_ids)
+    prompt_lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
+    response_lengths = torch.tensor([len(r) for r in response_ids], device=device)
+    total = int((prompt_lengths + response_lengths).max())
+    longest_response = int(response_lengths.max())
+
+    input_ids = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((batch, total), dtype=torch.long, device=device)
+    targets = torch.full((batch, longest_response), pad_token_id, dtype=torch.long, device=device)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r), device=device)
+        attention_mask[i, :len(p) + len(r)] = 1
+        targets[i, :len(r)] = torch.tensor(r, device=device)
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # Response token t of row i sits at position len(p_i) + t and is predicted by the logits at len(p_i) + t - 1.
+    offsets = torch.arange(longest_response, device=device)
+    positions = (prompt_lengths[:, None] - 1 + offsets[None, :]).clamp(max=total - 1)
+    response_logits = logits.gather(1, positions[:, :, None].expand(-1, -1, logits.shape[-1]))
+    response_logits = response_logits.float() / temperature
+    log_norm = torch.logsumexp(response_logits, dim=-1)
+    logprobs = response_logits.gather(2, targets[:, :, None]).squeeze(2) - log_norm
+    mask = (offsets[None, :] < response_lengths[:, None]).float()
+    logprobs = logprobs * mask
+    if not with_entropy:
+        return logprobs, mask
+    probs = torch.softmax(response_logits, dim=-1)
+    entropy = (log_norm - (probs * response_logits).sum(-1)) * mask
+    return logprobs, mask, entropy
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO group advantages
+# ----------------------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """A_k = (r_k - mean(r)) / (std(r) + eps) over the last dim (the K responses of one prompt).
+
+    std is the UNBIASED sample std (divide by K-1), as in the authors' release (torch.std's default).
+    A group whose rewards are all equal gets A = 0 (and hence no gradient). A group of one response has no
+    spread to normalise by, and gets A = 0 as well.
+    """
+    rewards = rewards.float()
+    if rewards.shape[-1] < 2:
+        return torch.zeros_like(rewards)
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, keepdim=True)  # correction=1: unbiased
+    return (rewards - mean) / (std + eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: every stage keeps its settings in one Args dataclass at the top of the file
+# ----------------------------------------------------------------------------------------------
+
+def arg(default, help: str):
+    """A dataclass field with its --help text; lists default to empty and collect repeated flags."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_args(args_class, argv: list[str] | None = None):
+    """Build an argparse parser from a dataclass: field `proj_dim` becomes flag `--proj-dim`.
+
+    bool fields get --flag/--no-flag; list fields take the flag once per item (--val-sketch a --val-sketch b).
+    """
+    parser = argparse.ArgumentParser(description=(sys.modules[args_class.__module__].__doc__ or "").split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(args_class)
+    for f in dataclasses.fields(args_class):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
+        elif typing.get_origin(kind) is list:
+            item_type = typing.get_args(kind)[0]
+            parser.add_argument(flag, dest=f.name, action="append", type=item_type, default=None, help=help_text)
+        else:
+            if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None": use the non-None type
+                kind = next(t for t in typing.get_args(kind) if t is not type(None))
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text)
+    namespace = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(args_class):  # an unset list flag falls back to its default list
+        if namespace[f.name] is None and f.default_factory is not dataclasses.MISSING:
+            namespace[f.name] = f.default_factory()
+    return args_class(**namespace)

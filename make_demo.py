@@ -1,0 +1,178 @@
+"""The embedded CPU demo: an arithmetic task family and a tiny GPT-2 warm-started on it.
+
+Nothing can be downloaded on every machine, and a random model never earns a reward, so the demo brings its own:
+  * four skills (add "23+45", sub "71-25", mul "47*6", max "max(23,45)"), integer answers checked by
+    common.reward; split into a training pool, one validation set and one test set per skill, and a disjoint
+    supervised warm-up set;
+  * a character-level tokenizer with a tiny chat template ("{question}=") made locally;
+  * a 4-layer GPT-2 trained with supervised next-token loss for a short while and deliberately stopped early,
+    so that its offline pass rates sit between 0 and 1 and RL has something to learn.
+
+Writes OUT/data/{train,val_<skill>,test_<skill>}.jsonl, OUT/model/ (HF checkpoint + tokenizer), OUT/demo.json.
+Usage: python make_demo.py --out demo
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from common import arg, atomic_dir, autocast, get_device, parse_args, seed_everything, write_json, write_jsonl
+
+SKILLS = ("add", "sub", "mul", "max")
+
+
+@dataclasses.dataclass
+class Args:
+    out: str = arg("demo", "output folder (data/ and model/ are written inside)")
+    seed: int = arg(0, "seed for the problems and the warm-up")
+    pool_per_skill: int = arg(300, "training-pool prompts per skill")
+    val_per_skill: int = arg(50, "validation prompts per skill")
+    test_per_skill: int = arg(100, "test prompts per skill")
+    warmup_steps: int = arg(600, "supervised steps; few on purpose, so that pass rates stay between 0 and 1")
+    warmup_batch: int = arg(64, "sequences per supervised step")
+    warmup_lr: float = arg(1e-3, "AdamW learning rate of the warm-up")
+    n_layer: int = arg(4, "GPT-2 layers")
+    n_embd: int = arg(128, "GPT-2 width (head_dim = n_embd / n_head must be >= 32 for vLLM's CPU attention)")
+    n_head: int = arg(4, "GPT-2 attention heads")
+
+
+# ----------------------------------------------------------------------------------------------
+# The task family
+# ----------------------------------------------------------------------------------------------
+
+def all_problems(skill: str) -> list[tuple[str, int]]:
+    """Every (question, integer answer) of one skill; the splits are disjoint samples of this list."""
+    if skill == "add":
+        return [(f"{a}+{b}", a + b) for a in range(100) for b in range(100)]
+    if skill == "sub":
+        return [(f"{a}-{b}", a - b) for a in range(100) for b in range(a + 1)]
+    if skill == "mul":
+        return [(f"{a}*{b}", a * b) for a in range(10, 100) for b in range(2, 10)]
+    if skill == "max":
+        return [(f"max({a},{b})", max(a, b)) for a in range(100) for b in range(100) if a != b]
+    raise ValueError(f"unknown skill {skill!r}")
+
+
+def make_splits(args: Args) -> dict[str, list[dict]]:
+    """{"train": pool, "val_<skill>": ..., "test_<skill>": ..., "warmup": supervised set}, disjoint per skill."""
+    rng = random.Random(args.seed)
+    splits: dict[str, list[dict]] = {"train": [], "warmup": []}
+    for skill in SKILLS:
+        problems = all_problems(skill)
+        rng.shuffle(problems)
+        sizes = {"train": args.pool_per_skill, f"val_{skill}": args.val_per_skill,
+                 f"test_{skill}": args.test_per_skill}
+        start = 0
+        for name, size in sizes.items():
+            rows = [{"id": f"{name}-{skill}-{i}", "prompt": q, "answer": str(a), "skill": skill}
+                    for i, (q, a) in enumerate(problems[start:start + size])]
+            splits.setdefault(name, []).extend(rows)
+            start += size
+        splits["warmup"].extend({"prompt": q, "answer": str(a)} for q, a in problems[start:])
+    rng.shuffle(splits["train"])
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------
+# A character-level tokenizer made locally (no hub), with a chat template that renders "{question}="
+# ----------------------------------------------------------------------------------------------
+
+CHAT_TEMPLATE = ("{%- for message in messages %}{%- if message['role'] == 'user' %}"
+                 "{{ message['content'] }}={%- endif %}{%- endfor %}")
+
+
+def build_char_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    """One token per printable ASCII character (plus newline), <pad> = 0 and <eos> = 1."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {c: i + 3 for i, c in enumerate(chars)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def build_tiny_gpt2(tokenizer, n_layer: int, n_embd: int, n_head: int, n_positions: int = 128):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                        n_head=n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    return GPT2LMHeadModel(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Supervised warm-up, stopped early
+# ----------------------------------------------------------------------------------------------
+
+def supervised_batch(tokenizer, rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input ids, attention mask and labels; the loss is on the answer and <eos> only, not on the question."""
+    from common import encode_prompt, format_prompt
+
+    sequences, prompt_lengths = [], []
+    for row in rows:
+        prompt = encode_prompt(tokenizer, format_prompt(tokenizer, row["prompt"]))
+        answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        sequences.append(prompt + answer)
+        prompt_lengths.append(len(prompt))
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, s in enumerate(sequences):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        attention_mask[i, :len(s)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    for i, n in enumerate(prompt_lengths):
+        labels[i, :n] = -100
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)
+
+
+def warm_start(args: Args, tokenizer, warmup_rows: list[dict]):
+    device = get_device()
+    model = build_tiny_gpt2(tokenizer, args.n_layer, args.n_embd, args.n_head).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.warmup_lr, weight_decay=0.0)
+    rng = random.Random(args.seed)
+    start = time.time()
+    for step in range(1, args.warmup_steps + 1):
+        input_ids, attention_mask, labels = supervised_batch(tokenizer, rng.sample(warmup_rows, args.warmup_batch),
+                                                             device)
+        with autocast(device):
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == args.warmup_steps:
+            print(f"warm-up step {step}/{args.warmup_steps}  loss {loss.item():.3f}  {time.time() - start:.0f}s")
+    return model.cpu()
+
+
+def main(args: Args) -> None:
+    seed_everything(args.seed)
+    out = Path(args.out)
+    splits = make_splits(args)
+    for name, rows in splits.items():
+        if name != "warmup":
+            write_jsonl(out / "data" / f"{name}.jsonl", rows)
+    tokenizer = build_char_tokenizer()
+    model = warm_start(args, tokenizer, splits["warmup"])
+    with atomic_dir(out / "model") as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    write_json(out / "demo.json", {"skills": list(SKILLS), **dataclasses.asdict(args),
+                                   "parameters": sum(p.numel() for p in model.parameters())})
+    print(f"wrote {out}/data and {out}/model")
+
+
+if __name__ == "__main__":
+    main(parse_args(Args))
