@@ -194,13 +194,13 @@ ROLLOUT_FIELDS = ("id", "prompt", "answer", "prompt_ids", "response_ids", "respo
                   "rewards", "temperature")
 
 
-def read_rollouts(path: str | os.PathLike) -> list[dict]:
-    """Read collect_rollouts.py's output and check its schema; DataError names file and line of a bad row.
+def iter_rollouts(path: str | os.PathLike) -> Iterator[dict]:
+    """Stream collect_rollouts.py's output row by row, checking its schema; DataError names file and line.
 
     Every row: id, prompt, answer, prompt_ids (list of int), response_ids (K lists of int), responses (K str),
     behavior_logprobs (K lists, one float per response token), rewards (K floats), temperature (float > 0).
     """
-    rows = []
+    count = 0
     for line_number, row in iter_jsonl(path):
         where = f"{path}:{line_number}"
         missing = [f for f in ROLLOUT_FIELDS if f not in row]
@@ -217,10 +217,15 @@ def read_rollouts(path: str | os.PathLike) -> list[dict]:
                 raise DataError(f"{where}: a response has {len(ids)} token ids but {len(logprobs)} behavior_logprobs")
         if not (isinstance(row["temperature"], (int, float)) and row["temperature"] > 0):
             raise DataError(f"{where}: temperature must be a number > 0, got {row['temperature']!r}")
-        rows.append(row)
-    if not rows:
+        count += 1
+        yield row
+    if count == 0:
         raise DataError(f"{path}: no rollouts")
-    return rows
+
+
+def read_rollouts(path: str | os.PathLike) -> list[dict]:
+    """All rows of a rollouts file (see iter_rollouts), schema-checked."""
+    return list(iter_rollouts(path))
 
 
 # ----------------------------------------------------------------------------------------------

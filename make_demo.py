@@ -33,7 +33,7 @@ class Args:
     pool_per_skill: int = arg(300, "training-pool prompts per skill")
     val_per_skill: int = arg(50, "validation prompts per skill")
     test_per_skill: int = arg(100, "test prompts per skill")
-    warmup_steps: int = arg(600, "supervised steps; few on purpose, so that pass rates stay between 0 and 1")
+    warmup_steps: int = arg(2000, "supervised steps; few on purpose, so that pass rates stay between 0 and 1")
     warmup_batch: int = arg(64, "sequences per supervised step")
     warmup_lr: float = arg(1e-3, "AdamW learning rate of the warm-up")
     n_layer: int = arg(4, "GPT-2 layers")

@@ -1,0 +1,111 @@
+"""run_cropi.sh end to end (PRESET=smoke), kill-and-resume, and bad configuration."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_loop(out_dir: Path, check: bool = True, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PRESET": "smoke", "OUT_DIR": str(out_dir), "PYTHON": os.environ.get("PYTHON", str(
+        ROOT / ".venv" / "bin" / "python")), **env}
+    result = subprocess.run(["bash", "run_cropi.sh"], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                            timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"run_cropi.sh exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def final_artefacts(out_dir: Path) -> dict:
+    """What a finished run leaves: selected ids per stage, sketches, final weights, the metrics' step numbers."""
+    from safetensors.numpy import load_file
+
+    stages = sorted(out_dir.glob("stage_*"))
+    weights = load_file(out_dir / stages[-1].name / "checkpoint" / "model.safetensors")
+    return {
+        "subsets": [[json.loads(l)["id"] for l in (s / "subset.jsonl").read_text().splitlines()] for s in stages],
+        "sketches": [np.load(s / "train_sketch.npy") for s in stages],
+        "weights": weights,
+        "steps": [json.loads(l)["step"] for l in (out_dir / "metrics.jsonl").read_text().splitlines()],
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["subsets"] == b["subsets"]
+    assert a["steps"] == b["steps"]
+    for x, y in zip(a["sketches"], b["sketches"]):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    for name in a["weights"]:
+        np.testing.assert_allclose(a["weights"][name], b["weights"][name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("smoke") / "run"
+    start = time.time()
+    result = run_loop(out_dir)
+    print(f"smoke run: {time.time() - start:.0f}s")
+    assert "Done:" in result.stdout
+    return out_dir
+
+
+def test_smoke_run_produces_the_layout(smoke_run):
+    out = smoke_run
+    for path in ["rollouts/train.jsonl", "rollouts/val_val_add.jsonl", "rollouts/val_val_sub.jsonl", "metrics.jsonl",
+                 "report.md", "accuracy.png", "selection.png", "time.png"]:
+        assert (out / path).is_file(), path
+    for m in range(2):
+        for path in ["train_sketch.npy", "val_val_add_sketch.npy", "subset.jsonl", "selection.json",
+                     "checkpoint/config.json"]:
+            assert (out / f"stage_{m}" / path).exists(), f"stage_{m}/{path}"
+    pool = len((out / "rollouts" / "train.jsonl").read_text().splitlines())
+    selected = len((out / "stage_0" / "subset.jsonl").read_text().splitlines())
+    assert 0 < selected <= max(1, int(0.1 * pool))
+    steps = {json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()}
+    assert {1, 2, 3, 4, 5, 6} <= steps  # 2 stages x 3 steps, numbered across stages
+    report = (out / "report.md").read_text()
+    assert "targeted" in report and "Selection per stage" in report
+
+
+def test_second_run_does_nothing(smoke_run):
+    result = run_loop(smoke_run)
+    assert "Already finished" in result.stdout and "[run ]" not in result.stdout
+
+
+def test_kill_and_resume_gives_the_same_artefacts(smoke_run, tmp_path):
+    """Kill the loop in the middle of stage 1's GRPO segment and again at a stage boundary; rerun to the end."""
+    out = tmp_path / "killed"
+    out.mkdir()
+    os.symlink(smoke_run / "demo", out / "demo")  # same demo model; the loop itself is what we test
+    env = {**os.environ, "PRESET": "smoke", "OUT_DIR": str(out), "PYTHON": str(ROOT / ".venv" / "bin" / "python")}
+    for marker in ["stage_1/select.done", "stage_1/checkpoint.resume"]:  # stage boundary, then mid-GRPO
+        process = subprocess.Popen(["bash", "run_cropi.sh"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 600
+        while not (out / marker).exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    result = run_loop(out)
+    assert "[skip] collect rollouts: train" in result.stdout
+    assert_same(final_artefacts(smoke_run), final_artefacts(out))
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"METHOD": "magic"}, "METHOD=magic"),
+    ({"STAGES": "two"}, "STAGES=two is not a whole number"),
+    ({"RATIO": "-1"}, "RATIO=-1 is not a number"),
+    ({"PRESET": "huge"}, "PRESET=huge"),
+    ({"MODEL": "/nonexistent/model", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y.jsonl"}, "data file x.jsonl not found"),
+])
+def test_bad_configuration_is_rejected(tmp_path, env, message):
+    result = run_loop(tmp_path / "bad", check=False, **env)
+    assert result.returncode != 0
+    assert message in result.stderr
