@@ -1,7 +1,7 @@
 """The embedded CPU demo: an arithmetic task family and a tiny GPT-2 warm-started on it.
 
 Nothing can be downloaded on every machine, and a random model never earns a reward, so the demo brings its own:
-  * four skills (add "23+45", sub "71-25", mul "47*6", max "max(23,45)"), integer answers checked by
+  * four skills (add "47+8", sub "71-5", mul "47*6", max "max(23,45)"), integer answers checked by
     common.reward; split into a training pool, one validation set and one test set per skill, and a disjoint
     supervised warm-up set;
   * a character-level tokenizer with a tiny chat template ("{question}=") made locally;
@@ -33,7 +33,8 @@ class Args:
     pool_per_skill: int = arg(300, "training-pool prompts per skill")
     val_per_skill: int = arg(50, "validation prompts per skill")
     test_per_skill: int = arg(100, "test prompts per skill")
-    warmup_steps: int = arg(2000, "supervised steps; few on purpose, so that pass rates stay between 0 and 1")
+    warmup_per_skill: int = arg(500, "supervised warm-up problems per skill (disjoint from the splits above)")
+    warmup_steps: int = arg(1200, "supervised steps; few on purpose, so that pass rates stay between 0 and 1")
     warmup_batch: int = arg(64, "sequences per supervised step")
     warmup_lr: float = arg(1e-3, "AdamW learning rate of the warm-up")
     n_layer: int = arg(4, "GPT-2 layers")
@@ -48,11 +49,11 @@ class Args:
 def all_problems(skill: str) -> list[tuple[str, int]]:
     """Every (question, integer answer) of one skill; the splits are disjoint samples of this list."""
     if skill == "add":
-        return [(f"{a}+{b}", a + b) for a in range(100) for b in range(100)]
+        return [(f"{a}+{b}", a + b) for a in range(100) for b in range(10)]
     if skill == "sub":
-        return [(f"{a}-{b}", a - b) for a in range(100) for b in range(a + 1)]
+        return [(f"{a}-{b}", a - b) for a in range(100) for b in range(min(a, 9) + 1)]
     if skill == "mul":
-        return [(f"{a}*{b}", a * b) for a in range(10, 100) for b in range(2, 10)]
+        return [(f"{a}*{b}", a * b) for a in range(100) for b in range(10)]
     if skill == "max":
         return [(f"max({a},{b})", max(a, b)) for a in range(100) for b in range(100) if a != b]
     raise ValueError(f"unknown skill {skill!r}")
@@ -73,7 +74,7 @@ def make_splits(args: Args) -> dict[str, list[dict]]:
                     for i, (q, a) in enumerate(problems[start:start + size])]
             splits.setdefault(name, []).extend(rows)
             start += size
-        splits["warmup"].extend({"prompt": q, "answer": str(a)} for q, a in problems[start:])
+        splits["warmup"].extend({"prompt": q, "answer": str(a)} for q, a in problems[start:start + args.warmup_per_skill])
     rng.shuffle(splits["train"])
     return splits
 

@@ -21,9 +21,9 @@ fail() { echo "run_cropi.sh: error: $*" >&2; exit 1; }
 
 PRESET=${PRESET:-}
 case "$PRESET" in
-  "")    preset_stages=4; preset_steps=40; preset_out=runs/demo; demo_args=() ;;
-  smoke) preset_stages=2; preset_steps=3;  preset_out=runs/smoke
-         demo_args=(--pool-per-skill 30 --val-per-skill 6 --test-per-skill 8 --warmup-steps 150) ;;
+  "")    preset_stages=4; preset_steps=40; preset_out=runs/demo; preset_save_every=20; demo_args=() ;;
+  smoke) preset_stages=2; preset_steps=3;  preset_out=runs/smoke; preset_save_every=1
+         demo_args=(--pool-per-skill 30 --val-per-skill 6 --test-per-skill 8 --warmup-steps 60) ;;
   *)     fail "PRESET=$PRESET: expected 'smoke' or unset" ;;
 esac
 
@@ -41,7 +41,7 @@ if [[ -z "$MODEL" ]]; then
   TARGETED=${TARGETED:-test_add,test_sub}
   SYSTEM_PROMPT=${SYSTEM_PROMPT-}                 # the demo tokenizer's chat template ignores it anyway
   : "${MAX_NEW_TOKENS:=8}" "${TEMPERATURE:=1.0}" "${LR:=5e-5}" "${BATCH_PROMPTS:=16}" "${KL_COEF:=0.001}"
-  : "${ENTROPY_COEF:=0.0}" "${VAL_K:=8}" "${EVAL_EVERY:=10}"
+  : "${ENTROPY_COEF:=0.0}" "${VAL_K:=8}" "${EVAL_EVERY:=10}" "${MICRO_BATCH:=256}"
 fi
 TRAIN_DATA=${TRAIN_DATA:?set TRAIN_DATA (comma-separated .jsonl/.parquet files) when MODEL is set}
 VAL_DATA=${VAL_DATA:?set VAL_DATA (comma-separated; each file is one validation set)}
@@ -65,13 +65,15 @@ LR=${LR:-1e-6}
 KL_COEF=${KL_COEF:-0.001}
 ENTROPY_COEF=${ENTROPY_COEF:-0.001}
 EVAL_EVERY=${EVAL_EVERY:-50}
+MICRO_BATCH=${MICRO_BATCH:-16}                    # sequences per forward/backward pass in GRPO
+SAVE_EVERY=${SAVE_EVERY:-$preset_save_every}      # GRPO resume checkpoint interval (steps)
 NGPU=${NGPU:-1}
 SEED=${SEED:-0}
 
 # ------------------------------------------------------------------------------------------ checks
 is_int()   { [[ "$2" =~ ^[0-9]+$ ]] || fail "$1=$2 is not a whole number"; }
 is_float() { [[ "$2" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || fail "$1=$2 is not a number"; }
-for v in STAGES STEPS_PER_STAGE K VAL_K MAX_NEW_TOKENS BATCH_PROMPTS GROUP_SIZE EVAL_EVERY NGPU SEED; do
+for v in STAGES STEPS_PER_STAGE K VAL_K MAX_NEW_TOKENS BATCH_PROMPTS GROUP_SIZE EVAL_EVERY MICRO_BATCH SAVE_EVERY NGPU SEED; do
   is_int "$v" "${!v}"
 done
 for v in RATIO TEMPERATURE LR KL_COEF ENTROPY_COEF; do is_float "$v" "${!v}"; done
@@ -91,7 +93,8 @@ CROPI run (edit by environment variables)
   STAGES=$STAGES STEPS_PER_STAGE=$STEPS_PER_STAGE RATIO=$RATIO
   K=$K VAL_K=$VAL_K TEMPERATURE=$TEMPERATURE MAX_NEW_TOKENS=$MAX_NEW_TOKENS
   PROJECTOR=${PROJECTOR:-<default>} PROJ_DIM=${PROJ_DIM:-<default>} SPARSE_RATIO=${SPARSE_RATIO:-<default>}
-  BATCH_PROMPTS=$BATCH_PROMPTS GROUP_SIZE=$GROUP_SIZE LR=$LR KL_COEF=$KL_COEF ENTROPY_COEF=$ENTROPY_COEF EVAL_EVERY=$EVAL_EVERY
+  BATCH_PROMPTS=$BATCH_PROMPTS GROUP_SIZE=$GROUP_SIZE LR=$LR KL_COEF=$KL_COEF ENTROPY_COEF=$ENTROPY_COEF
+  EVAL_EVERY=$EVAL_EVERY MICRO_BATCH=$MICRO_BATCH SAVE_EVERY=$SAVE_EVERY
 EOF
 
 if [[ -f "$OUT_DIR/report.done" ]]; then
@@ -182,7 +185,7 @@ for ((m = 0; m < STAGES; m++)); do
       --metrics "$S/metrics.jsonl" "${test_flags[@]}" --eval-every "$EVAL_EVERY" --seed "$((SEED + m))" \
       --batch-prompts "$BATCH_PROMPTS" --group-size "$GROUP_SIZE" --lr "$LR" --kl-coef "$KL_COEF" \
       --entropy-coef "$ENTROPY_COEF" --max-new-tokens "$MAX_NEW_TOKENS" --eval-max-new-tokens "$MAX_NEW_TOKENS" \
-      --system-prompt "$SYSTEM_PROMPT"
+      --micro-batch-size "$MICRO_BATCH" --save-every "$SAVE_EVERY" --system-prompt "$SYSTEM_PROMPT"
   checkpoint=$S/checkpoint
   # All stages' metrics so far, in one file.
   cat "$OUT_DIR"/stage_*/metrics.jsonl > "$OUT_DIR/.metrics.jsonl.tmp" && mv "$OUT_DIR/.metrics.jsonl.tmp" "$OUT_DIR/metrics.jsonl"

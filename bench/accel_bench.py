@@ -86,34 +86,27 @@ def load_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return accuracy_curves(metrics, TARGETED)
 
 
-def main(args: Args) -> None:
+def write_results(args: Args, runs: dict, methods: list[str], seeds: list[int], wall: float) -> tuple[float, float]:
+    """Write accel.md and accel.png for the seeds finished so far; return cropi's median speed-up and delta."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seeds = [int(s) for s in args.seeds.split(",")]
-    methods = args.methods.split(",")
-    if "full" not in methods:
-        raise SystemExit("--methods must include full (the speed-up is measured against it)")
-    methods = ["cropi"] + [m for m in methods if m != "cropi"]  # cropi first: it collects the shared rollouts
-    wall_start = time.time()
-    runs = {(m, s): run_one(args, m, s) for s in seeds for m in methods}
     curves = {key: load_curves(path) for key, path in runs.items()}
-
     rows, speedups, deltas = [], {m: [] for m in methods}, {m: [] for m in methods}
     for m in methods:
         for s in seeds:
             speedups[m].append(speedup(curves[("full", s)]["targeted"], curves[(m, s)]["targeted"]))
             deltas[m].append(curves[(m, s)]["untargeted"][-1][1] - curves[("full", s)]["untargeted"][-1][1])
-        seconds = [sum(stage_seconds(runs[(m, s)], k).values()) for s in seeds for k in range(args.stages)]
-        selection = [stage_seconds(runs[(m, s)], k) for s in seeds for k in range(args.stages)]
-        select_share = sum(t["sketch"] + t["select"] for t in selection) / max(sum(seconds), 1e-9)
+        times = [stage_seconds(runs[(m, s)], k) for s in seeds for k in range(args.stages)]
+        total = sum(sum(t.values()) for t in times)
+        select_share = sum(t["sketch"] + t["select"] for t in times) / max(total, 1e-9)
         final_t = [curves[(m, s)]["targeted"][-1][1] for s in seeds]
         final_u = [curves[(m, s)]["untargeted"][-1][1] for s in seeds]
         rows.append(f"| {m} | {np.median(speedups[m]):.2f} ({', '.join(f'{x:.2f}' for x in speedups[m])}) | "
                     f"{np.mean(final_t):.3f} +- {np.std(final_t):.3f} | {np.mean(final_u):.3f} +- {np.std(final_u):.3f}"
-                    f" | {sum(seconds) / len(seeds):.0f} | {select_share:.0%} |")
+                    f" | {total / len(seeds):.0f} | {select_share:.0%} |")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, group in zip(axes, ("targeted", "untargeted")):
@@ -127,20 +120,35 @@ def main(args: Args) -> None:
     results.mkdir(parents=True, exist_ok=True)
     with atomic_path(results / "accel.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    wall = time.time() - wall_start
+    plt.close(fig)
     report = [
         "# Acceleration experiment (embedded demo)", "",
-        f"Command: `python bench/accel_bench.py --seeds {args.seeds}`; wall time {wall / 60:.1f} min on this machine.",
+        f"Command: `python bench/accel_bench.py --seeds {args.seeds}`; seeds finished: {seeds}; "
+        f"wall time so far {wall / 60:.1f} min on this machine.",
         f"Budget: {args.stages} stages x {args.steps_per_stage} GRPO steps, eval every {args.eval_every} steps; "
-        f"targeted = {TARGETED}; seeds {seeds}.", "",
+        f"targeted = {TARGETED}.", "",
         "| method | step speed-up vs full (median; per seed) | final targeted | final untargeted | "
-        "wall s per run | selection share |", "|---|---|---|---|---|---|", *rows, "",
+        "wall s per run (sketch+select+train) | selection share |", "|---|---|---|---|---|---|", *rows, "",
         "Speed-up 0 = never reached full data's final targeted accuracy within the budget.", "",
         "![accel](accel.png)"]
     with atomic_path(results / "accel.md") as tmp:
         tmp.write_text("\n".join(report) + "\n")
-    print("\n".join(report))
-    print(f"speedup={np.median(speedups['cropi']):.2f} untargeted_delta={np.median(deltas['cropi']):+.3f}")
+    print("\n".join(report), flush=True)
+    return float(np.median(speedups["cropi"])), float(np.median(deltas["cropi"]))
+
+
+def main(args: Args) -> None:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    if "full" not in methods or "cropi" not in methods:
+        raise SystemExit("--methods must include cropi and full")
+    methods = ["cropi"] + [m for m in methods if m != "cropi"]  # cropi first: it collects the shared rollouts
+    wall_start = time.time()
+    runs = {}
+    for n, seed in enumerate(seeds):  # seed by seed, so that the results so far are written after each
+        runs.update({(m, seed): run_one(args, m, seed) for m in methods})
+        speed, delta = write_results(args, runs, methods, seeds[:n + 1], time.time() - wall_start)
+    print(f"speedup={speed:.2f} untargeted_delta={delta:+.3f}")
 
 
 if __name__ == "__main__":

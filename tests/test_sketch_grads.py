@@ -1,0 +1,326 @@
+"""sketch_grads.py: the POPI surrogate math, the projectors, and the script as a user runs it (tiny GPT-2)."""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, make_synthetic_rollouts, run_script
+from common import group_advantages, response_logprobs
+import sketch_grads as sg
+
+
+# ----------------------------------------------------------------------------------------------
+# The surrogate, by hand
+# ----------------------------------------------------------------------------------------------
+
+def test_importance_ratio_by_hand():
+    current = torch.tensor([[math.log(0.5), math.log(0.2), 0.0]])
+    behavior = torch.tensor([[math.log(0.25), math.log(0.4), 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    rho = sg.importance_ratio(current, behavior, mask)
+    assert torch.allclose(rho, torch.tensor([[2.0, 0.5, 0.0]]))  # 0.5/0.25, 0.2/0.4, padding -> 0
+
+
+def test_popi_surrogate_by_hand():
+    # K = 2 responses of lengths 2 and 1; rho = [[2, 0.5], [4, -]]; A = [1, -1]
+    # L = (1/2) * [ (2 + 0.5)/2 * 1 + (4/1) * (-1) ] = (1/2) * (1.25 - 4) = -1.375
+    current = torch.log(torch.tensor([[0.5, 0.2], [0.8, 1.0]]))
+    behavior = torch.log(torch.tensor([[0.25, 0.4], [0.2, 1.0]]))
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    advantages = torch.tensor([1.0, -1.0])
+    assert sg.popi_surrogate(current, behavior, mask, advantages, 2).item() == pytest.approx(-1.375)
+    # micro-batches add up: each row alone, still divided by K = 2
+    parts = sum(sg.popi_surrogate(current[i:i + 1], behavior[i:i + 1], mask[i:i + 1], advantages[i:i + 1], 2)
+                for i in range(2))
+    assert parts.item() == pytest.approx(-1.375)
+    # PPO clip 0.2: row 0 tokens min(2*1, 1.2*1)=1.2, min(0.5, 0.8)=0.5 -> 0.85; row 1: min(-4, -1.2) = -4
+    # L = (1/2) * (0.85 - 4) = -1.575
+    assert sg.popi_surrogate(current, behavior, mask, advantages, 2, clip_ratio=0.2).item() == pytest.approx(-1.575)
+
+
+def test_surrogate_gradient_is_rho_weighted_policy_gradient():
+    # d/dtheta of rho*A is rho * A * dlogpi/dtheta: check on a one-parameter "policy"
+    theta = torch.tensor(0.3, requires_grad=True)
+    current = torch.stack([theta * 2, theta * -1])[None]  # log pi of two tokens
+    behavior = torch.tensor([[0.1, -0.5]])
+    mask = torch.ones(1, 2)
+    sg.popi_surrogate(current, behavior, mask, torch.tensor([1.5]), 1).backward()
+    rho = torch.exp(torch.tensor([0.6 - 0.1, -0.3 + 0.5]))
+    expected = (rho[0] * 2 + rho[1] * -1) / 2 * 1.5
+    assert theta.grad.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_token_budget_batches():
+    assert sg.token_budget_batches([3, 3, 3, 3], 6) == [[0, 1], [2, 3]]
+    assert sg.token_budget_batches([2, 5, 1], 10) == [[0, 1], [2]]  # 2 rows x 5 = 10 fits; 3 x 5 = 15 does not
+    assert sg.token_budget_batches([20, 1], 8) == [[0], [1]]  # too long alone: its own batch
+    assert sg.token_budget_batches([1, 1, 1], 100) == [[0, 1, 2]]
+
+
+def test_is_zero_gradient():
+    assert sg.is_zero_gradient([1.0, 1.0, 1.0]) and sg.is_zero_gradient([0.0]) and not sg.is_zero_gradient([0, 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Projectors
+# ----------------------------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+def test_kept_coordinates_fixed_by_seed(monkeypatch):
+    monkeypatch.setattr(sg, "KEEP_BLOCK", 1000)  # several blocks
+    kept = sg.kept_coordinates(10_000, 0.1, seed=0, device=CPU)
+    assert torch.equal(kept, sg.kept_coordinates(10_000, 0.1, seed=0, device=CPU))
+    assert not torch.equal(kept, sg.kept_coordinates(10_000, 0.1, seed=1, device=CPU)[:len(kept)])
+    assert 850 < len(kept) < 1150 and torch.all(kept[1:] > kept[:-1]) and kept[-1] < 10_000
+    # the subset of the first d coordinates does not depend on how many coordinates follow (block-wise draws)
+    longer = sg.kept_coordinates(12_000, 0.1, seed=0, device=CPU)
+    assert torch.equal(longer[longer < 10_000], kept)
+    assert torch.equal(sg.kept_coordinates(7, 1.0, 0, CPU), torch.arange(7))
+
+
+def test_split_kept_by_parameter_by_hand():
+    kept = torch.tensor([0, 2, 3, 4, 7])  # parameters of sizes 3, 2, 4 -> [0,3) [3,5) [5,9)
+    local = sg.split_kept_by_parameter(kept, [3, 2, 4])
+    assert local[0].tolist() == [0, 2] and local[1] is None and local[2].tolist() == [2]
+
+
+def test_flatten_kept_gradient_order():
+    a = torch.nn.Parameter(torch.zeros(2, 2))
+    b = torch.nn.Parameter(torch.zeros(3))
+    a.grad, b.grad = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([5.0, 6.0, 7.0])
+    out = torch.full((4,), -1.0)
+    sg.flatten_kept_gradient([a, b], [torch.tensor([1, 3]), torch.tensor([0, 2])], out)
+    assert out.tolist() == [2.0, 4.0, 5.0, 7.0]
+    out = torch.full((7,), -1.0)
+    b.grad = None
+    sg.flatten_kept_gradient([a, b], [None, None], out)
+    assert out.tolist() == [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0]
+
+
+def explicit_countsketch_matrix(d, n, seed):
+    """The d x N matrix CountSketch applies, built from the same per-chunk hashes."""
+    matrix = torch.zeros(d, n)
+    for chunk, start in enumerate(range(0, d, sg.HASH_CHUNK)):
+        size = min(sg.HASH_CHUNK, d - start)
+        buckets, signs = sg.countsketch_hash(seed, chunk, size, n, CPU)
+        matrix[torch.arange(start, start + size), buckets] = signs
+    return matrix
+
+
+def test_countsketch_is_one_signed_entry_per_coordinate(monkeypatch):
+    monkeypatch.setattr(sg, "HASH_CHUNK", 64)  # several hash chunks
+    grads = torch.randn(3, 200, dtype=torch.float64)
+    matrix = explicit_countsketch_matrix(200, 16, seed=5).double()
+    assert torch.allclose(sg.countsketch_project(grads, 16, seed=5), grads @ matrix)
+    assert (matrix != 0).sum(1).eq(1).all() and set(matrix.unique().tolist()) == {-1.0, 0.0, 1.0}
+    # rows are independent of the chunk of rows they are projected with
+    assert torch.equal(sg.countsketch_project(grads[1:2], 16, 5), sg.countsketch_project(grads, 16, 5)[1:2])
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_dense_projection_is_blockwise_matrix(kind, monkeypatch):
+    monkeypatch.setattr(sg, "DENSE_BLOCK_FLOATS", 8 * 16)  # 8 rows of the matrix per generated block
+    grads = torch.randn(4, 30, dtype=torch.float64)
+    blocks = [sg.dense_block(kind, 3, b, min(8, 30 - 8 * b), 16, CPU, torch.float64) for b in range(4)]
+    matrix = torch.cat(blocks)
+    assert matrix.shape == (30, 16)
+    assert torch.allclose(sg.dense_project(grads, kind, 16, seed=3), grads @ matrix)
+    if kind == "rademacher":
+        assert torch.allclose(matrix.abs(), torch.full_like(matrix, 0.25))  # +-1/sqrt(16)
+    assert not torch.equal(sg.dense_project(grads, kind, 16, seed=4), sg.dense_project(grads, kind, 16, seed=3))
+
+
+@pytest.mark.parametrize("projector", ["countsketch", "gaussian", "rademacher"])
+def test_projection_preserves_inner_products(projector):
+    # JL: for N = 2048 the cosine of two projected vectors is within a few / sqrt(N) ~ 0.02 of the true one
+    generator = torch.Generator().manual_seed(0)
+    d, n = 20_000, 2048
+    base = torch.randn(6, d, generator=generator)
+    grads = base + 0.7 * base[:1] + torch.randn(6, d, generator=generator) * torch.linspace(0.1, 3, d)
+    sketch = sg.project(grads, projector, n, seed=11)
+    true_cos = torch.nn.functional.normalize(grads, dim=1) @ torch.nn.functional.normalize(grads, dim=1).T
+    sketch_cos = torch.nn.functional.normalize(sketch, dim=1) @ torch.nn.functional.normalize(sketch, dim=1).T
+    assert (sketch_cos - true_cos).abs().max() < 5 / math.sqrt(n)
+    norms_ratio = sketch.norm(dim=1) / grads.norm(dim=1)
+    assert (norms_ratio - 1).abs().max() < 5 / math.sqrt(n)
+    assert torch.equal(sketch, sg.project(grads, projector, n, seed=11))  # same seed, same sketch
+
+
+# ----------------------------------------------------------------------------------------------
+# The script: exact gradients against an independent autograd computation
+# ----------------------------------------------------------------------------------------------
+
+def independent_policy_gradients(model_dir, rows, rho_weighted):
+    """Per prompt: grad of (1/K) sum_k A_k (1/|y_k|) sum_t [rho_{k,t}] log pi(y_{k,t}), rho held constant,
+    one response at a time, flattened by named_parameters; zeros for all-equal rewards."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    out = []
+    for row in rows:
+        advantages = group_advantages(torch.tensor(row["rewards"]))
+        total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+        if advantages.any():
+            k = len(row["response_ids"])
+            for i, response in enumerate(row["response_ids"]):
+                logprobs, mask = response_logprobs(model, [row["prompt_ids"]], [response], row["temperature"])
+                weight = torch.ones_like(logprobs)
+                if rho_weighted:
+                    behavior = torch.tensor(row["behavior_logprobs"][i], dtype=torch.float64)[None]
+                    weight = torch.exp(logprobs.detach() - behavior)
+                objective = (weight * logprobs * mask).sum() / mask.sum() * advantages[i] / k
+                grads = torch.autograd.grad(objective, params, allow_unused=True)
+                total += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                    for g, p in zip(grads, params)])
+        out.append(total.numpy())
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def rollouts(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sketch") / "rollouts.jsonl"
+    rows = make_synthetic_rollouts(tiny_model, path, n_prompts=8, k=4, temperature=0.7)
+    return path, rows
+
+
+def test_full_gradient_equals_on_policy_policy_gradient(tiny_model, rollouts, tmp_path):
+    path, rows = rollouts
+    out = tmp_path / "full.npy"
+    run_script("sketch_grads.py", "--model", str(tiny_model), "--rollouts", str(path), "--out", str(out),
+               "--projector", "none", "--sparse-ratio", "1", "--chunk-prompts", "3", "--token-budget", "40",
+               env={"OMP_NUM_THREADS": "1"})
+    sketch, meta = np.load(out), json.loads(out.with_suffix(".json").read_text())
+    expected = independent_policy_gradients(tiny_model, rows, rho_weighted=False)  # theta = beta: rho = 1
+    assert sketch.shape == expected.shape == (8, meta["num_params"]) and sketch.dtype == np.float32
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(sketch, expected, atol=2e-5 * scale, rtol=1e-4)
+    assert meta["zero_rows"] == [3, 7] and not sketch[[3, 7]].any() and np.abs(sketch[[0, 1, 2]]).sum(1).min() > 0
+    assert meta["ids"] == [r["id"] for r in rows] and meta["nonfinite_rows"] == [] and meta["rows"] == 8
+    assert meta["proj_dim"] == meta["num_params"] and meta["projector"] == "none"
+    assert not (tmp_path / "full.npy.parts").exists()
+
+
+def test_perturbed_policy_gives_rho_weighted_gradient(tiny_model, rollouts, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, rows = rollouts
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    perturbed = tmp_path / "perturbed"
+    model.save_pretrained(perturbed)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(perturbed)
+    out = tmp_path / "rho.npy"
+    sg.main(sg.Args(model=str(perturbed), rollouts=str(path), out=str(out), projector="none", sparse_ratio=1.0))
+    sketch = np.load(out)
+    expected = independent_policy_gradients(perturbed, rows, rho_weighted=True)
+    on_policy = independent_policy_gradients(perturbed, rows, rho_weighted=False)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(sketch, expected, atol=2e-5 * scale, rtol=1e-4)
+    assert np.abs(sketch - on_policy).max() > 100 * 2e-5 * scale  # rho really differs from 1 here
+
+
+def test_gradient_checkpointing_and_kept_subset(tiny_model, rollouts, tmp_path):
+    path, rows = rollouts
+    full, kept = tmp_path / "full.npy", tmp_path / "kept.npy"
+    sg.main(sg.Args(model=str(tiny_model), rollouts=str(path), out=str(full), projector="none", sparse_ratio=1.0,
+                    gradient_checkpointing=True))
+    sg.main(sg.Args(model=str(tiny_model), rollouts=str(path), out=str(kept), projector="none", sparse_ratio=0.3,
+                    seed=7))
+    full_sketch = np.load(full)
+    expected = independent_policy_gradients(tiny_model, rows, rho_weighted=False)
+    np.testing.assert_allclose(full_sketch, expected, atol=2e-5 * np.abs(expected).max(), rtol=1e-4)
+    meta = json.loads(kept.with_suffix(".json").read_text())
+    positions = sg.kept_coordinates(meta["num_params"], 0.3, 7, CPU).numpy()
+    assert meta["kept_coordinates"] == len(positions) == meta["proj_dim"]
+    np.testing.assert_array_equal(np.load(kept), full_sketch[:, positions])
+
+
+def test_projected_sketch_matches_projection_of_full_gradient(tiny_model, rollouts, tmp_path):
+    """The default projector run as a user would: same subset + hash as projecting the exact gradient by hand."""
+    path, rows = rollouts
+    full = tmp_path / "full.npy"
+    sg.main(sg.Args(model=str(tiny_model), rollouts=str(path), out=str(full), projector="none", sparse_ratio=1.0))
+    out = tmp_path / "sketch.npy"
+    result = run_script("sketch_grads.py", "--model", str(tiny_model), "--rollouts", str(path), "--out", str(out),
+                        "--proj-dim", "512", "--seed", "3", "--dtype", "float16", env={"OMP_NUM_THREADS": "1"})
+    assert "wrote" in result.stdout
+    sketch, meta = np.load(out), json.loads(out.with_suffix(".json").read_text())
+    assert sketch.dtype == np.float16 and sketch.shape == (8, 512)
+    assert {k: meta[k] for k in ("projector", "seed", "sparse_ratio", "proj_dim", "dtype")} == {
+        "projector": "countsketch", "seed": 3, "sparse_ratio": 0.1, "proj_dim": 512, "dtype": "float16"}
+    positions = sg.kept_coordinates(meta["num_params"], 0.1, 3, CPU)
+    by_hand = sg.countsketch_project(torch.from_numpy(np.load(full))[:, positions], 512, 3).numpy()
+    np.testing.assert_allclose(sketch.astype(np.float32), by_hand, rtol=2e-3, atol=2e-3 * np.abs(by_hand).max())
+
+
+def test_nonfinite_rows_flagged(tiny_model, rollouts, tmp_path):
+    path, rows = rollouts
+    bad = [dict(r) for r in rows]
+    bad[1] = dict(bad[1], behavior_logprobs=[[-1e4] * len(lp) for lp in bad[1]["behavior_logprobs"]])  # rho = inf
+    bad_path = tmp_path / "bad.jsonl"
+    bad_path.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    out = tmp_path / "bad.npy"
+    meta = sg.main(sg.Args(model=str(tiny_model), rollouts=str(bad_path), out=str(out), proj_dim=64))
+    assert meta["nonfinite_rows"] == [1] and meta["zero_rows"] == [3, 7]
+    assert not np.isfinite(np.load(out)[1]).all() and np.isfinite(np.load(out)[[0, 2]]).all()
+
+
+def test_resume_uses_finished_chunks_and_refuses_other_settings(tiny_model, rollouts, tmp_path):
+    path, rows = rollouts
+    out = tmp_path / "s.npy"
+    args = sg.Args(model=str(tiny_model), rollouts=str(path), out=str(out), proj_dim=64, chunk_prompts=3)
+    first = sg.main(args)
+    reference = np.load(out)
+    # a killed run left chunk 1 (rows 3..5) behind: the rerun must take it as it is, and compute the rest
+    parts = tmp_path / "s.npy.parts"
+    parts.mkdir()
+    settings = {k: first[k] for k in first if k not in ("ids", "zero_rows", "nonfinite_rows")}
+    (parts / "settings.json").write_text(json.dumps(settings))
+    np.save(parts / "chunk_00001.npy", np.full((3, 64), 7.0, dtype=np.float32))
+    sg.main(args)
+    resumed = np.load(out)
+    assert (resumed[3:6] == 7).all()
+    np.testing.assert_array_equal(resumed[[0, 1, 2, 6, 7]], reference[[0, 1, 2, 6, 7]])
+    assert not parts.exists()
+    parts.mkdir()
+    (parts / "settings.json").write_text(json.dumps({**settings, "seed": 99}))
+    with pytest.raises(sg.DataError, match="seed"):
+        sg.main(args)
+
+
+def test_bad_flags_are_refused(tiny_model, rollouts, tmp_path):
+    path, _ = rollouts
+    result = run_script("sketch_grads.py", "--model", str(tiny_model), "--rollouts", str(path), "--out",
+                        str(tmp_path / "x.npy"), "--projector", "fjlt", check=False)
+    assert result.returncode != 0 and "--projector must be one of" in result.stderr
+
+
+def test_torchrun_two_processes_write_the_same_file(tiny_model, rollouts, tmp_path):
+    path, _ = rollouts
+    common = ["--model", str(tiny_model), "--rollouts", str(path), "--proj-dim", "256", "--chunk-prompts", "2",
+              "--projector", "gaussian", "--sparse-ratio", "0.5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    single, double = tmp_path / "one.npy", tmp_path / "two.npy"
+    run_script("sketch_grads.py", *common, "--out", str(single), env={"OMP_NUM_THREADS": "1"})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29517", "sketch_grads.py", *common, "--out", str(double)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(double), np.load(single))
+    one, two = (json.loads(p.with_suffix(".json").read_text()) for p in (single, double))
+    assert one == two
