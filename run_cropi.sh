@@ -40,7 +40,7 @@ if [[ -z "$MODEL" ]]; then
   TEST_DATA=${TEST_DATA:-$d/test_add.jsonl,$d/test_sub.jsonl,$d/test_mul.jsonl,$d/test_max.jsonl}
   TARGETED=${TARGETED:-test_add,test_sub}
   SYSTEM_PROMPT=${SYSTEM_PROMPT-}                 # the demo tokenizer's chat template ignores it anyway
-  : "${MAX_NEW_TOKENS:=8}" "${TEMPERATURE:=1.0}" "${LR:=5e-5}" "${BATCH_PROMPTS:=16}" "${KL_COEF:=0.001}"
+  : "${MAX_NEW_TOKENS:=8}" "${TEMPERATURE:=1.0}" "${LR:=2e-4}" "${BATCH_PROMPTS:=16}" "${KL_COEF:=0.001}"
   : "${ENTROPY_COEF:=0.0}" "${VAL_K:=8}" "${EVAL_EVERY:=10}" "${MICRO_BATCH:=256}"
 fi
 TRAIN_DATA=${TRAIN_DATA:?set TRAIN_DATA (comma-separated .jsonl/.parquet files) when MODEL is set}
