@@ -186,19 +186,6 @@ def check_or_write_settings(path: Path, settings: dict) -> None:
 # Sampling backends: both return, per prompt, K lists of response token ids (EOS kept, no padding)
 # ----------------------------------------------------------------------------------------------
 
-def resolve_backend(requested: str) -> str:
-    if requested not in ("auto", "vllm", "hf"):
-        raise SystemExit(f"error: --backend must be auto, vllm or hf, got {requested!r}")
-    if requested != "auto":
-        return requested
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return "hf"
-    # On CPU, vLLM's per-step overhead makes it much slower than generate() for small models (see README).
-    return "vllm" if torch.cuda.is_available() else "hf"
-
-
 # generate() fills unset options from the model's generation_config.json (e.g. Qwen2.5: top_k 20, repetition
 # penalty 1.05). Pin them to plain temperature + top_p sampling, as the release's vLLM sampling does.
 PLAIN_SAMPLING = dict(top_k=0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
@@ -293,10 +280,15 @@ class VLLMSampler:
 
 def behavior_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], temperature: float,
                       pad_token_id: int, token_budget: int) -> list[list[float]]:
-    """log softmax(logits / T)[y_t] of every response token, float32, in batches of at most token_budget tokens."""
+    """log softmax(logits / T)[y_t] of every response token, in batches of at most token_budget tokens.
+
+    Computed under common.autocast, exactly as sketch_grads.py computes pi_theta's log-probs (bf16 autocast on
+    CUDA, float32 on CPU), so that at stage 0 the importance ratio rho = pi_theta / beta is 1 up to batching noise.
+    """
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
     result: list[list[float]] = [[] for _ in lengths]
-    with torch.no_grad():
+    device = next(model.parameters()).device
+    with torch.no_grad(), common.autocast(device):
         for batch in token_budget_batches(lengths, token_budget):
             logprobs, mask = common.response_logprobs(model, [prompt_ids[i] for i in batch],
                                                       [response_ids[i] for i in batch], temperature, pad_token_id)
@@ -408,7 +400,7 @@ def main(args: Args) -> None:
         print(f"{out} is already complete; nothing to do (delete it to collect again)")
         return
     common.seed_everything(args.seed)
-    backend = resolve_backend(args.backend)
+    backend = common.choose_backend(args.backend)
     examples = load_all_examples(args.data)
     tokenizer = common.load_tokenizer(args.model)
     prompt_ids = [common.encode_prompt(tokenizer, common.format_prompt(tokenizer, e["prompt"], args.system_prompt))

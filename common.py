@@ -347,6 +347,23 @@ def autocast(device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def choose_backend(requested: str) -> str:
+    """The generation engine for --backend: "vllm", "hf" (transformers generate), or "auto".
+
+    auto = vLLM when it is importable and a CUDA GPU is present, else transformers: on a CPU, vLLM's per-step
+    overhead makes it far slower than generate() for small models (platform-facts.md, bench/rollout_bench.py).
+    """
+    if requested not in ("auto", "vllm", "hf"):
+        raise DataError(f"--backend must be auto, vllm or hf, got {requested!r}")
+    if requested != "auto":
+        return requested
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return "hf"
+    return "vllm" if torch.cuda.is_available() else "hf"
+
+
 def load_model(path: str, device: torch.device, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 

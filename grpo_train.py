@@ -228,19 +228,6 @@ class VllmSampler:
         return [list(completion.token_ids) for output in outputs for completion in output.outputs]
 
 
-def choose_backend(requested: str) -> str:
-    if requested not in ("auto", "vllm", "hf"):
-        raise ValueError(f"--backend must be auto, vllm or hf, got {requested!r}")
-    if requested != "auto":
-        return requested
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return "hf"
-    # On CPU, vLLM's per-step overhead is ~70x transformers' for small models (platform-facts.md).
-    return "vllm" if torch.cuda.is_available() else "hf"
-
-
 # ----------------------------------------------------------------------------------------------
 # Several processes: each rank holds B / world_size prompts; sums are all-reduced
 # ----------------------------------------------------------------------------------------------
@@ -460,7 +447,7 @@ def main(args: Args) -> None:
         trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda"
                                                             else None)
 
-    backend = choose_backend(args.backend)
+    backend = common.choose_backend(args.backend)
     if backend == "vllm":
         longest_prompt = max(len(common.encode_prompt(tokenizer, common.format_prompt(tokenizer, r["prompt"],
                                                                                        args.system_prompt)))
@@ -564,4 +551,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    common.run_main(main, Args)

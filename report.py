@@ -108,7 +108,7 @@ def main(args: Args) -> None:
 
     # Selection per stage: composition and pass rates of the selected prompts vs the pool
     lines += ["", "## Selection per stage", "", "![selection](selection.png)", "",
-              "pass-rate bins: " + ", ".join(f"[{a:.1f},{b:.1f})" for a, b in zip(PASS_RATE_BINS, PASS_RATE_BINS[1:])),
+              "pass-rate bins: [0,.2), [.2,.4), [.4,.6), [.6,.8), [.8,1] (offline pass rate of the K behaviour responses)",
               "", "| stage | selected | " + " | ".join(skills) + " | pass-rate histogram (selected) |",
               "|---" * (len(skills) + 3) + "|",
               f"| pool | {len(pool)} | " + " | ".join(str(sum(s == k for s in skill_of.values())) for k in skills)

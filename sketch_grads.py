@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (DataError, arg, atomic_path, autocast, get_device, group_advantages, load_model, parse_args,
+from common import (DataError, arg, atomic_path, autocast, get_device, group_advantages, load_model, run_main,
                     read_rollouts, response_logprobs, save_npy, write_json)
 
 PROJECTORS = ("countsketch", "gaussian", "rademacher", "none")
@@ -401,4 +401,4 @@ def main(args: Args) -> dict | None:
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run_main(main, Args)
