@@ -23,7 +23,7 @@ PRESET=${PRESET:-}
 case "$PRESET" in
   "")    preset_stages=4; preset_steps=40; preset_out=runs/demo; preset_save_every=20; demo_args=() ;;
   smoke) preset_stages=2; preset_steps=3;  preset_out=runs/smoke; preset_save_every=1
-         demo_args=(--pool-per-skill 30 --val-per-skill 6 --test-per-skill 8 --warmup-steps 60) ;;
+         demo_args=(--pool-per-skill 30 --val-per-skill 16 --test-per-skill 8 --warmup-steps 300) ;;
   *)     fail "PRESET=$PRESET: expected 'smoke' or unset" ;;
 esac
 
