@@ -472,7 +472,7 @@ def parse_args(args_class, argv: list[str] | None = None):
                                 help=help_text)
         elif typing.get_origin(kind) is list:
             item_type = typing.get_args(kind)[0]
-            parser.add_argument(flag, dest=f.name, action="append", type=item_type, default=None,
+            parser.add_argument(flag, dest=f.name, action="append", type=item_type, default=argparse.SUPPRESS,
                                 help=f"{help_text} (repeat the flag for several; default: {f.default_factory()})")
         else:
             if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None": use the non-None type
@@ -480,7 +480,7 @@ def parse_args(args_class, argv: list[str] | None = None):
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text)
     namespace = vars(parser.parse_args(argv))
     for f in dataclasses.fields(args_class):  # an unset list flag falls back to its default list
-        if namespace[f.name] is None and f.default_factory is not dataclasses.MISSING:
+        if f.name not in namespace:
             namespace[f.name] = f.default_factory()
     return args_class(**namespace)
 
