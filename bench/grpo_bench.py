@@ -45,7 +45,7 @@ class Args:
     batch_prompts: int = common.arg(16, "prompts per step B")
     group_size: int = common.arg(8, "responses per prompt G")
     max_new_tokens: int = common.arg(8, "response length limit")
-    lr: float = common.arg(5e-5, "learning rate (demo-friendly; the script's default 1e-6 is for real models)")
+    lr: float = common.arg(2e-4, "learning rate (the demo's, as in run_cropi.sh; the script's default 1e-6 is for real models)")
     kl_coef: float = common.arg(0.001, "KL coefficient (beta)")
     entropy_coef: float = common.arg(0.001, "entropy bonus coefficient")
     curve_steps: int = common.arg(300, "GRPO steps of the learning curve (not with --quick)")
