@@ -157,16 +157,10 @@ def read_partial(path: Path) -> dict[str, dict]:
     if len(complete) != len(data):
         with open(path, "r+b") as f:
             f.truncate(len(complete))
-    rows = {}
-    for line_number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_number}: not valid JSON ({e.msg}); delete the file to start over") from None
-        rows[row["id"]] = row
-    return rows
+    try:  # the file now holds complete lines only
+        return {row["id"]: row for _, row in common.iter_jsonl(path)}
+    except DataError as e:
+        raise DataError(f"{e}; delete the file to start over") from None
 
 
 def check_or_write_settings(path: Path, settings: dict) -> None:
