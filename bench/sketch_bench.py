@@ -1,22 +1,25 @@
 """Benchmark of sketch_grads.py (steps 1a-1b): overhead of the sketch over a bare forward+backward, and fidelity.
 
   1. Overhead: per prompt, the full sketch (POPI backward + flatten + projection, sketch_grads.Sketcher) against a bare
-     forward+backward of the same surrogate on the same rows, timed side by side (interleaved chunk by chunk).
-     The dense projectors (our gaussian, TRAK's BasicProjector) are timed on a slice of the kept coordinates of the
-     same gradients and extrapolated linearly to all kept coordinates (their cost is linear in d; the slice is
-     printed).
+     forward+backward of the same surrogate on the same rows, timed side by side (interleaved chunk by chunk), for
+     the default projector at each of --overhead-ratios. The dense projectors (our gaussian, TRAK's BasicProjector)
+     are timed on a slice of the kept coordinates of the same gradients and extrapolated linearly to all kept
+     coordinates (their cost is linear in d; the slice is printed).
   2. Fidelity: precision@10% = overlap of the top 10% of the training prompts by cosine(sketch, mean validation
      sketch) with the top 10% by the exact full-gradient cosine (float64), averaged over the validation sets, for
      each kept fraction F and projector, with the projection in float32 and in float16 (float16: gradient and
      matrix rounded to float16, float32 accumulation, output rounded to float16, as a GPU projection stores them).
-  3. Peak memory: the real sketch_grads.py command, run as a subprocess, with its max resident set size.
+     Projector "none" ranks by the kept coordinates themselves: what dropping coordinates costs on its own.
+  3. Concentration: the share of the exact gradient's squared norm carried by its largest coordinates.
+  4. Peak memory: the real sketch_grads.py command, run as a subprocess, with its high-water resident set size.
 
 Models: --quick uses the embedded demo model (made by make_demo.py into /tmp/demo_sketch if missing) and finishes in
 under a minute; the full run uses SmolLM2-135M-Instruct (bench/install_bench.sh; converted once from its GGUF file
 to bench/.cache/smollm2). Rollouts are sampled here with transformers generate (temperature 0.7, top_k off):
-demo arithmetic for the demo model, "What is a + b? Answer with a number only." (single digits) for SmolLM2.
+demo arithmetic for the demo model, "What is a + b? Answer with a number only." (single digits) for SmolLM2, both
+graded by the pipeline's reward (common.reward, math-verify).
 Prints one line per measurement; the LAST line is `overhead=<sketch/bare> precision_at_10=<fraction>` for the
-default projector at its defaults. Writes --out (a .json of every figure).
+default projector at its defaults. Writes --out (a .json of every figure) and the same figures as a .md beside it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -35,13 +39,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import sketch_grads as sg  # noqa: E402
-from common import (arg, encode_prompt, format_prompt, get_device, group_advantages, load_tokenizer,  # noqa: E402
-                    parse_args, read_jsonl, response_logprobs, reward, seed_everything, write_json, write_jsonl)
+from common import (arg, atomic_path, encode_prompt, format_prompt, get_device, group_advantages,  # noqa: E402
+                    load_tokenizer, parse_args, read_jsonl, response_logprobs, reward, seed_everything, write_json,
+                    write_jsonl)
 
 DEFAULTS = sg.Args()
 
@@ -62,6 +68,10 @@ class Args:
     chunk_prompts: int = arg(4, "prompts per projection chunk")
     dense_slice: int = arg(1 << 17, "kept coordinates on which the dense projectors are timed")
     seed: int = arg(0, "seed of the task sample, the sampling and the projections")
+    overhead_ratios: list[float] = arg([0.1, 1.0], "kept fractions F at which the default projector's overhead is "
+                                                   "timed (full run; its default F always)")
+    parts: list[str] = arg(["overhead", "fidelity", "concentration", "memory"],
+                           "measurements to run (the rollouts are cached, so a later run can add the others)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,17 +124,13 @@ def smollm2_tasks(n_train: int, n_val: int, rng: random.Random) -> tuple[list[di
 def demo_tasks(demo: Path, n_train: int, n_val: int, rng: random.Random):
     train = read_jsonl(demo / "data" / "train.jsonl")
     rng.shuffle(train)
-    return train[:n_train], {s: read_jsonl(demo / "data" / f"val_{s}.jsonl")[:n_val] for s in ("add", "sub", "mul", "max")}
-
-
-def first_number_reward(completion: str, answer: str) -> float:
-    found = re.search(r"-?\d+", completion)
-    return float(found is not None and found.group() == answer)
+    skills = ("add", "sub", "mul", "max")
+    return train[:n_train], {s: read_jsonl(demo / "data" / f"val_{s}.jsonl")[:n_val] for s in skills}
 
 
 @torch.no_grad()
-def sample_rollouts(model, tokenizer, rows: list[dict], k: int, temperature: float, max_new_tokens: int,
-                    reward_fn) -> list[dict]:
+def sample_rollouts(model, tokenizer, rows: list[dict], k: int, temperature: float,
+                    max_new_tokens: int) -> list[dict]:
     """collect_rollouts.py's schema, sampled with transformers generate; behavior_logprobs recomputed by a forward."""
     tokenizer.padding_side = "left"
     out = []
@@ -148,7 +154,7 @@ def sample_rollouts(model, tokenizer, rows: list[dict], k: int, temperature: flo
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             out.append({**row, "prompt_ids": prompt, "response_ids": responses, "responses": texts,
                         "behavior_logprobs": [lp[m.bool()].tolist() for lp, m in zip(logprobs, mask)],
-                        "rewards": [reward_fn(t, row["answer"]) for t in texts], "temperature": temperature})
+                        "rewards": [reward(t, row["answer"]) for t in texts], "temperature": temperature})
     return out
 
 
@@ -164,8 +170,7 @@ def bare_forward_backward(sketcher: sg.Sketcher, rows: list[dict]) -> None:
     sketcher.model.zero_grad(set_to_none=True)
 
 
-def time_overhead(model_path: str, rows: list[dict], args: Args, projector: str,
-                  sparse_ratio: float) -> tuple[dict, sg.Sketcher]:
+def time_overhead(model_path: str, rows: list[dict], args: Args, projector: str, sparse_ratio: float) -> dict:
     sketch_args = dataclasses.replace(DEFAULTS, model=model_path, projector=projector, proj_dim=args.proj_dim,
                                       sparse_ratio=sparse_ratio, chunk_prompts=args.chunk_prompts)
     sketcher = sg.Sketcher(sketch_args, get_device())
@@ -183,7 +188,7 @@ def time_overhead(model_path: str, rows: list[dict], args: Args, projector: str,
     n = sum(map(len, timed))
     return {"projector": projector, "sparse_ratio": sparse_ratio, "proj_dim": args.proj_dim, "prompts": n,
             "bare_seconds_per_prompt": bare / n, "sketch_seconds_per_prompt": sketch / n, "overhead": sketch / bare,
-            "kept_coordinates": sketcher.num_kept, "num_params": sketcher.num_params}, sketcher
+            "kept_coordinates": sketcher.num_kept, "num_params": sketcher.num_params}
 
 
 def time_dense_projectors(sketcher: sg.Sketcher, rows: list[dict], args: Args) -> list[dict]:
@@ -236,17 +241,27 @@ def cosine_rows(matrix: np.ndarray, target: np.ndarray) -> np.ndarray:
     return matrix @ target / (np.linalg.norm(matrix, axis=1) * np.linalg.norm(target) + 1e-300)
 
 
+def cosine_columns(rows: torch.Tensor, columns: torch.Tensor) -> np.ndarray:
+    """[B, S] cosines of every row of `rows` [B, d] with every column of `columns` [d, S]."""
+    norms = rows.norm(dim=1, keepdim=True) * columns.norm(dim=0, keepdim=True)
+    return (rows @ columns / (norms + 1e-300)).numpy()
+
+
 class FidelityStudy:
-    """Every prompt's exact gradient is computed once and fed to every (projector, F, precision) configuration."""
+    """Every prompt's exact gradient is computed once and fed to every (projector, F, precision) configuration.
+
+    Sketches are kept per configuration and per set of prompts ("train" or a validation set's name). The inputs of
+    the dense projectors are held (once per F, shared by float32 and float16) and projected at the end in one pass
+    over the generated matrix for all sets together, since generating the matrix is what costs.
+    """
 
     def __init__(self, sketcher: sg.Sketcher, configs: list[tuple[str, float, str]], proj_dim: int, seed: int):
         self.sketcher, self.configs, self.proj_dim, self.seed = sketcher, configs, proj_dim, seed
         d = sketcher.num_params
         self.kept = {f: sg.kept_coordinates(d, f, seed, torch.device("cpu")) for f in {c[1] for c in configs}}
-        self.sketches = {c: [] for c in configs}
-        self.held = {c: [] for c in configs if c[0] in ("gaussian", "rademacher")}  # projected at the end, one GEMM
-        self.val_mean_exact: dict[str, np.ndarray] = {}
-        self.exact_cosines: dict[str, list[float]] = {}
+        self.sketches: dict[tuple, dict[str, list]] = {c: {} for c in configs}
+        self.dense_ratios = {c[1] for c in configs if c[0] in ("gaussian", "rademacher")}
+        self.held: dict[float, list[tuple[str, torch.Tensor]]] = {f: [] for f in self.dense_ratios}
 
     def gradients(self, rows: list[dict]) -> torch.Tensor:
         grads = torch.zeros(len(rows), self.sketcher.num_params)
@@ -258,88 +273,127 @@ class FidelityStudy:
             sg.flatten_kept_gradient(self.sketcher.parameters, full, grads[b])
         return grads
 
-    def add(self, grads: torch.Tensor, val_exact: dict[str, np.ndarray] | None = None) -> None:
-        """Project a chunk of exact gradients with every configuration. Projector "none" (the kept coordinates
-        themselves, float32 only) is too wide to keep: with `val_exact` (training phase) its cosines to each exact
-        validation mean, restricted to the kept coordinates, are stored instead."""
+    def add(self, set_name: str, grads: torch.Tensor, exact: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Project a chunk of exact gradients of `set_name` with every configuration. Projector "none" (the kept
+        coordinates themselves, float32 only) is too wide to keep: with `exact` = (the chunk in float64, the exact
+        validation means as columns), given in the training phase, its cosines to each validation mean, restricted
+        to the kept coordinates, are stored instead."""
+        for ratio in self.dense_ratios:
+            self.held[ratio].append((set_name, grads[:, self.kept[ratio]] if ratio < 1 else grads.clone()))
         for config in self.configs:
             projector, ratio, precision = config
+            if projector in ("gaussian", "rademacher"):
+                continue
             if projector == "none":
-                if val_exact is not None:
-                    kept = self.kept[ratio].numpy()
-                    cosines = [cosine_rows(grads[:, kept].double().numpy(), target[kept])
-                               for target in val_exact.values()]
-                    self.sketches[config].append(np.stack(cosines, axis=1))
+                if exact is not None:
+                    grads64, targets = exact
+                    kept = self.kept[ratio]
+                    cosines = cosine_columns(grads64[:, kept], targets[kept]) if ratio < 1 else cosine_columns(*exact)
+                    self.sketches[config].setdefault(set_name, []).append(cosines)
                 continue
             kept = grads[:, self.kept[ratio]] if ratio < 1 else grads
             if precision == "float16":
                 kept = as_float16(kept)
-            if config in self.held:
-                self.held[config].append(kept.clone())
-                continue
             sketch = sg.project(kept, projector, self.proj_dim, self.seed)
-            self.sketches[config].append(as_float16(sketch) if precision == "float16" else sketch)
+            self.sketches[config].setdefault(set_name, []).append(
+                as_float16(sketch) if precision == "float16" else sketch)
 
     def finish_dense(self) -> None:
-        for config, parts in self.held.items():
-            projector, _, precision = config
-            grads = torch.cat(parts)
-            if precision == "float16":  # the matrix entries rounded to float16 too
-                out = torch.zeros(grads.shape[0], self.proj_dim)
-                rows = max(1, sg.DENSE_BLOCK_FLOATS // self.proj_dim)
-                for block, start in enumerate(range(0, grads.shape[1], rows)):
-                    part = grads[:, start:start + rows]
-                    out.addmm_(part, as_float16(sg.dense_block(projector, self.seed, block, part.shape[1],
-                                                               self.proj_dim, torch.device("cpu"))))
-                sketch = as_float16(out)
-            else:
-                sketch = sg.project(grads, projector, self.proj_dim, self.seed)
-            self.sketches[config] = [sketch]
+        """float32: sg.project itself. float16: gradient and matrix entries rounded to float16, float32
+        accumulation, output rounded to float16 (what a half-precision GPU projection stores)."""
+        for ratio, parts in self.held.items():
+            if not parts:
+                continue
+            names, grads = [name for name, _ in parts], torch.cat([g for _, g in parts])
+            sizes = [g.shape[0] for _, g in parts]
+            for config in self.configs:
+                projector, config_ratio, precision = config
+                if projector not in ("gaussian", "rademacher") or config_ratio != ratio:
+                    continue
+                if precision == "float16":
+                    inputs, out = as_float16(grads), torch.zeros(grads.shape[0], self.proj_dim)
+                    rows = max(1, sg.DENSE_BLOCK_FLOATS // self.proj_dim)
+                    for block, start in enumerate(range(0, grads.shape[1], rows)):
+                        part = inputs[:, start:start + rows]
+                        out.addmm_(part, as_float16(sg.dense_block(projector, self.seed, block, part.shape[1],
+                                                                   self.proj_dim, torch.device("cpu"))))
+                    sketch = as_float16(out)
+                else:
+                    sketch = sg.project(grads, projector, self.proj_dim, self.seed)
+                for name, piece in zip(names, sketch.split(sizes)):
+                    self.sketches[config].setdefault(name, []).append(piece)
             parts.clear()
+
+    def sketch_matrix(self, config: tuple, set_name: str) -> np.ndarray:
+        return torch.cat(self.sketches[config][set_name]).double().numpy()
 
 
 def run_fidelity(sketcher, train, val_sets, configs, args) -> dict:
     """Validation sets first (their exact mean gradient in float64), then the training prompts in chunks."""
     study = FidelityStudy(sketcher, configs, args.proj_dim, args.seed)
-    val_sketch_means, val_exact = {}, {}
+    val_exact: dict[str, torch.Tensor] = {}
     for name, rows in list(val_sets.items()):
         rows = [r for r in rows if not sg.is_zero_gradient(r["rewards"])]
         if len(rows) < 2:
             print(f"  validation set {name}: {len(rows)} prompts with a non-zero gradient, left out")
             del val_sets[name]
             continue
-        study.sketches = {c: [] for c in configs}
         total = torch.zeros(sketcher.num_params, dtype=torch.float64)
         for start in range(0, len(rows), args.chunk_prompts):
             grads = study.gradients(rows[start:start + args.chunk_prompts])
             total += grads.double().sum(0)
-            study.add(grads)
-        study.finish_dense()
-        val_exact[name] = (total / len(rows)).numpy()
-        val_sketch_means[name] = {c: torch.cat(s).double().mean(0).numpy() for c, s in study.sketches.items()
-                                  if c[0] != "none"}
+            study.add(name, grads)
+        val_exact[name] = total / len(rows)
         print(f"  validation set {name}: {len(rows)} prompts with a non-zero gradient")
     train = [r for r in train if not sg.is_zero_gradient(r["rewards"])]
-    study.sketches = {c: [] for c in configs}
-    exact = {name: [] for name in val_sets}
-    for start in range(0, len(train), args.chunk_prompts):
+    targets = torch.stack(list(val_exact.values()), dim=1)  # [d, validation sets], float64
+    exact_cosines = []
+    for start in tqdm(range(0, len(train), args.chunk_prompts), desc="fidelity: training gradients"):
         grads = study.gradients(train[start:start + args.chunk_prompts])
-        for name in val_sets:
-            exact[name].extend(cosine_rows(grads.double().numpy(), val_exact[name]).tolist())
-        study.add(grads, val_exact)
+        grads64 = grads.double()
+        exact_cosines.append(cosine_columns(grads64, targets))
+        study.add("train", grads, (grads64, targets))
+        del grads64
+    exact = np.concatenate(exact_cosines)
+    start = time.perf_counter()
     study.finish_dense()
+    if study.dense_ratios:
+        print(f"  dense projections at F={sorted(study.dense_ratios)}: {time.perf_counter() - start:.0f}s")
     results = []
     for config in configs:
         if config[0] == "none":
-            cosines = np.concatenate(study.sketches[config])
+            cosines = np.concatenate(study.sketches[config]["train"])
             scores = {name: cosines[:, i] for i, name in enumerate(val_sets)}
-        else:
-            train_sketch = torch.cat(study.sketches[config]).double().numpy()
-            scores = {name: cosine_rows(train_sketch, val_sketch_means[name][config]) for name in val_sets}
-        precisions = [precision_at(np.array(exact[name]), scores[name]) for name in val_sets]
+        else:  # the release's score: cosine to the mean of the validation prompts' sketches
+            train_sketch = study.sketch_matrix(config, "train")
+            scores = {name: cosine_rows(train_sketch, study.sketch_matrix(config, name).mean(0)) for name in val_sets}
+        precisions = [precision_at(exact[:, i], scores[name]) for i, name in enumerate(val_sets)]
         results.append({"projector": config[0], "sparse_ratio": config[1], "precision": config[2],
                         "precision_at_10": float(np.mean(precisions)), "per_val_set": precisions})
     return {"train_prompts_nonzero": len(train), "results": results}
+
+
+def gradient_concentration(sketcher: sg.Sketcher, rows: list[dict], fractions=(1e-5, 1e-4, 1e-3, 1e-2)) -> dict:
+    """Share of each exact gradient's squared norm carried by its largest coordinates (top 0.001%, 0.01%, ...).
+
+    When a few coordinates carry most of the norm, keeping a random fraction F of the coordinates keeps or drops
+    each of them by chance, and the kept part of the gradient points elsewhere than the whole.
+    """
+    study = FidelityStudy(sketcher, [], 1, 0)
+    shares = {f: [] for f in fractions}
+    largest_tensor = []
+    names = [name for name, _ in sg.trainable_parameters(sketcher.model)]
+    sizes = [p.numel() for _, p in sg.trainable_parameters(sketcher.model)]
+    for row in rows:
+        squares = study.gradients([row])[0].double().square_()
+        total = squares.sum()
+        for f in fractions:
+            shares[f].append(float(torch.topk(squares, max(1, int(f * squares.numel()))).values.sum() / total))
+        per_tensor = torch.stack([part.sum() for part in squares.split(sizes)]) / total
+        largest_tensor.append((names[int(per_tensor.argmax())], float(per_tensor.max())))
+    return {"prompts": len(rows), "num_params": sketcher.num_params,
+            "top_share": {f"{100 * f:g}%": float(np.mean(v)) for f, v in shares.items()},
+            "largest_tensor": largest_tensor}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,9 +401,13 @@ def run_fidelity(sketcher, train, val_sets, configs, args) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def peak_memory(model_path: str, rollouts: Path, out: Path, extra: list[str]) -> dict:
-    code = ("import resource, runpy, sys, time; sys.argv = sys.argv[1:]; start = time.time(); "
+    # VmHWM of the child's own address space: ru_maxrss would be wrong here, since Linux carries a parent's
+    # high-water mark into a forked child across exec, and this parent holds gigabytes of gradients.
+    code = ("import re, runpy, sys, time; sys.argv = sys.argv[1:]; start = time.time(); "
             "runpy.run_path(sys.argv[0], run_name='__main__'); "
-            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time() - start)")
+            "peak = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+            "print('PEAK', peak, time.time() - start)")
+    shutil.rmtree(f"{out}.parts", ignore_errors=True)  # measure a whole run, not a resumed one
     command = [sys.executable, "-c", code, str(ROOT / "sketch_grads.py"), "--model", model_path, "--rollouts",
                str(rollouts), "--out", str(out), *extra]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -360,7 +418,53 @@ def peak_memory(model_path: str, rollouts: Path, out: Path, extra: list[str]) ->
             "wall_seconds": float(seconds)}
 
 
+def markdown_report(results: dict, command: str) -> str:
+    """The figures of one run as markdown: overhead, dense projector timings, the fidelity grid, peak memory."""
+    lines = ["# sketch_grads.py benchmark", "", f"Command: `{command}`", "",
+             f"Model `{results['model']}`; K = {results['k']} responses per prompt, N = {results['proj_dim']}; "
+             f"{results['train_mixed']} training prompts with mixed rewards (pass rate {results['pass_rate']:.3f})."]
+    if "overhead" in results:
+        lines += ["", "## Overhead (per prompt, side by side)", "",
+                  "| projector | F | sketch s | bare forward+backward s | ratio |", "|---|---|---|---|---|"]
+        lines += [f"| {t['projector']} | {t['sparse_ratio']} | {t['sketch_seconds_per_prompt']:.3f} | "
+                  f"{t['bare_seconds_per_prompt']:.3f} | {t['overhead']:.3f} |" for t in results["overhead"]]
+        for item in results.get("dense_timings_F0.1", []):
+            lines += ["", f"Dense at F=0.1: {item['projector']}: {item['seconds_per_prompt']:.1f} s/prompt "
+                          f"(timed on {item['timed_slice']} kept coordinates, extrapolated linearly)."]
+    if "fidelity" in results:
+        ratios = sorted({r["sparse_ratio"] for r in results["fidelity"]["results"]}, reverse=True)
+        lines += ["", "## Fidelity: precision@10% against the exact full-gradient ranking (mean over validation sets)",
+                  "", "| projector | precision | " + " | ".join(f"F={f}" for f in ratios) + " |",
+                  "|---|---|" + "---|" * len(ratios)]
+        rows: dict[tuple[str, str], dict[float, float]] = {}
+        for r in results["fidelity"]["results"]:
+            rows.setdefault((r["projector"], r["precision"]), {})[r["sparse_ratio"]] = r["precision_at_10"]
+        for (projector, precision), by_ratio in rows.items():
+            cells = [f"{by_ratio[f]:.3f}" if f in by_ratio else "-" for f in ratios]
+            lines.append(f"| {projector} | {precision} | " + " | ".join(cells) + " |")
+        lines += ["", "`none` = the kept coordinates themselves, unprojected: what dropping coordinates alone costs."]
+    if "concentration" in results:
+        c = results["concentration"]
+        lines += ["", f"## Concentration of the exact gradients ({c['prompts']} prompts, d = {c['num_params']})",
+                  "", "| largest coordinates | " + " | ".join(f"top {k}" for k in c["top_share"]) + " |",
+                  "|---|" + "---|" * len(c["top_share"]),
+                  "| share of the squared norm | " + " | ".join(f"{v:.3f}" for v in c["top_share"].values()) + " |",
+                  "", "Tensor with the largest share, per prompt: "
+                  + ", ".join(f"`{name}` {share:.2f}" for name, share in c["largest_tensor"]) + "."]
+    if "memory" in results:
+        lines += ["", "## Peak memory of `sketch_grads.py` (VmHWM, 8 prompts)", "",
+                  "| command | MB | s |", "|---|---|---|"]
+        lines += [f"| `{m['command']}` | {m['peak_rss_mb']:.0f} | {m['wall_seconds']:.0f} |" for m in results["memory"]]
+    return "\n".join(lines) + "\n"
+
+
+PARTS = ("overhead", "fidelity", "concentration", "memory")
+
+
 def main(args: Args) -> None:
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"sketch_bench.py: error: --parts {unknown[0]!r} is not one of {', '.join(PARTS)}")
     seed_everything(args.seed)
     rng = random.Random(args.seed)
     n_train = args.train_prompts or (64 if args.quick else 200)
@@ -373,10 +477,10 @@ def main(args: Args) -> None:
         model_path = demo_checkpoint(Path("/tmp/demo_sketch")) if args.quick else smollm2_checkpoint(cache / "smollm2")
     if (model_path.parent / "data" / "train.jsonl").exists():  # a make_demo.py folder: its arithmetic task
         train, val_sets = demo_tasks(model_path.parent, n_train, n_val, rng)
-        reward_fn, max_new = reward, 8
+        max_new = 8
     else:
         train, val_sets = smollm2_tasks(n_train, n_val, rng)
-        reward_fn, max_new = first_number_reward, 12
+        max_new = 12
     out = Path(args.out or ROOT / "bench" / "results" / f"sketch_bench{'_quick' if args.quick else ''}.json")
     results: dict = {"model": str(model_path), "k": k, "proj_dim": args.proj_dim}
 
@@ -391,7 +495,7 @@ def main(args: Args) -> None:
         model = AutoModelForCausalLM.from_pretrained(model_path).eval()
         tokenizer = load_tokenizer(str(model_path))
         flat = train + [r for rows in val_sets.values() for r in rows]
-        all_rows = sample_rollouts(model, tokenizer, flat, k, 0.7, max_new, reward_fn)
+        all_rows = sample_rollouts(model, tokenizer, flat, k, 0.7, max_new)
         if not args.quick:
             write_jsonl(rollouts_file, all_rows)
         print(f"sampled {len(all_rows)} x {k} responses in {time.perf_counter() - start:.0f}s")
@@ -403,48 +507,59 @@ def main(args: Args) -> None:
     results["pass_rate"], results["train_mixed"] = pass_rate, len(mixed)
     print(f"train: {len(train)} prompts, pass rate {pass_rate:.3f}, {len(mixed)} with mixed rewards")
 
-    # 1. Overhead of the default projector (and at F=0.1 if that is not the default)
-    overheads = []
-    settings = [(DEFAULTS.projector, DEFAULTS.sparse_ratio)]
-    if not args.quick and DEFAULTS.sparse_ratio != 0.1:
-        settings.append((DEFAULTS.projector, 0.1))
-    sketcher = None
-    for projector, ratio in settings:
-        timing, sketcher = time_overhead(str(model_path), mixed, args, projector, ratio)
-        overheads.append(timing)
-        print(f"overhead {projector} F={ratio} N={args.proj_dim}: sketch {timing['sketch_seconds_per_prompt']:.3f}"
-              f" s/prompt, bare forward+backward {timing['bare_seconds_per_prompt']:.3f} s/prompt, "
-              f"ratio {timing['overhead']:.3f}")
-    if not args.quick:
-        dense_args = dataclasses.replace(sketcher.args, sparse_ratio=0.1)
-        sketcher = sg.Sketcher(dense_args, get_device())
-        results["dense_timings_F0.1"] = time_dense_projectors(sketcher, mixed[:args.chunk_prompts], args)
-        for item in results["dense_timings_F0.1"]:
-            print(f"dense timing F=0.1 N={args.proj_dim}: {item['projector']}: {item['seconds_per_prompt']:.1f} "
-                  f"s/prompt (timed on {item['timed_slice']} coordinates, extrapolated linearly)")
-    results["overhead"] = overheads
+    # 1. Overhead of the default projector at its default F, then at the other --overhead-ratios
+    if "overhead" in args.parts:
+        ratios = [DEFAULTS.sparse_ratio] + ([] if args.quick else
+                                           [f for f in args.overhead_ratios if f != DEFAULTS.sparse_ratio])
+        results["overhead"] = []
+        for ratio in ratios:
+            timing = time_overhead(str(model_path), mixed, args, DEFAULTS.projector, ratio)
+            results["overhead"].append(timing)
+            print(f"overhead {DEFAULTS.projector} F={ratio} N={args.proj_dim}: sketch "
+                  f"{timing['sketch_seconds_per_prompt']:.3f} s/prompt, bare forward+backward "
+                  f"{timing['bare_seconds_per_prompt']:.3f} s/prompt, ratio {timing['overhead']:.3f}")
+        if not args.quick:
+            dense_args = dataclasses.replace(DEFAULTS, model=str(model_path), sparse_ratio=0.1,
+                                             chunk_prompts=args.chunk_prompts)
+            results["dense_timings_F0.1"] = time_dense_projectors(sg.Sketcher(dense_args, get_device()),
+                                                                  mixed[:args.chunk_prompts], args)
+            for item in results["dense_timings_F0.1"]:
+                print(f"dense timing F=0.1 N={args.proj_dim}: {item['projector']}: "
+                      f"{item['seconds_per_prompt']:.1f} s/prompt (timed on {item['timed_slice']} coordinates, "
+                      "extrapolated linearly)")
 
     # 2. Fidelity
-    if args.quick:
-        configs = [(DEFAULTS.projector, DEFAULTS.sparse_ratio, "float32")]
-    else:
-        dense_ratios = args.dense_ratios or ([0.01] if sketcher.num_params > 5_000_000 else args.sparse_ratios)
-        configs = [("none", f, "float32") for f in args.sparse_ratios]
-        configs += [("countsketch", f, precision) for precision in ("float32", "float16") for f in args.sparse_ratios]
-        configs += [("gaussian", f, precision) for precision in ("float32", "float16") for f in dense_ratios]
-    full_args = dataclasses.replace(DEFAULTS, model=str(model_path), sparse_ratio=1.0, projector="none",
-                                    chunk_prompts=1)
-    start = time.perf_counter()
-    fidelity = run_fidelity(sg.Sketcher(full_args, get_device()), train, val_sets, configs, args)
-    results["fidelity"] = fidelity
-    for item in fidelity["results"]:
-        print(f"fidelity {item['projector']:<11} F={item['sparse_ratio']:<5} {item['precision']}: "
-              f"precision@10% = {item['precision_at_10']:.3f}  per validation set {item['per_val_set']}")
-    print(f"  ({fidelity['train_prompts_nonzero']} training prompts with a non-zero gradient, "
-          f"{time.perf_counter() - start:.0f}s)")
+    if "fidelity" in args.parts:
+        full_args = dataclasses.replace(DEFAULTS, model=str(model_path), sparse_ratio=1.0, projector="none",
+                                        chunk_prompts=1)
+        sketcher = sg.Sketcher(full_args, get_device())
+        if args.quick:
+            configs = [(DEFAULTS.projector, DEFAULTS.sparse_ratio, "float32")]
+        else:
+            dense_ratios = args.dense_ratios or ([0.01] if sketcher.num_params > 5_000_000 else args.sparse_ratios)
+            configs = [("none", f, "float32") for f in args.sparse_ratios]
+            configs += [("countsketch", f, precision) for precision in ("float32", "float16")
+                        for f in args.sparse_ratios]
+            configs += [(dense, f, precision) for dense in ("gaussian", "rademacher")
+                        for precision in ("float32", "float16") for f in dense_ratios]
+        start = time.perf_counter()
+        results["fidelity"] = run_fidelity(sketcher, train, val_sets, configs, args)
+        for item in results["fidelity"]["results"]:
+            print(f"fidelity {item['projector']:<11} F={item['sparse_ratio']:<5} {item['precision']}: "
+                  f"precision@10% = {item['precision_at_10']:.3f}  per validation set {item['per_val_set']}")
+        print(f"  ({results['fidelity']['train_prompts_nonzero']} training prompts with a non-zero gradient, "
+              f"{time.perf_counter() - start:.0f}s)")
+
+    # Why coordinates cannot be dropped at random: how concentrated the exact gradients are (full run only)
+    if "concentration" in args.parts and not args.quick:
+        full_args = dataclasses.replace(DEFAULTS, model=str(model_path), sparse_ratio=1.0, projector="none")
+        results["concentration"] = gradient_concentration(sg.Sketcher(full_args, get_device()), mixed[:8])
+        shares = ", ".join(f"top {k}: {v:.3f}" for k, v in results["concentration"]["top_share"].items())
+        print(f"concentration (8 training prompts): share of the squared gradient norm in the largest coordinates: "
+              f"{shares}")
 
     # 3. Peak memory of the real command (full run only)
-    if not args.quick:
+    if "memory" in args.parts and not args.quick:
         subset = cache / "rollouts_memory.jsonl"
         write_jsonl(subset, mixed[:8])
         results["memory"] = [
@@ -453,12 +568,20 @@ def main(args: Args) -> None:
                         ["--projector", "gaussian", "--sparse-ratio", "0.01"]),
         ]
         for item in results["memory"]:
-            print(f"peak memory {item['command']}: {item['peak_rss_mb']:.0f} MB ({item['wall_seconds']:.0f}s, 8 prompts)")
+            print(f"peak memory {item['command']}: {item['peak_rss_mb']:.0f} MB "
+                  f"({item['wall_seconds']:.0f}s, 8 prompts)")
 
     write_json(out, results)
-    default = next(r for r in fidelity["results"] if r["projector"] == DEFAULTS.projector
-                   and r["sparse_ratio"] == DEFAULTS.sparse_ratio and r["precision"] == "float32")
-    print(f"overhead={overheads[0]['overhead']:.3f} precision_at_10={default['precision_at_10']:.2f}")
+    with atomic_path(out.with_suffix(".md")) as tmp:
+        tmp.write_text(markdown_report(results, "python " + " ".join(sys.argv)))
+    summary = []
+    if "overhead" in results:
+        summary.append(f"overhead={results['overhead'][0]['overhead']:.3f}")
+    if "fidelity" in results:
+        default = next(r for r in results["fidelity"]["results"] if r["projector"] == DEFAULTS.projector
+                       and r["sparse_ratio"] == DEFAULTS.sparse_ratio and r["precision"] == "float32")
+        summary.append(f"precision_at_10={default['precision_at_10']:.2f}")
+    print(" ".join(summary))
 
 
 if __name__ == "__main__":
