@@ -485,7 +485,8 @@ def main(args: Args) -> None:
     results: dict = {"model": str(model_path), "k": k, "proj_dim": args.proj_dim}
 
     # Rollouts (cached for the full run: sampling SmolLM2 on 2 cores takes minutes)
-    rollouts_file = cache / f"rollouts_{model_path.parent.name}_{model_path.name}_{n_train}_{n_val}_{k}.jsonl"
+    rollouts_file = (cache / f"rollouts_{model_path.parent.name}_{model_path.name}_{n_train}_{n_val}_{k}"
+                             f"_seed{args.seed}.jsonl")
     if not args.quick and rollouts_file.exists():
         all_rows = read_jsonl(rollouts_file)
     else:
