@@ -30,7 +30,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -279,7 +278,7 @@ class FidelityStudy:
         validation means as columns), given in the training phase, its cosines to each validation mean, restricted
         to the kept coordinates, are stored instead."""
         for ratio in self.dense_ratios:
-            self.held[ratio].append((set_name, grads[:, self.kept[ratio]] if ratio < 1 else grads.clone()))
+            self.held[ratio].append((set_name, grads[:, self.kept[ratio]] if ratio < 1 else grads))
         for config in self.configs:
             projector, ratio, precision = config
             if projector in ("gaussian", "rademacher"):
@@ -382,8 +381,8 @@ def gradient_concentration(sketcher: sg.Sketcher, rows: list[dict], fractions=(1
     study = FidelityStudy(sketcher, [], 1, 0)
     shares = {f: [] for f in fractions}
     largest_tensor = []
-    names = [name for name, _ in sg.trainable_parameters(sketcher.model)]
-    sizes = [p.numel() for _, p in sg.trainable_parameters(sketcher.model)]
+    names, parameters = zip(*sg.trainable_parameters(sketcher.model))
+    sizes = [p.numel() for p in parameters]
     for row in rows:
         squares = study.gradients([row])[0].double().square_()
         total = squares.sum()
