@@ -1,31 +1,24 @@
-"""Pieces shared by two or more CROPI stages.
+"""The maths and data formats that two or more CROPI stages share.
 
-Everything here is a small function with a unit test in tests/test_common.py:
-data loading, the verifiable 0/1 reward, prompt formatting, per-token log-probs,
-GRPO group advantages, device/autocast placement, seeding and atomic file writes.
+Each piece is a small function with a unit test in tests/test_common.py (numbers worked by hand):
+data loading (GSM8K, MATH and generic rows; the rollouts schema), the verifiable 0/1 reward, prompt formatting,
+per-token log-probs of responses, and GRPO group advantages. The plumbing (files, processes, engines) is in
+machinery.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import dataclasses
 import json
 import math
 import os
-import random
 import re
-import shutil
-import sys
-import tempfile
 import threading
-import types
-import typing
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
+
 
 # The system prompt of the authors' release.
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -36,69 +29,162 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: .jsonl read/write with errors that name file and line, atomic writes (temp file + rename)
+# The verifiable reward
 # ----------------------------------------------------------------------------------------------
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it.
+def extract_final_answer(completion: str) -> str | None:
+    r"""The model's final answer: the last \boxed{...}, else "#### X", else "answer is X", else the last number."""
+    boxed = last_boxed_content(completion)
+    if boxed is not None:
+        return boxed
+    for marker in (r"####\s*([^\n]+)", r"answer is[:\s]*\$?\s*([^\n]+?)\s*(?:\.\s|\.$|$|\n)"):
+        found = re.findall(marker, completion, flags=re.IGNORECASE)
+        if found:
+            return found[-1].strip()
+    numbers = re.findall(_NUMBER, completion)
+    return numbers[-1] if numbers else None
 
-    A reader (or a resumed run) therefore sees either the old file or the complete new one, never half of it.
+
+def _normalize(answer: str) -> str:
+    """Strip what math-verify should not see: thousands separators, dollar signs, a trailing period."""
+    answer = answer.strip().rstrip(".").strip()
+    answer = answer.replace("\\$", "").replace("$", "")
+    answer = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", answer)
+    return answer.strip()
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        if re.fullmatch(r"-?\d+/\d+", text):
+            numerator, denominator = text.split("/")
+            return int(numerator) / int(denominator)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def reward(completion: str, answer: str) -> float:
+    """1.0 if the completion's final answer equals the gold answer mathematically, else 0.0. Never raises."""
+    try:
+        predicted = extract_final_answer(completion or "")
+        if predicted is None:
+            return 0.0
+        predicted, gold = _normalize(predicted), _normalize(str(answer))
+        if not predicted:
+            return 0.0
+        if predicted == gold:
+            return 1.0
+        pred_num, gold_num = _as_number(predicted), _as_number(gold)
+        if pred_num is not None and gold_num is not None:  # plain numbers: no need for a symbolic check
+            return float(math.isclose(pred_num, gold_num, rel_tol=1e-9, abs_tol=1e-9))
+        return float(_math_verify_equal(gold, predicted))
+    except Exception:
+        return 0.0
+
+
+def _math_verify_equal(gold: str, predicted: str) -> bool:
+    from math_verify import parse, verify
+
+    # math-verify's timeouts use signal.alarm, which Python allows only in the main thread.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
+    pred_parsed = parse(f"${predicted}$", parsing_timeout=timeout)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))  # gold first
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO group advantages
+# ----------------------------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """A_k = (r_k - mean(r)) / (std(r) + eps) over the last dim (the K responses of one prompt).
+
+    std is the UNBIASED sample std (divide by K-1), as in the authors' release (torch.std's default).
+    A group whose rewards are all equal gets A = 0 (and hence no gradient). A group of one response has no
+    spread to normalise by, and gets A = 0 as well.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the artefact the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    rewards = rewards.float()
+    if rewards.shape[-1] < 2:
+        return torch.zeros_like(rewards)
+    mean = rewards.mean(dim=-1, keepdim=True)
+    std = rewards.std(dim=-1, keepdim=True)  # correction=1: unbiased
+    return (rewards - mean) / (std + eps)
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Like atomic_path, for a folder (e.g. a model checkpoint): fill the yielded temp folder, then it is renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+# ----------------------------------------------------------------------------------------------
+# Per-token log-probs of responses (shared by behaviour policy beta and current policy pi_theta)
+# ----------------------------------------------------------------------------------------------
+
+def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], temperature: float,
+                      pad_token_id: int = 0, with_entropy: bool = False):
+    """log pi(y_t | x, y_<t) of every response token, at sampling temperature T (softmax of logits / T).
+
+    Rows are prompt + response, right-padded (so absolute positions start at 0 on every row).
+    Returns (logprobs [B, Lr], mask [B, Lr]) and, with `with_entropy`, the per-token entropy [B, Lr] too;
+    Lr is the longest response, mask is 1 on real response tokens. Gradients flow unless called under no_grad.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = next(model.parameters()).device
+    batch = len(prompt_ids)
+    prompt_lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
+    response_lengths = torch.tensor([len(r) for r in response_ids], device=device)
+    total = int((prompt_lengths + response_lengths).max())
+    longest_response = int(response_lengths.max())
+
+    input_ids = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((batch, total), dtype=torch.long, device=device)
+    targets = torch.full((batch, longest_response), pad_token_id, dtype=torch.long, device=device)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        input_ids[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r), device=device)
+        attention_mask[i, :len(p) + len(r)] = 1
+        targets[i, :len(r)] = torch.tensor(r, device=device)
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # Response token t of row i sits at position len(p_i) + t and is predicted by the logits at len(p_i) + t - 1.
+    offsets = torch.arange(longest_response, device=device)
+    positions = (prompt_lengths[:, None] - 1 + offsets[None, :]).clamp(max=total - 1)
+    response_logits = logits.gather(1, positions[:, :, None].expand(-1, -1, logits.shape[-1]))
+    response_logits = response_logits.float() / temperature
+    log_norm = torch.logsumexp(response_logits, dim=-1)
+    logprobs = response_logits.gather(2, targets[:, :, None]).squeeze(2) - log_norm
+    mask = (offsets[None, :] < response_lengths[:, None]).float()
+    logprobs = logprobs * mask
+    if not with_entropy:
+        return logprobs, mask
+    probs = torch.softmax(response_logits, dim=-1)
+    entropy = (log_norm - (probs * response_logits).sum(-1)) * mask
+    return logprobs, mask, entropy
 
 
-def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """Write rows as one JSON object per line, atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+# ----------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------
+
+def format_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """The tokenizer's chat template when it has one, else a plain "system / question / Answer:" template."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": question}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prefix = f"{system_prompt}\n\n" if system_prompt else ""
+    return f"{prefix}Question: {question}\nAnswer:"
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of an already formatted prompt (chat templates carry their own special tokens)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
-
+# ----------------------------------------------------------------------------------------------
+# Data: .jsonl files (errors name file and line); GSM8K, MATH, generic rows -> {id, prompt, answer}; rollouts
+# ----------------------------------------------------------------------------------------------
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield (line_number, object) for every non-empty line; DataError names file and line on bad JSON."""
@@ -121,10 +207,6 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [obj for _, obj in iter_jsonl(path)]
 
-
-# ----------------------------------------------------------------------------------------------
-# Data rows: GSM8K, MATH and generic files -> {"id", "prompt", "answer"} (+ "source" when given)
-# ----------------------------------------------------------------------------------------------
 
 def last_boxed_content(text: str) -> str | None:
     r"""Content of the last \boxed{...} (or \fbox{...}) in text, nested braces handled; None if there is none."""
@@ -198,6 +280,19 @@ def load_examples(path: str | os.PathLike) -> list[dict]:
     return examples
 
 
+def load_data_files(paths: list[str]) -> list[dict]:
+    """The rows of several data files, in order; ids must be unique across the files."""
+    examples, first_seen = [], {}
+    for path in paths:
+        for example in load_examples(path):
+            if example["id"] in first_seen:
+                raise DataError(f"{path}: id {example['id']!r} already used in {first_seen[example['id']]}; "
+                                f"ids must be unique across the data files")
+            first_seen[example["id"]] = path
+            examples.append(example)
+    return examples
+
+
 ROLLOUT_FIELDS = ("id", "prompt", "answer", "prompt_ids", "response_ids", "responses", "behavior_logprobs",
                   "rewards", "temperature")
 
@@ -236,259 +331,29 @@ def read_rollouts(path: str | os.PathLike) -> list[dict]:
     return list(iter_rollouts(path))
 
 
-# ----------------------------------------------------------------------------------------------
-# The verifiable reward
-# ----------------------------------------------------------------------------------------------
+def read_pool(path: str) -> tuple[list[dict], np.ndarray]:
+    """Data rows {"id","prompt","answer"} (+ "skill"/"source") and pass rates of a rollouts file.
 
-_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
-
-
-def extract_final_answer(completion: str) -> str | None:
-    r"""The model's final answer: the last \boxed{...}, else "#### X", else "answer is X", else the last number."""
-    boxed = last_boxed_content(completion)
-    if boxed is not None:
-        return boxed
-    for marker in (r"####\s*([^\n]+)", r"answer is[:\s]*\$?\s*([^\n]+?)\s*(?:\.\s|\.$|$|\n)"):
-        found = re.findall(marker, completion, flags=re.IGNORECASE)
-        if found:
-            return found[-1].strip()
-    numbers = re.findall(_NUMBER, completion)
-    return numbers[-1] if numbers else None
-
-
-def _normalize(answer: str) -> str:
-    """Strip what math-verify should not see: thousands separators, dollar signs, a trailing period."""
-    answer = answer.strip().rstrip(".").strip()
-    answer = answer.replace("\\$", "").replace("$", "")
-    answer = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", answer)
-    return answer.strip()
-
-
-def _as_number(text: str) -> float | None:
-    try:
-        if re.fullmatch(r"-?\d+/\d+", text):
-            numerator, denominator = text.split("/")
-            return int(numerator) / int(denominator)
-        return float(text)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def reward(completion: str, answer: str) -> float:
-    """1.0 if the completion's final answer equals the gold answer mathematically, else 0.0. Never raises."""
-    try:
-        predicted = extract_final_answer(completion or "")
-        if predicted is None:
-            return 0.0
-        predicted, gold = _normalize(predicted), _normalize(str(answer))
-        if not predicted:
-            return 0.0
-        if predicted == gold:
-            return 1.0
-        pred_num, gold_num = _as_number(predicted), _as_number(gold)
-        if pred_num is not None and gold_num is not None:  # plain numbers: no need for a symbolic check
-            return float(math.isclose(pred_num, gold_num, rel_tol=1e-9, abs_tol=1e-9))
-        return float(_math_verify_equal(gold, predicted))
-    except Exception:
-        return 0.0
-
-
-def _math_verify_equal(gold: str, predicted: str) -> bool:
-    from math_verify import parse, verify
-
-    # math-verify's timeouts use signal.alarm, which Python allows only in the main thread.
-    timeout = 5 if threading.current_thread() is threading.main_thread() else None
-    gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
-    pred_parsed = parse(f"${predicted}$", parsing_timeout=timeout)
-    if not gold_parsed or not pred_parsed:
-        return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))  # gold first
-
-
-# ----------------------------------------------------------------------------------------------
-# Prompts
-# ----------------------------------------------------------------------------------------------
-
-def format_prompt(tokenizer, question: str, system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
-    """The tokenizer's chat template when it has one, else a plain "system / question / Answer:" template."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": question}]
-        if system_prompt:
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    prefix = f"{system_prompt}\n\n" if system_prompt else ""
-    return f"{prefix}Question: {question}\nAnswer:"
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of an already formatted prompt (chat templates carry their own special tokens)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Models, devices, seeds
-# ----------------------------------------------------------------------------------------------
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def get_device(local_rank: int | None = None) -> torch.device:
-    """cuda:<local_rank> when a GPU is present, else cpu. The one place that decides device placement."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op context on CPU, so CPU and GPU run the same code."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def choose_backend(requested: str) -> str:
-    """The generation engine for --backend: "vllm", "hf" (transformers generate), or "auto".
-
-    auto = vLLM when it is importable and a CUDA GPU is present, else transformers: on a CPU, vLLM's per-step
-    overhead makes it far slower than generate() for small models (platform-facts.md, bench/rollout_bench.py).
+    Streams the file and keeps only what selection needs (the full rows, with K token lists and log-probs each,
+    do not fit in memory at the scale of a million prompts).
     """
-    if requested not in ("auto", "vllm", "hf"):
-        raise DataError(f"--backend must be auto, vllm or hf, got {requested!r}")
-    if requested != "auto":
-        return requested
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return "hf"
-    return "vllm" if torch.cuda.is_available() else "hf"
+    rows, pass_rates, seen = [], [], set()
+    for obj in iter_rollouts(path):
+        if obj["id"] in seen:
+            raise DataError(f"{path}: duplicate id {obj['id']!r}")
+        seen.add(obj["id"])
+        row = {"id": obj["id"], "prompt": obj["prompt"], "answer": obj["answer"]}
+        row.update({extra: obj[extra] for extra in ("skill", "source") if extra in obj})
+        rows.append(row)
+        pass_rates.append(sum(obj["rewards"]) / len(obj["rewards"]))
+    return rows, np.array(pass_rates, dtype=np.float64)
 
 
-def load_model(path: str, device: torch.device, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(device)
+PASS_RATE_BINS = ("0", "(0,.25]", "(.25,.5]", "(.5,.75]", "(.75,1)", "1")
 
 
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-token log-probs of responses (shared by behaviour policy beta and current policy pi_theta)
-# ----------------------------------------------------------------------------------------------
-
-def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], temperature: float,
-                      pad_token_id: int = 0, with_entropy: bool = False):
-    """log pi(y_t | x, y_<t) of every response token, at sampling temperature T (softmax of logits / T).
-
-    Rows are prompt + response, right-padded (so absolute positions start at 0 on every row).
-    Returns (logprobs [B, Lr], mask [B, Lr]) and, with `with_entropy`, the per-token entropy [B, Lr] too;
-    Lr is the longest response, mask is 1 on real response tokens. Gradients flow unless called under no_grad.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    device = next(model.parameters()).device
-    batch = len(prompt_ids)
-    prompt_lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
-    response_lengths = torch.tensor([len(r) for r in response_ids], device=device)
-    total = int((prompt_lengths + response_lengths).max())
-    longest_response = int(response_lengths.max())
-
-    input_ids = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros((batch, total), dtype=torch.long, device=device)
-    targets = torch.full((batch, longest_response), pad_token_id, dtype=torch.long, device=device)
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        input_ids[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r), device=device)
-        attention_mask[i, :len(p) + len(r)] = 1
-        targets[i, :len(r)] = torch.tensor(r, device=device)
-
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    # Response token t of row i sits at position len(p_i) + t and is predicted by the logits at len(p_i) + t - 1.
-    offsets = torch.arange(longest_response, device=device)
-    positions = (prompt_lengths[:, None] - 1 + offsets[None, :]).clamp(max=total - 1)
-    response_logits = logits.gather(1, positions[:, :, None].expand(-1, -1, logits.shape[-1]))
-    response_logits = response_logits.float() / temperature
-    log_norm = torch.logsumexp(response_logits, dim=-1)
-    logprobs = response_logits.gather(2, targets[:, :, None]).squeeze(2) - log_norm
-    mask = (offsets[None, :] < response_lengths[:, None]).float()
-    logprobs = logprobs * mask
-    if not with_entropy:
-        return logprobs, mask
-    probs = torch.softmax(response_logits, dim=-1)
-    entropy = (log_norm - (probs * response_logits).sum(-1)) * mask
-    return logprobs, mask, entropy
-
-
-# ----------------------------------------------------------------------------------------------
-# GRPO group advantages
-# ----------------------------------------------------------------------------------------------
-
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """A_k = (r_k - mean(r)) / (std(r) + eps) over the last dim (the K responses of one prompt).
-
-    std is the UNBIASED sample std (divide by K-1), as in the authors' release (torch.std's default).
-    A group whose rewards are all equal gets A = 0 (and hence no gradient). A group of one response has no
-    spread to normalise by, and gets A = 0 as well.
-    """
-    rewards = rewards.float()
-    if rewards.shape[-1] < 2:
-        return torch.zeros_like(rewards)
-    mean = rewards.mean(dim=-1, keepdim=True)
-    std = rewards.std(dim=-1, keepdim=True)  # correction=1: unbiased
-    return (rewards - mean) / (std + eps)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: every stage keeps its settings in one Args dataclass at the top of the file
-# ----------------------------------------------------------------------------------------------
-
-def arg(default, help: str):
-    """A dataclass field with its --help text; lists default to empty and collect repeated flags."""
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-def parse_args(args_class, argv: list[str] | None = None):
-    """Build an argparse parser from a dataclass: field `proj_dim` becomes flag `--proj-dim`.
-
-    bool fields get --flag/--no-flag; list fields take the flag once per item (--val-sketch a --val-sketch b).
-    """
-    parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description=(sys.modules[args_class.__module__].__doc__ or "").split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = typing.get_type_hints(args_class)
-    for f in dataclasses.fields(args_class):
-        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
-        help_text = f.metadata.get("help", "")
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_text)
-        elif typing.get_origin(kind) is list:
-            item_type = typing.get_args(kind)[0]
-            parser.add_argument(flag, dest=f.name, action="append", type=item_type, default=argparse.SUPPRESS,
-                                help=f"{help_text} (repeat the flag for several; default: {f.default_factory()})")
-        else:
-            if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None": use the non-None type
-                kind = next(t for t in typing.get_args(kind) if t is not type(None))
-            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text)
-    namespace = vars(parser.parse_args(argv))
-    for f in dataclasses.fields(args_class):  # an unset list flag falls back to its default list
-        if f.name not in namespace:
-            namespace[f.name] = f.default_factory()
-    return args_class(**namespace)
-
-
-def run_main(main, args_class) -> None:
-    """Parse the Args dataclass and run main(args); bad input (DataError) ends in one clear line, not a traceback."""
-    args = parse_args(args_class)
-    try:
-        main(args)
-    except DataError as e:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+def pass_rate_histogram(pass_rates: np.ndarray) -> dict[str, int]:
+    """Counts of p = 0, the four quarters of (0, 1), and p = 1."""
+    p = np.asarray(pass_rates, dtype=np.float64)
+    masks = (p == 0, (p > 0) & (p <= .25), (p > .25) & (p <= .5), (p > .5) & (p <= .75), (p > .75) & (p < 1), p == 1)
+    return {name: int(mask.sum()) for name, mask in zip(PASS_RATE_BINS, masks)}

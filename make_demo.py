@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import arg, atomic_dir, autocast, get_device, parse_args, seed_everything, write_json, write_jsonl
+from machinery import arg, atomic_dir, autocast, get_device, parse_args, seed_everything, write_json, write_jsonl
 
 SKILLS = ("add", "sub", "mul", "max")
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import arg, atomic_path, iter_jsonl, parse_args, read_jsonl, write_jsonl
+from common import iter_jsonl, read_jsonl
+from machinery import arg, atomic_path, parse_args, write_jsonl
 
 PASS_RATE_BINS = np.linspace(0, 1, 6)  # pass-rate histogram bins: [0,.2), [.2,.4), ... [.8,1]
 

@@ -18,32 +18,28 @@
                                drawn chunk by chunk from per-chunk seeds (no stored index per coordinate)
         none                   no projection: the kept coordinates themselves (with --sparse-ratio 1: the exact
                                full gradient, for tests and fidelity studies)
-
 Reads   --model (a transformers checkpoint: the current policy pi_theta(m)) and --rollouts (collect_rollouts.py's file:
         prompt_ids, response_ids, behavior_logprobs, rewards, temperature are used as they are).
 Writes  --out SKETCH.npy   [rows, proj_dim] (float32 or float16), rows in the rollouts file's order
         SKETCH.json        metadata (model, num_params, projector, seed, sparse_ratio, proj_dim, dtype, rows, ids,
                            zero_rows, nonfinite_rows, rollouts, ...); the selection stage compares them
-        SKETCH.npy.parts/  chunks of finished rows while running (a killed run resumes from them); removed at the end.
-Multi-process: torchrun --nproc_per_node=G sketch_grads.py ...  shards the chunks over the ranks (gloo on CPU, nccl
-on CUDA); rank 0 gathers and writes; the .npy is the same as a single process writes.
+        SKETCH.npy.parts/  finished chunks while running (a killed run resumes from them)
+Multi-process: torchrun --nproc_per_node=G sketch_grads.py ...  shards the chunks over the processes (gloo on CPU,
+nccl on CUDA); rank 0 assembles the file, the same as a single process writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (DataError, arg, atomic_path, autocast, get_device, group_advantages, load_model, run_main,
-                    read_rollouts, response_logprobs, save_npy, write_json)
+import machinery as M
+from common import DataError, group_advantages, read_rollouts, response_logprobs
+from machinery import arg
 
 PROJECTORS = ("countsketch", "gaussian", "rademacher", "none")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -94,23 +90,6 @@ def popi_surrogate(current_logprobs: torch.Tensor, behavior_logprobs: torch.Tens
     return per_response.sum() / num_responses
 
 
-def token_budget_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Split response indices into consecutive micro-batches whose padded size (rows x longest) fits the budget.
-
-    A single sequence longer than the budget gets a micro-batch of its own.
-    """
-    batches, current, longest = [], [], 0
-    for i, length in enumerate(lengths):
-        if current and max(longest, length) * (len(current) + 1) > token_budget:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, length)
-    if current:
-        batches.append(current)
-    return batches
-
-
 def is_zero_gradient(rewards: list[float]) -> bool:
     """All K rewards equal (or K = 1): every A_k is 0, so g(s0) = 0 exactly."""
     return len(set(rewards)) <= 1
@@ -123,8 +102,8 @@ def accumulate_prompt_gradient(model, row: dict, advantages: torch.Tensor, token
     model.zero_grad(set_to_none=True)
     prompt, responses = row["prompt_ids"], row["response_ids"]
     lengths = [len(prompt) + len(r) for r in responses]
-    for batch in token_budget_batches(lengths, token_budget):
-        with autocast(device):
+    for batch in M.token_budget_batches(lengths, token_budget, longest_first=False):
+        with M.autocast(device):
             logprobs, mask = response_logprobs(model, [prompt] * len(batch), [responses[i] for i in batch],
                                                row["temperature"], pad_token_id)
         behavior = torch.zeros_like(logprobs)
@@ -144,12 +123,6 @@ HASH_CHUNK = 1 << 21         # kept coordinates per CountSketch hash chunk
 DENSE_BLOCK_FLOATS = 1 << 24  # floats per generated block of a dense matrix (64 MB in float32)
 
 
-def block_generator(seed: int, purpose: str, block: int, device: torch.device) -> torch.Generator:
-    """A generator seeded by a hash of (seed, purpose, block): each block's numbers can be drawn on their own."""
-    digest = hashlib.sha256(f"{seed}:{purpose}:{block}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 def kept_coordinates(num_coordinates: int, sparse_ratio: float, seed: int, device: torch.device) -> torch.Tensor:
     """Sorted positions of the kept coordinates: coordinate i is kept when u_i < F, u_i uniform, drawn per block.
 
@@ -160,7 +133,7 @@ def kept_coordinates(num_coordinates: int, sparse_ratio: float, seed: int, devic
     kept = []
     for block, start in enumerate(range(0, num_coordinates, KEEP_BLOCK)):
         size = min(KEEP_BLOCK, num_coordinates - start)
-        uniform = torch.rand(size, generator=block_generator(seed, "keep", block, device), device=device)
+        uniform = torch.rand(size, generator=M.block_generator(seed, "keep", block, device), device=device)
         kept.append(torch.nonzero(uniform < sparse_ratio).squeeze(1) + start)
     return torch.cat(kept)
 
@@ -168,8 +141,8 @@ def kept_coordinates(num_coordinates: int, sparse_ratio: float, seed: int, devic
 def countsketch_hash(seed: int, chunk: int, size: int, proj_dim: int, device: torch.device):
     """Bucket h(i) in [0, N) and sign s(i) in {-1, +1} of the `size` kept coordinates of hash chunk `chunk`."""
     # one draw r uniform in [0, 2N) per coordinate: h = r // 2 and s = +1 or -1 from the lowest bit, independent
-    draws = torch.randint(0, 2 * proj_dim, (size,), generator=block_generator(seed, "countsketch", chunk, device),
-                          device=device)
+    generator = M.block_generator(seed, "countsketch", chunk, device)
+    draws = torch.randint(0, 2 * proj_dim, (size,), generator=generator, device=device)
     return draws >> 1, (draws & 1).float().mul_(2).sub_(1)
 
 
@@ -186,7 +159,7 @@ def countsketch_project(grads: torch.Tensor, proj_dim: int, seed: int) -> torch.
 def dense_block(kind: str, seed: int, block: int, rows: int, proj_dim: int, device: torch.device,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows [block*B, block*B + rows) of the dense d_kept x N matrix: N(0,1)/sqrt(N) or +-1/sqrt(N) entries."""
-    generator = block_generator(seed, kind, block, device)
+    generator = M.block_generator(seed, kind, block, device)
     if kind == "gaussian":
         matrix = torch.randn(rows, proj_dim, generator=generator, device=device)
     elif kind == "rademacher":
@@ -216,79 +189,26 @@ def project(grads: torch.Tensor, projector: str, proj_dim: int, seed: int) -> to
 
 
 # ----------------------------------------------------------------------------------------------
-# Flattening: the kept coordinates of every .grad go straight into one preallocated row
+# The stage: 1a then 1b for every chunk of prompts, each process its share of the chunks
 # ----------------------------------------------------------------------------------------------
-
-def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
-    """model.named_parameters() order, requires_grad only (tied tensors are listed once by named_parameters)."""
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
-def split_kept_by_parameter(kept: torch.Tensor, sizes: list[int]) -> list[torch.Tensor | None]:
-    """Per parameter: the positions (inside that parameter) of its kept coordinates; None = all of them."""
-    bounds = torch.tensor([0] + sizes, device=kept.device).cumsum(0)
-    cuts = torch.searchsorted(kept, bounds).tolist()
-    local = []
-    for i, size in enumerate(sizes):
-        positions = kept[cuts[i]:cuts[i + 1]] - bounds[i]
-        local.append(None if len(positions) == size else positions)
-    return local
-
-
-def flatten_kept_gradient(parameters: list[torch.nn.Parameter], local_kept: list[torch.Tensor | None],
-                          out: torch.Tensor) -> None:
-    """Write the kept coordinates of every parameter's .grad, in order, into the preallocated row `out`."""
-    offset = 0
-    for p, positions in zip(parameters, local_kept):
-        count = p.numel() if positions is None else len(positions)
-        target = out[offset:offset + count]
-        if p.grad is None:
-            target.zero_()
-        elif positions is None:
-            target.copy_(p.grad.reshape(-1))
-        else:
-            torch.index_select(p.grad.reshape(-1).to(out.dtype), 0, positions, out=target)
-        offset += count
-
-
-# ----------------------------------------------------------------------------------------------
-# The stage
-# ----------------------------------------------------------------------------------------------
-
-def check_args(args: Args) -> None:
-    if not (args.model and args.rollouts and args.out):
-        raise SystemExit("sketch_grads.py: --model, --rollouts and --out are required")
-    if args.projector not in PROJECTORS:
-        raise SystemExit(f"--projector must be one of {', '.join(PROJECTORS)}, got {args.projector!r}")
-    if args.dtype not in DTYPES:
-        raise SystemExit(f"--dtype must be float32 or float16, got {args.dtype!r}")
-    if not 0 < args.sparse_ratio <= 1:
-        raise SystemExit(f"--sparse-ratio must be in (0, 1], got {args.sparse_ratio}")
-    if args.proj_dim < 1 or args.chunk_prompts < 1 or args.token_budget < 1:
-        raise SystemExit("--proj-dim, --chunk-prompts and --token-budget must be >= 1")
-    if args.clip_ratio is not None and not 0 < args.clip_ratio < 1:
-        raise SystemExit(f"--clip-ratio must be in (0, 1), got {args.clip_ratio}")
-
 
 class Sketcher:
     """Holds the model, the kept-coordinate positions and one preallocated [chunk, d_kept] gradient buffer."""
 
     def __init__(self, args: Args, device: torch.device):
         self.args, self.device = args, device
-        self.model = load_model(args.model, device)
+        self.model = M.load_model(args.model, device)
         self.model.eval()  # no dropout
         if args.gradient_checkpointing:  # transformers only recomputes in train mode: zero every dropout instead
             self.model.gradient_checkpointing_enable()
             self.model.train()
-            for module in self.model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
-        named = trainable_parameters(self.model)
+            M.disable_dropout(self.model)
+        named = M.trainable_parameters(self.model)
         self.parameters = [p for _, p in named]
         self.num_params = sum(p.numel() for p in self.parameters)
         kept = kept_coordinates(self.num_params, args.sparse_ratio, args.seed, device)
         self.num_kept = len(kept)
-        self.local_kept = split_kept_by_parameter(kept, [p.numel() for p in self.parameters])
+        self.local_kept = M.split_kept_by_parameter(kept, [p.numel() for p in self.parameters])
         del kept
         self.width = self.num_kept if args.projector == "none" else args.proj_dim
         self.buffer = torch.empty(args.chunk_prompts, self.num_kept, device=device)
@@ -304,101 +224,77 @@ class Sketcher:
             advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))  # A_k
             accumulate_prompt_gradient(self.model, row, advantages, self.args.token_budget, self.pad_token_id,
                                        self.args.clip_ratio)
-            flatten_kept_gradient(self.parameters, self.local_kept, grads[b])
+            M.flatten_kept_gradient(self.parameters, self.local_kept, grads[b])
         self.model.zero_grad(set_to_none=True)
         return project(grads, self.args.projector, self.args.proj_dim, self.args.seed)
 
 
+
+
+def sketch_grads(args: Args) -> dict | None:
+    rank, world, device = M.init_distributed()
+    rows = read_rollouts(args.rollouts)
+    sketcher = Sketcher(args, device)
+    store = M.ChunkStore(f"{args.out}.parts", run_settings(args, sketcher, rows))
+    num_chunks = -(-len(rows) // args.chunk_prompts)
+    finished = M.open_chunk_store(store, rank)
+    todo = M.shard([c for c in range(num_chunks) if c not in finished], rank, world)
+    for c in tqdm(todo, desc=f"sketching {len(rows)} prompts, {args.chunk_prompts} per chunk", disable=rank != 0):
+        chunk_rows = rows[c * args.chunk_prompts:(c + 1) * args.chunk_prompts]
+        store.save(c, sketcher.sketch_rows(chunk_rows).to(DTYPES[args.dtype]).cpu().numpy())  # 1a + 1b
+    M.barrier()
+    meta = assemble(args, store, rows, num_chunks) if rank == 0 else None
+    M.finish_distributed()
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing of this stage: input checks, settings, the final file
+# ----------------------------------------------------------------------------------------------
+
+def check_args(args: Args) -> None:
+    if not (args.model and args.rollouts and args.out):
+        raise DataError("--model, --rollouts and --out are required")
+    if args.projector not in PROJECTORS:
+        raise DataError(f"--projector must be one of {', '.join(PROJECTORS)}, got {args.projector!r}")
+    if args.dtype not in DTYPES:
+        raise DataError(f"--dtype must be float32 or float16, got {args.dtype!r}")
+    if not 0 < args.sparse_ratio <= 1:
+        raise DataError(f"--sparse-ratio must be in (0, 1], got {args.sparse_ratio}")
+    if args.proj_dim < 1 or args.chunk_prompts < 1 or args.token_budget < 1:
+        raise DataError("--proj-dim, --chunk-prompts and --token-budget must be >= 1")
+    if args.clip_ratio is not None and not 0 < args.clip_ratio < 1:
+        raise DataError(f"--clip-ratio must be in (0, 1), got {args.clip_ratio}")
+
+
 def run_settings(args: Args, sketcher: Sketcher, rows: list[dict]) -> dict:
-    """What a finished chunk depends on: a parts folder from other settings must not be mixed in."""
+    """What a finished chunk depends on (chunks made with other settings must not be mixed in)."""
     return {"model": str(Path(args.model).resolve()), "rollouts": str(Path(args.rollouts).resolve()),
             "num_params": sketcher.num_params, "projector": args.projector, "seed": args.seed,
             "sparse_ratio": args.sparse_ratio, "proj_dim": sketcher.width, "dtype": args.dtype,
             "rows": len(rows), "chunk_prompts": args.chunk_prompts, "clip_ratio": args.clip_ratio,
-            "rng_device": sketcher.device.type}
+            "rng_device": sketcher.device.type, "kept_coordinates": sketcher.num_kept}
 
 
-def prepare_parts(parts: Path, settings: dict) -> set[int]:
-    """Create the parts folder (or check its settings) and return the indices of the chunks already written."""
-    settings_file = parts / "settings.json"
-    if settings_file.exists():
-        earlier = json.loads(settings_file.read_text())
-        if earlier != settings:
-            changed = sorted(k for k in settings if earlier.get(k) != settings[k])
-            raise DataError(f"{parts} holds chunks of a run with other settings ({', '.join(changed)}); "
-                            f"delete that folder to start over")
-    else:
-        write_json(settings_file, settings)
-    return {int(f.stem.split("_")[1]) for f in parts.glob("chunk_*.npy")}
-
-
-def assemble(args: Args, parts: Path, rows: list[dict], settings: dict, num_chunks: int) -> dict:
-    """Concatenate the chunks into OUT.npy, write OUT.json, remove the parts folder."""
+def assemble(args: Args, store: M.ChunkStore, rows: list[dict], num_chunks: int) -> dict:
+    """Concatenate the chunks into OUT.npy, write OUT.json (metadata), remove the chunk store."""
     out = Path(args.out)
-    sketch = np.concatenate([np.load(parts / f"chunk_{c:05d}.npy") for c in range(num_chunks)])
-    zero_rows = [i for i, row in enumerate(rows) if is_zero_gradient(row["rewards"])]
-    nonfinite_rows = np.flatnonzero(~np.isfinite(sketch).all(axis=1)).tolist()
-    save_npy(out, sketch)
-    meta = {**settings, "ids": [row["id"] for row in rows], "zero_rows": zero_rows,
-            "nonfinite_rows": nonfinite_rows}
-    write_json(out.with_suffix(".json"), meta)
-    shutil.rmtree(parts)
+    sketch = np.concatenate([store.load(c) for c in range(num_chunks)])
+    meta = {**store.settings, "ids": [row["id"] for row in rows],
+            "zero_rows": [i for i, row in enumerate(rows) if is_zero_gradient(row["rewards"])],
+            "nonfinite_rows": np.flatnonzero(~np.isfinite(sketch).all(axis=1)).tolist()}
+    M.save_npy(out, sketch)
+    M.write_json(out.with_suffix(".json"), meta)
+    store.remove()
+    print(f"wrote {out} [{meta['rows']} x {meta['proj_dim']}] ({len(meta['zero_rows'])} zero-gradient rows, "
+          f"{len(meta['nonfinite_rows'])} non-finite) and {out.with_suffix('.json')}")
     return meta
 
 
 def main(args: Args) -> dict | None:
     check_args(args)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
-    local_rank = int(os.environ["LOCAL_RANK"]) if distributed else None
-    device = get_device(local_rank)
-    if distributed:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-
-    rows = read_rollouts(args.rollouts)
-    sketcher = Sketcher(args, device)
-    settings = {**run_settings(args, sketcher, rows), "kept_coordinates": sketcher.num_kept}
-    out = Path(args.out)
-    parts = out.with_name(out.name + ".parts")
-    num_chunks = -(-len(rows) // args.chunk_prompts)
-    done = [prepare_parts(parts, settings) if rank == 0 else None]
-    if distributed:
-        dist.broadcast_object_list(done, src=0)
-    todo = [c for c in range(num_chunks) if c not in done[0]]
-
-    # Round r: rank k sketches chunk todo[r * world + k]; rank 0 gathers the round's chunks and writes them.
-    rounds = range(0, len(todo), world)
-    for start in tqdm(rounds, desc=f"sketching {len(rows)} prompts", unit="round", disable=rank != 0):
-        mine = todo[start + rank] if start + rank < len(todo) else None
-        result = None
-        if mine is not None:
-            chunk_rows = rows[mine * args.chunk_prompts:(mine + 1) * args.chunk_prompts]
-            sketch = sketcher.sketch_rows(chunk_rows).to(DTYPES[args.dtype]).cpu().numpy()
-            result = (mine, sketch)
-        gathered = [result]
-        if distributed:
-            gathered = [None] * world if rank == 0 else None
-            dist.gather_object(result, gathered, dst=0)
-        if rank == 0:
-            for item in gathered:
-                if item is not None:
-                    with atomic_path(parts / f"chunk_{item[0]:05d}.npy") as tmp, open(tmp, "wb") as f:
-                        np.save(f, item[1])
-
-    meta = assemble(args, parts, rows, settings, num_chunks) if rank == 0 else None
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    if rank == 0:
-        print(f"wrote {out} [{meta['rows']} x {meta['proj_dim']}] ({len(meta['zero_rows'])} zero-gradient rows, "
-              f"{len(meta['nonfinite_rows'])} non-finite) and {out.with_suffix('.json')}")
-    return meta
+    return sketch_grads(args)
 
 
 if __name__ == "__main__":
-    run_main(main, Args)
+    M.run_main(main, Args)

@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import arg, atomic_path, parse_args  # noqa: E402
+from machinery import arg, atomic_path, parse_args  # noqa: E402
 from report import accuracy_curves, stage_seconds  # noqa: E402
 
 TARGETED = ["test_add", "test_sub"]

@@ -35,28 +35,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+import machinery  # noqa: E402
 
 
 @dataclasses.dataclass
 class Args:
-    demo: str = common.arg("demo", "make_demo.py's output folder (model/ and data/)")
-    quick: bool = common.arg(False, "step-time comparison only, few steps (under 2 minutes)")
-    steps: int = common.arg(12, "timed GRPO steps per trainer (--quick: 5), plus one warm-up step")
-    batch_prompts: int = common.arg(16, "prompts per step B")
-    group_size: int = common.arg(8, "responses per prompt G")
-    max_new_tokens: int = common.arg(8, "response length limit")
-    lr: float = common.arg(2e-4, "learning rate (the demo's, as in run_cropi.sh; the script's default 1e-6 is for real models)")
-    kl_coef: float = common.arg(0.001, "KL coefficient (beta)")
-    entropy_coef: float = common.arg(0.001, "entropy bonus coefficient")
-    curve_steps: int = common.arg(300, "GRPO steps of the learning curve (not with --quick)")
-    curve_batch_prompts: int = common.arg(32, "prompts per step of the learning curve")
-    curve_eval_every: int = common.arg(25, "steps between validation evaluations of the learning curve")
-    smollm2: str = common.arg("", "also time SmolLM2-135M from this HF folder (e.g. bench/.cache/smollm2, made by "
+    demo: str = machinery.arg("demo", "make_demo.py's output folder (model/ and data/)")
+    quick: bool = machinery.arg(False, "step-time comparison only, few steps (under 2 minutes)")
+    steps: int = machinery.arg(12, "timed GRPO steps per trainer (--quick: 5), plus one warm-up step")
+    batch_prompts: int = machinery.arg(16, "prompts per step B")
+    group_size: int = machinery.arg(8, "responses per prompt G")
+    max_new_tokens: int = machinery.arg(8, "response length limit")
+    lr: float = machinery.arg(2e-4, "learning rate (the demo's, as in run_cropi.sh; the script's default 1e-6 is for real models)")
+    kl_coef: float = machinery.arg(0.001, "KL coefficient (beta)")
+    entropy_coef: float = machinery.arg(0.001, "entropy bonus coefficient")
+    curve_steps: int = machinery.arg(300, "GRPO steps of the learning curve (not with --quick)")
+    curve_batch_prompts: int = machinery.arg(32, "prompts per step of the learning curve")
+    curve_eval_every: int = machinery.arg(25, "steps between validation evaluations of the learning curve")
+    smollm2: str = machinery.arg("", "also time SmolLM2-135M from this HF folder (e.g. bench/.cache/smollm2, made by "
                                   "sketch_bench.py), on single-digit additions; empty: skip")
-    smollm2_batch_prompts: int = common.arg(4, "prompts per step B of the SmolLM2 timing (G as --group-size)")
-    smollm2_steps: int = common.arg(3, "timed steps of the SmolLM2 timing, plus one warm-up step")
-    results: str = common.arg(str(ROOT / "bench" / "results"), "folder of the result files")
-    seed: int = common.arg(0, "seed of both trainers")
+    smollm2_batch_prompts: int = machinery.arg(4, "prompts per step B of the SmolLM2 timing (G as --group-size)")
+    smollm2_steps: int = machinery.arg(3, "timed steps of the SmolLM2 timing, plus one warm-up step")
+    results: str = machinery.arg(str(ROOT / "bench" / "results"), "folder of the result files")
+    seed: int = machinery.arg(0, "seed of both trainers")
 
 
 def demo_folder(args: Args, scratch: Path) -> Path:
@@ -71,7 +72,7 @@ def demo_folder(args: Args, scratch: Path) -> Path:
     demo_args = make_demo.Args(out=str(scratch / "demo"))
     for name, rows in make_demo.make_splits(demo_args).items():
         if name != "warmup":
-            common.write_jsonl(scratch / "demo" / "data" / f"{name}.jsonl", rows)
+            machinery.write_jsonl(scratch / "demo" / "data" / f"{name}.jsonl", rows)
     tokenizer = make_demo.build_char_tokenizer()
     model = make_demo.build_tiny_gpt2(tokenizer, demo_args.n_layer, demo_args.n_embd, demo_args.n_head)
     model.save_pretrained(scratch / "demo" / "model")
@@ -101,7 +102,7 @@ def run_trl(args: Args, model_dir: Path, data: Path, scratch: Path, steps: int, 
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    tokenizer = common.load_tokenizer(str(model_dir))
+    tokenizer = machinery.load_tokenizer(str(model_dir))
     rows = common.load_examples(data)
     dataset = Dataset.from_list([{"prompt": common.format_prompt(tokenizer, r["prompt"]), "answer": r["answer"]}
                                  for r in rows])
@@ -178,7 +179,7 @@ def learning_curve(args: Args, demo: Path, scratch: Path, results: Path) -> dict
         extra += ["--eval-data", str(path)]
     rows = run_ours(args, demo / "model", demo / "data" / "train.jsonl", scratch, "curve", args.curve_steps,
                     args.curve_batch_prompts, "hf", tuple(extra))
-    common.write_jsonl(results / "grpo_learning_curve.jsonl", rows)
+    machinery.write_jsonl(results / "grpo_learning_curve.jsonl", rows)
     evals = [r for r in rows if "eval" in r]
     train = [r for r in rows if "reward_mean" in r]
     mean_accuracy = [statistics.mean(r["eval"].values()) for r in evals]
@@ -199,7 +200,7 @@ def learning_curve(args: Args, demo: Path, scratch: Path, results: Path) -> dict
     right.plot([r["step"] for r in train], smoothed)
     right.set(xlabel="GRPO step", ylabel=f"training reward (mean of {window} steps)", title="rollout reward")
     figure.tight_layout()
-    with common.atomic_path(results / "grpo_learning_curve.png") as tmp:
+    with machinery.atomic_path(results / "grpo_learning_curve.png") as tmp:
         figure.savefig(tmp, format="png", dpi=80)
     summary = {"eval_steps": [r["step"] for r in evals], "mean_val_accuracy": mean_accuracy,
                "val_accuracy_start": evals[0]["eval"], "val_accuracy_end": evals[-1]["eval"],
@@ -225,7 +226,7 @@ def main(args: Args) -> None:
         if args.smollm2:
             additions = scratch / "additions.jsonl"
             question = "What is {} + {}? Answer with a number only."
-            common.write_jsonl(additions, [{"id": f"{a}+{b}", "prompt": question.format(a, b), "answer": str(a + b)}
+            machinery.write_jsonl(additions, [{"id": f"{a}+{b}", "prompt": question.format(a, b), "answer": str(a + b)}
                                            for a in range(10) for b in range(10)])
             report["step_time_smollm2"] = step_time_comparison(args, Path(args.smollm2), additions, scratch,
                                                                args.smollm2_steps, args.smollm2_batch_prompts)
@@ -233,9 +234,9 @@ def main(args: Args) -> None:
             report["rollout"] = rollout_throughput(args, demo, scratch)
             report["learning_curve"] = learning_curve(args, demo, scratch, results)
     name = "grpo_bench" + ("_quick" if args.quick else "") + ("_smollm2" if args.smollm2 else "")
-    common.write_json(results / f"{name}.json", report)
+    machinery.write_json(results / f"{name}.json", report)
     print(f"step_ratio={report['step_time']['step_ratio']:.3f}")
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    main(machinery.parse_args(Args))

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
-from common import arg  # noqa: E402
+import machinery  # noqa: E402
+from machinery import arg  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -71,9 +72,9 @@ def main(args: Args) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work_dir or scratch)
         data = work / "bench_prompts.jsonl"
-        common.write_jsonl(data, rows)
+        machinery.write_jsonl(data, rows)
         results = [run_backend(args, backend, data, work) for backend in args.backends]
-    common.write_json(args.out, {"model": args.model, "data": args.data, "k": args.k,
+    machinery.write_json(args.out, {"model": args.model, "data": args.data, "k": args.k,
                                  "temperature": args.temperature, "results": results})
     print("| backend | prompts x K | tokens | sampling s | sampling tok/s | wall s (incl. start-up) | wall tok/s |")
     print("|---|---|---|---|---|---|---|")
@@ -83,4 +84,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args))
+    main(machinery.parse_args(Args))

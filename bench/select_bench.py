@@ -29,7 +29,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import arg, parse_args  # noqa: E402
+from machinery import arg, parse_args  # noqa: E402
 
 BLOCK_ROWS = 8192
 

@@ -43,10 +43,12 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import machinery  # noqa: E402
 import sketch_grads as sg  # noqa: E402
-from common import (arg, atomic_path, encode_prompt, format_prompt, get_device, group_advantages,  # noqa: E402
-                    load_tokenizer, parse_args, read_jsonl, response_logprobs, reward, seed_everything, write_json,
-                    write_jsonl)
+from common import (encode_prompt, format_prompt, group_advantages, read_jsonl, response_logprobs,  # noqa: E402
+                    reward)
+from machinery import (arg, atomic_path, get_device, load_tokenizer, parse_args, seed_everything,  # noqa: E402
+                       write_json, write_jsonl)
 
 DEFAULTS = sg.Args()
 
@@ -94,7 +96,7 @@ def smollm2_checkpoint(folder: Path) -> Path:
         del config.quantization_config  # save_pretrained refuses a gguf-quantized object: rebuild a plain one
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantized.state_dict())
-    from common import atomic_dir
+    from machinery import atomic_dir
 
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)
@@ -197,7 +199,7 @@ def time_dense_projectors(sketcher: sg.Sketcher, rows: list[dict], args: Args) -
         advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))
         sg.accumulate_prompt_gradient(sketcher.model, row, advantages, sketcher.args.token_budget,
                                       sketcher.pad_token_id)
-        sg.flatten_kept_gradient(sketcher.parameters, sketcher.local_kept, grads[b])
+        machinery.flatten_kept_gradient(sketcher.parameters, sketcher.local_kept, grads[b])
     width = min(args.dense_slice, grads.shape[1])
     part = grads[:, :width].contiguous()
     results = []
@@ -269,7 +271,7 @@ class FidelityStudy:
             advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))
             sg.accumulate_prompt_gradient(self.sketcher.model, row, advantages, self.sketcher.args.token_budget,
                                           self.sketcher.pad_token_id)
-            sg.flatten_kept_gradient(self.sketcher.parameters, full, grads[b])
+            machinery.flatten_kept_gradient(self.sketcher.parameters, full, grads[b])
         return grads
 
     def add(self, set_name: str, grads: torch.Tensor, exact: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -381,7 +383,7 @@ def gradient_concentration(sketcher: sg.Sketcher, rows: list[dict], fractions=(1
     study = FidelityStudy(sketcher, [], 1, 0)
     shares = {f: [] for f in fractions}
     largest_tensor = []
-    names, parameters = zip(*sg.trainable_parameters(sketcher.model))
+    names, parameters = zip(*machinery.trainable_parameters(sketcher.model))
     sizes = [p.numel() for p in parameters]
     for row in rows:
         squares = study.gradients([row])[0].double().square_()

@@ -33,33 +33,6 @@ def test_derive_seed_is_stable_and_separates_streams():
     assert 0 <= cr.derive_seed(7, 123) < 2 ** 62
 
 
-def test_clean_response_keeps_first_eos_and_drops_padding():
-    eos, pad = {1}, 0
-    assert cr.clean_response([5, 6, 1, 0, 0], eos, pad) == [5, 6, 1]
-    assert cr.clean_response([5, 6, 1, 7, 1], eos, pad) == [5, 6, 1]  # nothing after the first EOS
-    assert cr.clean_response([5, 6, 7], eos, pad) == [5, 6, 7]  # cut by max_new_tokens: no EOS to keep
-    assert cr.clean_response([5, 1, 1, 1], eos, 1) == [5, 1]  # pad == eos (tokenizers without a pad token)
-    assert cr.clean_response([5, 9, 6, 1], {1, 9}, pad) == [5, 9]  # several stop tokens: the first one ends it
-
-
-def test_stop_token_ids_join_tokenizer_and_generation_config():
-    class Tokenizer:
-        eos_token_id = 1
-
-    class GenerationConfig:
-        eos_token_id = [7, 1]
-
-    assert cr.stop_token_ids(Tokenizer(), GenerationConfig()) == {1, 7}
-    assert cr.stop_token_ids(Tokenizer(), None) == {1}
-
-
-def test_token_budget_batches_longest_first_within_budget():
-    # lengths by index: 3, 10, 5, 7. Longest first: 1 (10), 3 (7), 2 (5), 0 (3).
-    # [1, 3]: 2 rows x width 10 = 20 <= 20; adding 2 would make 3 x 10 = 30 -> new batch [2, 0]: 2 x 5 = 10.
-    assert cr.token_budget_batches([3, 10, 5, 7], token_budget=20) == [[1, 3], [2, 0]]
-    assert cr.token_budget_batches([30, 4], token_budget=10) == [[0], [1]]  # too long for the budget: alone
-
-
 def test_summarize_by_hand():
     rows = [{"rewards": [1.0, 1.0], "response_ids": [[4, 1], [5, 6, 1]]},
             {"rewards": [0.0, 1.0], "response_ids": [[4], [1]]},
@@ -70,17 +43,6 @@ def test_summarize_by_hand():
     assert summary["share_all_rewards_equal"] == pytest.approx(2 / 3)
     assert summary["tokens_generated"] == 2 + 3 + 1 + 1 + 2 + 4
     assert summary["mean_response_tokens"] == pytest.approx(13 / 6)
-
-
-def test_read_partial_drops_and_truncates_a_cut_trailing_line(tmp_path):
-    partial = tmp_path / "r.jsonl.partial"
-    good = json.dumps({"id": "a", "x": 1}) + "\n"
-    partial.write_text(good + '{"id": "b", "x"')
-    assert list(cr.read_partial(partial)) == ["a"]
-    assert partial.read_text() == good  # appending after this is safe again
-    partial.write_text(good + "not json\n" + good)
-    with pytest.raises(common.DataError, match=r"r.jsonl.partial:2"):
-        cr.read_partial(partial)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +140,7 @@ def test_hf_backend_writes_the_schema_and_exact_behavior_logprobs(eos_model, tmp
     passes = [int(sum(row["rewards"])) for row in rows]
     assert summary["pass_rate_histogram"] == {f"{j}/4": passes.count(j) for j in range(5)}
     assert summary["tokens_per_second"] > 0 and '"share_all_rewards_equal"' in result.stdout
-    assert not list(tmp_path.glob("rollouts.jsonl.partial*"))
+    assert not (tmp_path / "rollouts.jsonl.parts").exists()
 
     again = run_script(*collect_args(eos_model, data, out, "--backend", "hf"))
     assert "already complete" in again.stdout
@@ -209,39 +171,39 @@ def uninterrupted_run(eos_model, tmp_path_factory) -> tuple[Path, list[dict]]:
 def test_kill_and_resume_loses_nothing_and_matches_an_uninterrupted_run(eos_model, uninterrupted_run, tmp_path):
     data, straight = uninterrupted_run
     argv = collect_args(eos_model, [data], tmp_path / "killed.jsonl", *RESUME_FLAGS)
-    partial = tmp_path / "killed.jsonl.partial"
+    parts = tmp_path / "killed.jsonl.parts"
     process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if partial.exists() and partial.read_text().count("\n") >= 3:
+        if len(list(parts.glob("chunk_*.jsonl"))) >= 3:
             break
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "killed.jsonl").exists(), "the run finished before it could be killed"
-    lines = partial.read_text().count("\n")
-    assert 3 <= lines < 40
-    with open(partial, "a") as f:  # as if the kill had landed in the middle of a write
-        f.write('{"id": "data-39", "prompt": "4+')
+    finished = len(list(parts.glob("chunk_*.jsonl")))
+    assert 3 <= finished < 40
+    (parts / ".chunk_000039.jsonl.abc.tmp").write_text('{"id": "data-39", "prompt": "4+')  # a write cut by the kill
 
     refused = run_script(*argv, "--temperature", "0.8", check=False)
     assert refused.returncode != 0 and "temperature" in refused.stderr and "other settings" in refused.stderr
-    assert partial.exists()
+    assert len(list(parts.glob("chunk_*.jsonl"))) == finished
 
     run_script(*argv)
     resumed = common.read_rollouts(tmp_path / "killed.jsonl")
     assert [row["id"] for row in resumed] == [f"data-{i}" for i in range(40)]
     assert resumed == straight
-    assert not list(tmp_path.glob("killed.jsonl.partial*"))
+    assert not parts.exists()
 
 
 def test_data_parallel_workers_match_a_single_process(eos_model, uninterrupted_run, tmp_path):
-    """--num-gpus 2 runs two worker processes (here on the CPU) that split the chunks; same rows as one process."""
+    """torchrun with 2 processes (gloo on the CPU) splits the chunks between them; the same rows as one process."""
     data, straight = uninterrupted_run
-    run_script(*collect_args(eos_model, [data], tmp_path / "two.jsonl", *RESUME_FLAGS, "--num-gpus", "2"))
+    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29615",
+               *collect_args(eos_model, [data], tmp_path / "two.jsonl", *RESUME_FLAGS), env={"OMP_NUM_THREADS": "1"})
     assert common.read_rollouts(tmp_path / "two.jsonl") == straight
-    assert not list(tmp_path.glob("two.jsonl.partial*"))
+    assert not (tmp_path / "two.jsonl.parts").exists()
 
 
 def test_malformed_data_file_names_file_and_line(tiny_model, tmp_path):

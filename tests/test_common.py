@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from common import (DataError, arg, atomic_dir, atomic_path, extract_final_answer, format_prompt, group_advantages,
-                    last_boxed_content, load_examples, parse_args, read_jsonl, read_rollouts, response_logprobs,
-                    reward, write_jsonl)
+from common import (DataError, extract_final_answer, format_prompt, group_advantages, last_boxed_content,
+                    load_examples, read_rollouts, response_logprobs, reward)
+from machinery import write_jsonl
 
 # ---------------------------------------------------------------------------------------------- reward
 
@@ -180,31 +180,7 @@ def test_read_rollouts_checks_schema(tmp_path, tiny_model):
         read_rollouts(path)
 
 
-# ---------------------------------------------------------------------------------------------- files
-
-
-def test_atomic_path_leaves_nothing_on_error(tmp_path):
-    target = tmp_path / "out.jsonl"
-    write_jsonl(target, [{"a": 1}])
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed")
-    assert read_jsonl(target) == [{"a": 1}]           # the old file is untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no temp file left
-
-
-def test_atomic_dir_replaces_whole_folder(tmp_path):
-    target = tmp_path / "ckpt"
-    with atomic_dir(target) as folder:
-        (folder / "a").write_text("1")
-    with atomic_dir(target) as folder:
-        (folder / "b").write_text("2")
-    assert sorted(p.name for p in target.iterdir()) == ["b"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-
-
-# ---------------------------------------------------------------------------------------------- prompts, args
+# ---------------------------------------------------------------------------------------------- prompts
 
 
 def test_format_prompt_with_and_without_chat_template():
@@ -214,20 +190,3 @@ def test_format_prompt_with_and_without_chat_template():
     plain = build_char_tokenizer(chat_template=None)
     assert format_prompt(plain, "2+3", system_prompt="Be brief.") == "Be brief.\n\nQuestion: 2+3\nAnswer:"
     assert format_prompt(plain, "2+3", system_prompt="") == "Question: 2+3\nAnswer:"
-
-
-def test_parse_args_flags():
-    import dataclasses
-
-    @dataclasses.dataclass
-    class Args:
-        proj_dim: int = arg(8, "dims")
-        val_sketch: list[str] = arg([], "repeatable")
-        exact: bool = arg(False, "a switch")
-        seed: int | None = arg(None, "optional")
-
-    args = parse_args(Args, ["--proj-dim", "16", "--val-sketch", "a", "--val-sketch", "b", "--exact", "--seed", "3"])
-    assert args == Args(proj_dim=16, val_sketch=["a", "b"], exact=True, seed=3)
-    assert parse_args(Args, []) == Args()
-    with pytest.raises(SystemExit):
-        parse_args(Args, ["--proj-dim", "many"])

@@ -12,7 +12,8 @@ import torch
 from conftest import ROOT, make_synthetic_rollouts, make_tiny_model, run_script
 
 import grpo_train
-from grpo_train import aggregate, batch_indices, cut_at_eos, grpo_token_losses, k3_kl
+import machinery as M
+from grpo_train import aggregate, batch_indices, grpo_token_losses, k3_kl
 
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -77,13 +78,6 @@ def test_aggregate_by_hand_and_micro_batches_add_up():
         aggregate(values, mask, "sum", 1)
 
 
-def test_cut_at_eos():
-    assert cut_at_eos([5, 6, 1, 0, 0], eos_token_id=1, pad_token_id=0) == [5, 6, 1]
-    assert cut_at_eos([5, 6, 7], eos_token_id=1, pad_token_id=0) == [5, 6, 7]
-    assert cut_at_eos([5, 0, 0], eos_token_id=1, pad_token_id=0) == [5]
-    assert cut_at_eos([1, 1, 1], eos_token_id=1, pad_token_id=1) == [1]  # pad == eos (many real tokenizers)
-
-
 # ----------------------------------------------------------------------------------------------
 # grpo_update on a tiny GPT-2: gradient = the hand formula, KL = 0 when policy = reference
 # ----------------------------------------------------------------------------------------------
@@ -99,13 +93,14 @@ def _tiny_batch(model_dir, tmp_path):
 @pytest.mark.parametrize("loss_agg,checkpointing", [("token-mean", False), ("seq-mean-token-mean", False),
                                                      ("token-mean", True)])
 def test_update_gradient_equals_policy_gradient_formula(tiny_model, tmp_path, loss_agg, checkpointing):
-    from common import group_advantages, load_model, response_logprobs
+    from common import group_advantages, response_logprobs
+    from machinery import load_model
 
     prompts, responses, rewards = _tiny_batch(tiny_model, tmp_path)
     advantages = group_advantages(rewards).flatten()
     args = grpo_train.Args(kl_coef=0.0, entropy_coef=0.0, loss_agg=loss_agg, micro_batch_size=5, grad_clip=1e9)
     model = load_model(str(tiny_model), torch.device("cpu"))
-    grpo_train.disable_dropout(model)
+    M.disable_dropout(model)
     model.train()  # as grpo_train.py trains: train mode, dropout off
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -128,7 +123,8 @@ def test_update_gradient_equals_policy_gradient_formula(tiny_model, tmp_path, lo
 
 
 def test_update_kl_zero_when_policy_is_reference(tiny_model, tmp_path):
-    from common import group_advantages, load_model
+    from common import group_advantages
+    from machinery import load_model
 
     prompts, responses, rewards = _tiny_batch(tiny_model, tmp_path)
     model = load_model(str(tiny_model), torch.device("cpu")).eval()
@@ -143,6 +139,31 @@ def test_update_kl_zero_when_policy_is_reference(tiny_model, tmp_path):
     assert second["kl"] > 0  # the policy has moved away from the reference
 
 
+def test_old_logprobs_taken_before_the_first_update_make_the_clip_act(tiny_model, tmp_path):
+    from common import group_advantages
+    from machinery import load_model
+
+    prompts, responses, rewards = _tiny_batch(tiny_model, tmp_path)
+    advantages = group_advantages(rewards).flatten()
+    args = grpo_train.Args(kl_coef=0.0, entropy_coef=0.0, micro_batch_size=5, grad_clip=1e9, clip=0.05)
+    tokens = sum(len(r) for r in responses)
+    gradients = []
+    for take_old_first in (False, True):  # pi_old = the forward pass itself, or a separate pass before: same update
+        model = load_model(str(tiny_model), torch.device("cpu"))
+        M.disable_dropout(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        old = grpo_train.policy_logprobs(model, prompts, responses, args, 0) if take_old_first else None
+        grpo_train.grpo_update(model, None, optimizer, prompts, responses, advantages, args, 0, old)
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-7)
+    # A second update against the same pi_old: the weights moved, so the ratio is no longer 1 and the clip acts.
+    optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
+    first = grpo_train.grpo_update(model, None, optimizer, prompts, responses, advantages, args, 0, old)
+    assert first["ratio"] == pytest.approx(tokens) and first["clip_fraction"] == 0.0
+    second = grpo_train.grpo_update(model, None, optimizer, prompts, responses, advantages, args, 0, old)
+    assert second["ratio"] != pytest.approx(tokens, rel=1e-4) and second["clip_fraction"] > 0
+
+
 # ----------------------------------------------------------------------------------------------
 # The script as a user runs it
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +173,8 @@ def make_digit_model(folder: Path) -> Path:
 
     Reward 1 means the digit is 3 (p ~ 0.1 at the start): a toy that GRPO must learn within a few steps.
     """
-    from common import encode_prompt, format_prompt, load_tokenizer
+    from common import encode_prompt, format_prompt
+    from machinery import load_tokenizer
     from transformers import AutoModelForCausalLM
 
     make_tiny_model(folder, seed=1)
@@ -192,7 +214,7 @@ def toy_flags(model_dir, data, out, steps, *extra):
 
 
 def test_script_learns_the_toy_and_writes_a_loadable_checkpoint(digit_toy, tmp_path):
-    from common import load_model
+    from machinery import load_model
 
     model_dir, data = digit_toy
     out, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
@@ -224,6 +246,18 @@ def test_script_learns_the_toy_and_writes_a_loadable_checkpoint(digit_toy, tmp_p
     assert [m["step"] for m in later] == [13, 14, 14] and "eval" in later[-1]  # no step-0 eval at offset 12
 
 
+def test_script_with_ppo_epochs_and_mini_batches(digit_toy, tmp_path):
+    model_dir, data = digit_toy
+    out = tmp_path / "ckpt"
+    run_script(*toy_flags(model_dir, data, out, 2, "--ppo-epochs", "2", "--mini-batches", "2", "--clip", "0.05"),
+               env=ENV)
+    lines = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
+    assert [m["stage_step"] for m in lines] == [1, 2]
+    assert all(m["ratio_mean"] != pytest.approx(1.0, abs=1e-6) and m["clip_fraction"] > 0 for m in lines)
+    refused = run_script(*toy_flags(model_dir, data, tmp_path / "x", 2, "--mini-batches", "3"), env=ENV, check=False)
+    assert refused.returncode != 0 and "--mini-batches (3)" in refused.stderr
+
+
 def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -231,7 +265,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, mo
 
     def args_for(out):
         argv = toy_flags(model_dir, data, out, 5, "--save-every", "2", "--eval-data", str(data))[1:]
-        return grpo_train.common.parse_args(grpo_train.Args, argv)
+        return M.parse_args(grpo_train.Args, argv)
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     grpo_train.main(args_for(tmp_path / "straight"))
@@ -239,22 +273,22 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, mo
     class Killed(Exception):
         pass
 
-    real_save, saves = grpo_train.save_resume_state, []
+    real_save, saves = M.TrainingRun.save_resume_state, []
 
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        saves.append(a[3])
-        if len(saves) == 2:  # killed right after the checkpoint of step 4 (the step-2 one was overwritten)
+    def save_then_die(run, step):
+        real_save(run, step)
+        saves.append(step)
+        if len(saves) == 2:  # killed right after the checkpoint of step 4 (the step-2 one was removed)
             raise Killed
 
-    monkeypatch.setattr(grpo_train, "save_resume_state", save_then_die)
+    monkeypatch.setattr(M.TrainingRun, "save_resume_state", save_then_die)
     with pytest.raises(Killed):
         grpo_train.main(args_for(tmp_path / "killed"))
-    assert saves == [2, 4] and (tmp_path / "killed.resume" / "state.pt").exists()
+    assert saves == [2, 4] and M.ChunkStore(tmp_path / "killed.resume", {}).finished() == {4}
     # a stray line written after the checkpoint, as a kill between two writes would leave
     with open(tmp_path / "killed.metrics.jsonl", "a") as f:
         f.write('{"step": 99, "torn')
-    monkeypatch.setattr(grpo_train, "save_resume_state", real_save)
+    monkeypatch.setattr(M.TrainingRun, "save_resume_state", real_save)
     grpo_train.main(args_for(tmp_path / "killed"))
 
     straight = load_file(tmp_path / "straight" / "model.safetensors")
@@ -271,16 +305,17 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, mo
 
 
 def test_bad_flags_give_clear_errors(digit_toy, tmp_path):
-    from common import DataError, parse_args
+    from common import DataError
+    from machinery import parse_args
 
     model_dir, data = digit_toy
-    with pytest.raises(SystemExit, match="--loss-agg"):
+    with pytest.raises(DataError, match="--loss-agg"):
         grpo_train.main(parse_args(grpo_train.Args, toy_flags(model_dir, data, tmp_path / "x", 1, "--loss-agg",
                                                               "sum")[1:]))
     with pytest.raises(DataError, match="missing.jsonl: no such file"):
         grpo_train.main(parse_args(grpo_train.Args, toy_flags(model_dir, tmp_path / "missing.jsonl", tmp_path / "x",
                                                               1)[1:]))
-    with pytest.raises(SystemExit, match="--model is required"):
+    with pytest.raises(DataError, match="--model is required"):
         grpo_train.main(parse_args(grpo_train.Args, ["--data", str(data), "--out", str(tmp_path / "x")]))
 
 
@@ -291,26 +326,27 @@ def test_bad_flags_give_clear_errors(digit_toy, tmp_path):
 VLLM_CHECK = textwrap.dedent("""
     import json, sys, torch
     import common, grpo_train
+    import machinery as M
 
     engines = []
 
-    class RecordedVllmSampler(grpo_train.VllmSampler):  # keeps the engine that main() used, to inspect it after
+    class RecordedVLLMEngine(M.VLLMEngine):  # keeps the engine that main() used, to inspect it after
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             engines.append(self)
 
     if __name__ == "__main__":
-        grpo_train.VllmSampler = RecordedVllmSampler
-        args = common.parse_args(grpo_train.Args, sys.argv[1:])
+        M.VLLMEngine = RecordedVLLMEngine
+        args = M.parse_args(grpo_train.Args, sys.argv[1:])
         grpo_train.main(args)
         out = args.out
         engine, = engines
-        tokenizer = common.load_tokenizer(out)
-        model = common.load_model(out, torch.device("cpu")).eval()  # the trained weights, as saved
-        hf_sampler = grpo_train.HFSampler(tokenizer, batch_size=64)
+        tokenizer = M.load_tokenizer(out)
+        model = M.load_model(out, torch.device("cpu")).eval()  # the trained weights, as saved
+        hf_sampler = M.TransformersEngine(model, tokenizer, batch_sequences=64)
         prompts = [common.encode_prompt(tokenizer, common.format_prompt(tokenizer, q, "")) for q in
                    ("1+2", "23+4", "7+5", "0+0")]
-        greedy = lambda sampler: sampler.generate(model, prompts, 1, 0.0, 1.0, 12, 0)
+        greedy = lambda sampler: sampler.generate(prompts, 1, 0.0, 1.0, 12)
         # main() pushed the weights after its last update (for the final eval): the engine holds the trained model
         result = {"hf_trained": greedy(hf_sampler), "vllm_after_training": greedy(engine)}
         torch.manual_seed(1)
@@ -321,9 +357,9 @@ VLLM_CHECK = textwrap.dedent("""
         engine.push_weights(model)
         result["vllm_synced"] = greedy(engine)
         result["hf_perturbed"] = greedy(hf_sampler)
-        sampled = engine.generate(model, prompts[:2], 4, 1.0, 1.0, 6, 123)
-        result["sampled_again_equal"] = sampled == engine.generate(model, prompts[:2], 4, 1.0, 1.0, 6, 123)
-        result["sampled_distinct"] = len({tuple(s) for s in sampled[:4]}) > 1
+        sampled = engine.generate(prompts[:2], 4, 1.0, 1.0, 6, [123, 127])
+        result["sampled_again_equal"] = sampled == engine.generate(prompts[:2], 4, 1.0, 1.0, 6, [123, 127])
+        result["sampled_distinct"] = len({tuple(s) for s in sampled[0]}) > 1
         print("RESULT " + json.dumps(result))
 """)
 
@@ -356,10 +392,11 @@ def test_vllm_backend_trains_and_its_greedy_ids_equal_the_trainer_after_a_push(d
 DISTRIBUTED_CHECK = textwrap.dedent("""
     import json, sys, torch
     import common, grpo_train
+    import machinery as M
 
     if __name__ == "__main__":
         model_dir, rollouts, out = sys.argv[1:4]
-        rank, world_size, _ = grpo_train.init_distributed()
+        rank, world_size, _ = M.init_distributed()
         rows = common.read_rollouts(rollouts)
         share = len(rows) // world_size
         mine = rows[rank * share:(rank + 1) * share]  # whole groups per rank, as grpo_train.py splits prompts
@@ -369,8 +406,8 @@ DISTRIBUTED_CHECK = textwrap.dedent("""
         result = {}
         for loss_agg in ("token-mean", "seq-mean-token-mean"):
             torch.manual_seed(0)
-            model = common.load_model(model_dir, torch.device("cpu")).eval()
-            ref = common.load_model(model_dir, torch.device("cpu")).eval().requires_grad_(False)
+            model = M.load_model(model_dir, torch.device("cpu")).eval()
+            ref = M.load_model(model_dir, torch.device("cpu")).eval().requires_grad_(False)
             with torch.no_grad():  # the reference differs from the policy, so the KL term has a gradient
                 for p in ref.parameters():
                     p.add_(torch.randn_like(p) * 0.05)
@@ -378,7 +415,7 @@ DISTRIBUTED_CHECK = textwrap.dedent("""
             optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # (Adam's first step would hide the gradient)
             args = grpo_train.Args(loss_agg=loss_agg, kl_coef=0.1, entropy_coef=0.01, micro_batch_size=5)
             sums = grpo_train.grpo_update(trainer, ref, optimizer, prompts, responses, advantages, args, 0)
-            loss, kl = grpo_train.global_sums([sums["loss"], sums["kl"]], torch.device("cpu"))
+            loss, kl = M.all_sum([sums["loss"], sums["kl"]], torch.device("cpu"))
             result[loss_agg] = {"loss": loss, "kl": kl, "grad_norm": sums["grad_norm"],
                                 "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()}
         if rank == 0:
@@ -395,7 +432,7 @@ def test_two_processes_equal_one(tiny_model, tmp_path):
     run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613", str(script),
                str(tiny_model), str(tmp_path / "rollouts.jsonl"), str(tmp_path / "two.json"), env=ENV)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
-    start = json.loads(json.dumps(torch.cat([p.flatten() for p in grpo_train.common.load_model(
+    start = json.loads(json.dumps(torch.cat([p.flatten() for p in M.load_model(
         str(tiny_model), torch.device("cpu")).parameters()]).tolist()))
     for mode in ("token-mean", "seq-mean-token-mean"):
         assert two[mode]["loss"] == pytest.approx(one[mode]["loss"], rel=1e-5, abs=1e-7)

@@ -58,11 +58,11 @@ def smoke_run(tmp_path_factory) -> Path:
 
 def test_smoke_run_produces_the_layout(smoke_run):
     out = smoke_run
-    for path in ["rollouts/train.jsonl", "rollouts/val_val_add.jsonl", "rollouts/val_val_sub.jsonl", "metrics.jsonl",
+    for path in ["rollouts/train.jsonl", "rollouts/val_add.jsonl", "rollouts/val_sub.jsonl", "metrics.jsonl",
                  "report.md", "accuracy.png", "selection.png", "time.png"]:
         assert (out / path).is_file(), path
     for m in range(2):
-        for path in ["train_sketch.npy", "val_val_add_sketch.npy", "subset.jsonl", "selection.json",
+        for path in ["train_sketch.npy", "val_add_sketch.npy", "subset.jsonl", "selection.json",
                      "checkpoint/config.json"]:
             assert (out / f"stage_{m}" / path).exists(), f"stage_{m}/{path}"
     pool = len((out / "rollouts" / "train.jsonl").read_text().splitlines())

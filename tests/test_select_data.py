@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import make_synthetic_rollouts, run_script
-from select_data import (DataError, check_sketches_match, cosine_to_targets, learnability_order, num_to_select,
-                         pass_rate_histogram, pass_rate_order, rank_descending, reciprocal_rank_fusion, sample_rows)
+from common import DataError, pass_rate_histogram
+from machinery import check_sketches_match
+from select_data import (cosine_to_targets, learnability_order, num_to_select, pass_rate_order, rank_descending,
+                         reciprocal_rank_fusion, sample_rows)
 
 SQRT_HALF = math.sqrt(0.5)
 

@@ -58,11 +58,12 @@ def test_surrogate_gradient_is_rho_weighted_policy_gradient():
     assert theta.grad.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_token_budget_batches():
-    assert sg.token_budget_batches([3, 3, 3, 3], 6) == [[0, 1], [2, 3]]
-    assert sg.token_budget_batches([2, 5, 1], 10) == [[0, 1], [2]]  # 2 rows x 5 = 10 fits; 3 x 5 = 15 does not
-    assert sg.token_budget_batches([20, 1], 8) == [[0], [1]]  # too long alone: its own batch
-    assert sg.token_budget_batches([1, 1, 1], 100) == [[0, 1, 2]]
+def test_token_budget_batches_in_input_order():
+    tb = sg.M.token_budget_batches
+    assert tb([3, 3, 3, 3], 6, longest_first=False) == [[0, 1], [2, 3]]
+    assert tb([2, 5, 1], 10, longest_first=False) == [[0, 1], [2]]  # 2 rows x 5 = 10 fits; 3 x 5 = 15 does not
+    assert tb([20, 1], 8, longest_first=False) == [[0], [1]]  # too long alone: its own batch
+    assert tb([1, 1, 1], 100, longest_first=False) == [[0, 1, 2]]
 
 
 def test_is_zero_gradient():
@@ -90,7 +91,7 @@ def test_kept_coordinates_fixed_by_seed(monkeypatch):
 
 def test_split_kept_by_parameter_by_hand():
     kept = torch.tensor([0, 2, 3, 4, 7])  # parameters of sizes 3, 2, 4 -> [0,3) [3,5) [5,9)
-    local = sg.split_kept_by_parameter(kept, [3, 2, 4])
+    local = sg.M.split_kept_by_parameter(kept, [3, 2, 4])
     assert local[0].tolist() == [0, 2] and local[1] is None and local[2].tolist() == [2]
 
 
@@ -99,11 +100,11 @@ def test_flatten_kept_gradient_order():
     b = torch.nn.Parameter(torch.zeros(3))
     a.grad, b.grad = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([5.0, 6.0, 7.0])
     out = torch.full((4,), -1.0)
-    sg.flatten_kept_gradient([a, b], [torch.tensor([1, 3]), torch.tensor([0, 2])], out)
+    sg.M.flatten_kept_gradient([a, b], [torch.tensor([1, 3]), torch.tensor([0, 2])], out)
     assert out.tolist() == [2.0, 4.0, 5.0, 7.0]
     out = torch.full((7,), -1.0)
     b.grad = None
-    sg.flatten_kept_gradient([a, b], [None, None], out)
+    sg.M.flatten_kept_gradient([a, b], [None, None], out)
     assert out.tolist() == [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0]
 
 
@@ -291,7 +292,7 @@ def test_resume_uses_finished_chunks_and_refuses_other_settings(tiny_model, roll
     parts.mkdir()
     settings = {k: first[k] for k in first if k not in ("ids", "zero_rows", "nonfinite_rows")}
     (parts / "settings.json").write_text(json.dumps(settings))
-    np.save(parts / "chunk_00001.npy", np.full((3, 64), 7.0, dtype=np.float32))
+    np.save(parts / "chunk_000001.npy", np.full((3, 64), 7.0, dtype=np.float32))
     sg.main(args)
     resumed = np.load(out)
     assert (resumed[3:6] == 7).all()

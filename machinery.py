@@ -1,0 +1,830 @@
+"""The machinery of the CROPI stages: everything a reader of the algorithm may skip.
+
+The stage scripts hold the paper's algorithm; `common.py` holds the maths they share. What is here is plumbing,
+one way for each kind:
+  * command line     an Args dataclass becomes argparse flags; bad input ends in one line naming file or flag
+  * files            atomic writes (temp file + rename), .jsonl reading with file:line errors
+  * resuming         ONE resumable chunk store (a folder of finished pieces + the settings that made them)
+  * processes        ONE way to run on several processes: torchrun (nccl on CUDA, gloo on CPU) + sharding helpers
+  * devices, models  the one helper that places tensors, bf16 autocast on CUDA, loading models and tokenizers
+  * generation       one transformers engine and one vLLM engine, shared by collect_rollouts.py and grpo_train.py,
+                     with one stop-token rule and one weight-push method
+  * sketch files     memory-mapped reading and consistency checks of sketch_grads.py's .npy + .json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import types
+import typing
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from common import DataError, read_jsonl
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: every stage keeps its settings in one Args dataclass at the top of the file
+# ----------------------------------------------------------------------------------------------
+
+def arg(default, help: str):
+    """A dataclass field with its --help text; lists default to empty and collect repeated flags."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_args(args_class, argv: list[str] | None = None):
+    """Build an argparse parser from a dataclass: field `proj_dim` becomes flag `--proj-dim`.
+
+    bool fields get --flag/--no-flag; list fields take the flag once per item (--val-sketch a --val-sketch b).
+    """
+    description = (sys.modules[args_class.__module__].__doc__ or "").split("\n")[0]
+    parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(args_class)
+    for f in dataclasses.fields(args_class):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        help_text = f.metadata.get("help", "")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
+        elif typing.get_origin(kind) is list:
+            item_type = typing.get_args(kind)[0]
+            parser.add_argument(flag, dest=f.name, action="append", type=item_type, default=argparse.SUPPRESS,
+                                help=f"{help_text} (repeat the flag for several; default: {f.default_factory()})")
+        else:
+            if typing.get_origin(kind) in (typing.Union, types.UnionType):  # "int | None": use the non-None type
+                kind = next(t for t in typing.get_args(kind) if t is not type(None))
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=help_text)
+    namespace = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(args_class):  # an unset list flag falls back to its default list
+        if f.name not in namespace:
+            namespace[f.name] = f.default_factory()
+    return args_class(**namespace)
+
+
+def run_main(main, args_class) -> None:
+    """Parse the Args dataclass and run main(args); bad input (DataError) ends in one clear line, not a traceback."""
+    args = parse_args(args_class)
+    try:
+        main(args)
+    except DataError as e:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: .jsonl read/write with errors that name file and line, atomic writes (temp file + rename)
+# ----------------------------------------------------------------------------------------------
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success rename it onto `path`, on error delete it.
+
+    A reader (or a resumed run) therefore sees either the old file or the complete new one, never half of it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the artefact the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Like atomic_path, for a folder (e.g. a model checkpoint): fill the yielded temp folder, then it is renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Write rows as one JSON object per line, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """One JSON line appended with a single write (a resumed run first cuts the file back to its saved size)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming: ONE chunk store for every long stage
+# ----------------------------------------------------------------------------------------------
+
+class ChunkStore:
+    """A folder of the finished pieces of a long stage, so that a killed run resumes where it stopped.
+
+    FOLDER/settings.json records what the pieces depend on; FOLDER/chunk_<index>.<npy|jsonl|pt> is one finished
+    piece (an array, a list of rows, or any other object such as a training state), each written atomically, so a
+    kill leaves only whole pieces. A rerun with the same settings skips the finished pieces; with other settings it
+    is refused with the names of what differs. The stage removes the folder when its output is complete.
+    """
+
+    def __init__(self, folder: str | os.PathLike, settings: dict):
+        self.folder, self.settings = Path(folder), settings
+
+    def open(self) -> set[int]:
+        """Create the folder (or check its settings against ours) and return the indices of the finished pieces."""
+        settings_file = self.folder / "settings.json"
+        if settings_file.exists():
+            earlier = json.loads(settings_file.read_text())
+            changed = sorted(k for k in set(earlier) | set(self.settings) if earlier.get(k) != self.settings.get(k))
+            if changed:
+                details = "; ".join(f"{k}: was {earlier.get(k)!r}, now {self.settings.get(k)!r}" for k in changed)
+                raise DataError(f"{self.folder} holds pieces of a run with other settings ({details}); rerun with "
+                                f"the same settings, or delete that folder to start over")
+        else:
+            write_json(settings_file, self.settings)
+        return self.finished()
+
+    def finished(self) -> set[int]:
+        return {int(f.name.split(".")[0].split("_")[1]) for f in self.folder.glob("chunk_*.*")}
+
+    def _file(self, index: int) -> Path:
+        found = sorted(self.folder.glob(f"chunk_{index:06d}.*"))
+        if not found:
+            raise DataError(f"{self.folder}: piece {index} is missing; rerun to resume")
+        return found[0]
+
+    def save(self, index: int, value) -> None:
+        """Write piece `index` atomically: an ndarray as .npy, a list of dicts as .jsonl, anything else as .pt."""
+        if isinstance(value, np.ndarray):
+            save_npy(self.folder / f"chunk_{index:06d}.npy", value)
+        elif isinstance(value, list):
+            write_jsonl(self.folder / f"chunk_{index:06d}.jsonl", value)
+        else:
+            with atomic_path(self.folder / f"chunk_{index:06d}.pt") as tmp:
+                torch.save(value, tmp)
+
+    def load(self, index: int):
+        path = self._file(index)
+        if path.suffix == ".npy":
+            return np.load(path)
+        if path.suffix == ".jsonl":
+            return read_jsonl(path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def keep_only(self, index: int) -> None:
+        """Delete every piece but `index` (a training state needs only its latest save)."""
+        for path in self.folder.glob("chunk_*.*"):
+            if int(path.name.split(".")[0].split("_")[1]) != index:
+                path.unlink()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes: torchrun, one process per GPU (gloo on a CPU machine)
+# ----------------------------------------------------------------------------------------------
+
+def get_device(local_rank: int | None = None) -> torch.device:
+    """cuda:<local_rank> when a GPU is present, else cpu. The one place that decides device placement."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; under torchrun, join the process group first."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, get_device()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = get_device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def finish_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum of `values` over all processes (the values themselves with one process)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_gather(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast(obj):
+    """Rank 0's obj, on every process."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This process's share of `items`: every world-th item, starting at its rank."""
+    return items[rank::world]
+
+
+def open_chunk_store(store: ChunkStore, rank: int) -> set[int]:
+    """Rank 0 opens (creates or checks) the store; every rank gets the finished pieces."""
+    return set(broadcast(sorted(store.open()) if rank == 0 else None))
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, seeds, models
+# ----------------------------------------------------------------------------------------------
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op context on CPU, so CPU and GPU run the same code."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def disable_dropout(model) -> None:
+    """Dropout probabilities to 0, so that the same weights always give the same log-probs."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def block_generator(seed: int, purpose: str, block: int, device: torch.device) -> torch.Generator:
+    """A generator seeded by a hash of (seed, purpose, block): each block's numbers can be drawn on their own."""
+    digest = hashlib.sha256(f"{seed}:{purpose}:{block}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def context_length(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def token_budget_batches(lengths: list[int], token_budget: int, longest_first: bool = True) -> list[list[int]]:
+    """Group sequence indices so that (rows x longest row) <= token_budget in every batch.
+
+    longest_first sorts by length first (less padding); otherwise batches are consecutive runs in input order.
+    A sequence longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if longest_first else range(len(lengths))
+    batches, current, longest = [], [], 0
+    for i in order:
+        if current and max(longest, lengths[i]) * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, lengths[i])
+    if current:
+        batches.append(current)
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation engines: the same three calls for transformers and vLLM
+#   engine = make_engine(...); engine.push_weights(model); engine.generate(prompt_ids, n, ...)
+# ----------------------------------------------------------------------------------------------
+
+def choose_backend(requested: str) -> str:
+    """The generation engine for --backend: "vllm", "hf" (transformers generate), or "auto".
+
+    auto = vLLM when it is importable and a CUDA GPU is present, else transformers: on a CPU, vLLM's per-step
+    overhead makes it far slower than generate() for small models (bench/rollout_bench.py).
+    """
+    if requested not in ("auto", "vllm", "hf"):
+        raise DataError(f"--backend must be auto, vllm or hf, got {requested!r}")
+    if requested != "auto":
+        return requested
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return "hf"
+    return "vllm" if torch.cuda.is_available() else "hf"
+
+
+def stop_token_ids(tokenizer, generation_config) -> set[int]:
+    """The one stop-token rule: the tokenizer's EOS plus the generation config's EOS ids (e.g. Qwen2.5-Instruct:
+    <|im_end|> and <|endoftext|>)."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return {tokenizer.eos_token_id, *configured}
+
+
+def clean_response(token_ids: list[int], stop_ids: set[int], pad_token_id: int | None) -> list[int]:
+    """A generated sequence up to and including its first stop token, without pad tokens."""
+    response = []
+    for token in token_ids:
+        if token in stop_ids:
+            response.append(token)
+            break
+        if token != pad_token_id:
+            response.append(token)
+    return response
+
+
+# generate() fills unset options from the model's generation_config.json (e.g. Qwen2.5: top_k 20, repetition
+# penalty 1.05). Pin them to plain temperature + top_p sampling, as vLLM's sampling does.
+PLAIN_SAMPLING = dict(top_k=0, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                      epsilon_cutoff=0.0, eta_cutoff=0.0)
+
+
+class TransformersEngine:
+    """transformers generate() on the given model itself (nothing to push). Samples from torch's global RNG, so a
+    caller seeds with torch.manual_seed (or restores the RNG state) for reproducible samples."""
+
+    def __init__(self, model, tokenizer, batch_sequences: int):
+        self.model, self.tokenizer, self.batch_sequences = model, tokenizer, batch_sequences
+        self.stop_ids = stop_token_ids(tokenizer, model.generation_config)
+        self.context = context_length(model.config)
+
+    def push_weights(self, model) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
+                 prompt_seeds: list[int] | None = None) -> list[list[list[int]]]:
+        """n responses per prompt (temperature 0: greedy), stop token kept, no padding; prompt_seeds are unused."""
+        model, pad = self.model, self.tokenizer.pad_token_id
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()  # with the KV cache (gradient checkpointing turns it off in train mode)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, **PLAIN_SAMPLING) if temperature > 0 \
+            else dict(do_sample=False, repetition_penalty=1.0)
+        rows = [ids for ids in prompt_ids for _ in range(n)]  # prompt 0's n copies, then prompt 1's, ...
+        flat = []
+        for start in range(0, len(rows), self.batch_sequences):
+            batch = rows[start:start + self.batch_sequences]
+            width = max(len(r) for r in batch)
+            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in batch], device=device)  # left padding
+            attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch], device=device)
+            max_new = max_new_tokens if self.context is None else min(max_new_tokens, self.context - width)
+            with autocast(device):
+                output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new,
+                                        pad_token_id=pad, eos_token_id=sorted(self.stop_ids), **sampling)
+            flat += [clean_response(row, self.stop_ids, pad) for row in output[:, width:].tolist()]
+        model.train(was_training)
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
+
+
+class VLLMEngine:
+    """A vLLM engine in this process (one per torchrun rank, data parallel, as TRL's colocate mode), fed with
+    token ids; the trainer's weights can be pushed into it."""
+
+    def __init__(self, model_path: str, seed: int, max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.6, kv_cache_gib: float = 0.0, enforce_eager: bool = False):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process, so weights can be pushed
+        from transformers import GenerationConfig
+        from vllm import LLM
+
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS is the only stop token
+            generation_config = None
+        self.stop_ids = stop_token_ids(load_tokenizer(model_path), generation_config)
+        engine_args = dict(model=model_path, tokenizer=model_path, seed=seed, max_model_len=max_model_len,
+                           enable_prefix_caching=False, enforce_eager=enforce_eager,
+                           dtype="bfloat16" if torch.cuda.is_available() else "float32",
+                           kv_cache_memory_bytes=int(kv_cache_gib * 2 ** 30) or None)
+        if torch.cuda.is_available():
+            engine_args["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GB of KV cache on a CPU machine
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            engine_args["distributed_executor_backend"] = "external_launcher"
+        self.llm = LLM(**engine_args)
+
+    def push_weights(self, model) -> None:
+        """The trainer's weights into the engine (vLLM's own loader reads the transformers names)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(model.state_dict().items()),
+                                                          "is_checkpoint_format": True})
+
+    def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
+                 prompt_seeds: list[int] | None = None) -> list[list[list[int]]]:
+        """n responses per prompt; prompt i's samples use seeds prompt_seeds[i] + (0..n-1) (vLLM adds the index),
+        so they do not depend on batching or on the number of processes."""
+        from vllm import SamplingParams, TokensPrompt
+
+        seeds = prompt_seeds or [None] * len(prompt_ids)
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                 max_tokens=max_new_tokens, seed=seed, skip_special_tokens=False) for seed in seeds]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        return [[clean_response(list(sample.token_ids), self.stop_ids, None) for sample in output.outputs]
+                for output in outputs]
+
+
+def make_engine(backend: str, model, tokenizer, model_path: str, seed: int, hf_batch_sequences: int, **vllm_args):
+    """The engine for a backend chosen by choose_backend: "hf" samples from `model`, "vllm" loads `model_path`."""
+    if backend == "vllm":
+        return VLLMEngine(model_path, seed, **vllm_args)
+    return TransformersEngine(model, tokenizer, hf_batch_sequences)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients as one flat vector (sketch_grads.py): the kept coordinates of every .grad, in parameter order
+# ----------------------------------------------------------------------------------------------
+
+def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """model.named_parameters() order, requires_grad only (tied tensors are listed once by named_parameters)."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def split_kept_by_parameter(kept: torch.Tensor, sizes: list[int]) -> list[torch.Tensor | None]:
+    """Per parameter: the positions (inside that parameter) of its kept coordinates; None = all of them."""
+    bounds = torch.tensor([0] + sizes, device=kept.device).cumsum(0)
+    cuts = torch.searchsorted(kept, bounds).tolist()
+    local = []
+    for i, size in enumerate(sizes):
+        positions = kept[cuts[i]:cuts[i + 1]] - bounds[i]
+        local.append(None if len(positions) == size else positions)
+    return local
+
+
+def flatten_kept_gradient(parameters: list[torch.nn.Parameter], local_kept: list[torch.Tensor | None],
+                          out: torch.Tensor) -> None:
+    """Write the kept coordinates of every parameter's .grad, in order, into the preallocated row `out`."""
+    offset = 0
+    for p, positions in zip(parameters, local_kept):
+        count = p.numel() if positions is None else len(positions)
+        target = out[offset:offset + count]
+        if p.grad is None:
+            target.zero_()
+        elif positions is None:
+            target.copy_(p.grad.reshape(-1))
+        else:
+            torch.index_select(p.grad.reshape(-1).to(out.dtype), 0, positions, out=target)
+        offset += count
+
+
+# ----------------------------------------------------------------------------------------------
+# Sketch files (sketch_grads.py's SKETCH.npy + SKETCH.json), read by select_data.py
+# ----------------------------------------------------------------------------------------------
+
+# Sketch metadata that must agree between the train sketch and every validation sketch.
+MATCHING_FIELDS = ("projector", "seed", "sparse_ratio", "proj_dim", "num_params")
+SKETCH_FIELDS = ("model", "rows", "ids", "zero_rows", "nonfinite_rows") + MATCHING_FIELDS
+
+
+def open_sketch(npy_path: str, flag: str) -> tuple[np.memmap, dict]:
+    """Memory-map SKETCH.npy and read SKETCH.json beside it; refuse files that disagree with themselves."""
+    npy_path = Path(npy_path)
+    json_path = npy_path.with_suffix(".json")
+    for path in (npy_path, json_path):
+        if not path.is_file():
+            raise DataError(f"{flag} {npy_path}: {path} does not exist")
+    try:
+        meta = json.loads(json_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{json_path}: not valid JSON ({e.msg})") from None
+    missing = [f for f in SKETCH_FIELDS if f not in meta]
+    if missing:
+        raise DataError(f"{json_path}: sketch metadata lacks {missing}")
+    sketch = np.load(npy_path, mmap_mode="r")
+    if sketch.ndim != 2 or sketch.dtype not in (np.float16, np.float32) or not sketch.flags.c_contiguous:
+        raise DataError(f"{npy_path}: expected a C-ordered 2-D float16 or float32 array, got {sketch.ndim}-D "
+                        f"{sketch.dtype}")
+    if sketch.shape[0] != meta["rows"] or len(meta["ids"]) != meta["rows"]:
+        raise DataError(f"{npy_path} has {sketch.shape[0]} rows but {json_path} says rows={meta['rows']} "
+                        f"with {len(meta['ids'])} ids")
+    if sketch.shape[1] != meta["proj_dim"]:
+        raise DataError(f"{npy_path} has {sketch.shape[1]} columns but {json_path} says proj_dim={meta['proj_dim']}")
+    return sketch, meta
+
+
+def check_sketches_match(train_meta: dict, train_path: str, val_meta: dict, val_path: str) -> None:
+    """Scores are only meaningful when both sketches come from the same projection of the same parameters."""
+    for field in MATCHING_FIELDS:
+        if train_meta[field] != val_meta[field]:
+            raise DataError(f"sketch metadata differ in {field!r}: {train_meta[field]!r} in {train_path} "
+                            f"but {val_meta[field]!r} in {val_path}; make both with the same sketch_grads.py settings")
+    if val_meta["model"] != train_meta["model"]:
+        print(f"warning: {val_path} was sketched at model {val_meta['model']!r}, the train sketch at "
+              f"{train_meta['model']!r}", file=sys.stderr)
+
+
+def excluded_rows(meta: dict, n_rows: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (zero-gradient, non-finite) of the rows the metadata lists."""
+    masks = []
+    for field in ("zero_rows", "nonfinite_rows"):
+        indices = np.asarray(meta[field], dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= n_rows):
+            raise DataError(f"{where}: {field} holds an index outside 0..{n_rows - 1}")
+        mask = np.zeros(n_rows, dtype=bool)
+        mask[indices] = True
+        masks.append(mask)
+    return masks[0], masks[1]
+
+
+def iter_sketch_chunks(sketch: np.memmap, chunk_rows: int, desc: str):
+    """(first row, float32 chunk) over the sketch. Each chunk is its own short-lived map of the file, so pages
+    already scored leave the process (a single map would keep all of them resident, up to the file's size)."""
+    for start in tqdm(range(0, sketch.shape[0], chunk_rows), desc=desc, unit="chunk"):
+        stop = min(start + chunk_rows, sketch.shape[0])
+        # mode "c" (copy-on-write) gives a writable view of the read-only file, which torch.from_numpy accepts
+        part = np.memmap(sketch.filename, dtype=sketch.dtype, mode="c", shape=(stop - start, sketch.shape[1]),
+                         offset=sketch.offset + start * sketch.shape[1] * sketch.itemsize)
+        yield start, torch.from_numpy(part).float().numpy()  # torch widens float16 ~3x faster than numpy here
+        del part
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection files (select_data.py): reusing an earlier selection, the printed summary
+# ----------------------------------------------------------------------------------------------
+
+def composition(pool: list[dict], selected: np.ndarray) -> dict:
+    """For each of "source"/"skill" carried by the rows: {value: [selected count, pool count]}."""
+    result = {}
+    for field in ("source", "skill"):
+        if any(field in row for row in pool):
+            in_pool = Counter(str(row.get(field)) for row in pool)
+            chosen = Counter(str(pool[i].get(field)) for i in selected)
+            result[field] = {value: [chosen[value], count] for value, count in sorted(in_pool.items())}
+    return result
+
+
+def print_selection_summary(selection: dict) -> None:
+    excluded = ""
+    if "eligible" in selection:
+        excluded = (f"; {selection['eligible']} eligible, excluded {selection['excluded_zero_gradient']} "
+                    f"zero-gradient and {selection['excluded_nonfinite']} non-finite")
+    print(f"{selection['method']}: selected {selection['num_selected']} of {selection['pool_size']} prompts "
+          f"(N_sel = {selection['n_select']}{excluded}) in {selection['seconds']['total']:.1f} s")
+    if selection.get("note"):
+        print(f"note: {selection['note']}")
+    histogram = selection["pass_rate_histogram"]
+    print(f"{'offline pass rate':>18} {'pool':>8} {'selected':>9}")
+    for name in histogram['pool']:
+        print(f"{name:>18} {histogram['pool'][name]:>8} {histogram['selected'][name]:>9}")
+    for field, counts in selection["composition"].items():
+        print(f"by {field}: " + ", ".join(f"{value} {chosen}/{total}" for value, (chosen, total) in counts.items()))
+
+
+def ids_fingerprint(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def check_sketch_ids(meta: dict, ids: list[str], sketch_path: str, rollouts_path: str) -> None:
+    """A sketch scores the prompts of its rollouts file, row for row."""
+    if [str(i) for i in meta["ids"]] != [str(i) for i in ids]:
+        mismatch = next((i for i, (a, b) in enumerate(zip(meta["ids"], ids)) if str(a) != str(b)),
+                        min(len(meta["ids"]), len(ids)))
+        raise DataError(f"--train-sketch {sketch_path} does not match --train-rollouts {rollouts_path}: "
+                        f"{len(meta['ids'])} vs {len(ids)} ids, first difference at row {mismatch}")
+
+
+def read_earlier_selection(folder: str, pool_ids: list[str], n_select: int, ratio: float):
+    """(selection.json, subset ids best first, scores.npy) of an earlier cropi selection of the same pool and N_sel."""
+    folder = Path(folder)
+    selection_path = folder / "selection.json"
+    if not selection_path.is_file():
+        raise DataError(f"--reuse-selection {folder}: no selection.json (was that select_data.py run completed?)")
+    earlier = json.loads(selection_path.read_text())
+    if earlier.get("method") != "cropi":
+        raise DataError(f"--reuse-selection {folder}: made with method {earlier.get('method')!r}, not 'cropi'")
+    if earlier.get("train_ids_sha256") != ids_fingerprint(pool_ids):
+        raise DataError(f"--reuse-selection {folder}: made from {earlier.get('train_rollouts')}, whose ids differ "
+                        f"from the --train-rollouts given now")
+    if earlier.get("n_select") != n_select:
+        raise DataError(f"--reuse-selection {folder}: selected N_sel={earlier.get('n_select')} "
+                        f"(ratio {earlier.get('ratio')}), but --ratio {ratio} gives N_sel={n_select}")
+    subset_ids = [row["id"] for row in read_jsonl(folder / "subset.jsonl")]
+    if subset_ids != [d["id"] for d in earlier["selected_details"]]:
+        raise DataError(f"--reuse-selection {folder}: subset.jsonl and selection.json list different prompts")
+    return earlier, subset_ids, np.load(folder / "scores.npy")
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO training plumbing (grpo_train.py): processes, models, engine, resume state, metrics, evaluation, saving
+# ----------------------------------------------------------------------------------------------
+
+def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / "grpo_train.json").is_file() and (Path(folder) / "config.json").is_file()
+
+
+class TrainingRun:
+    """Everything grpo_train.py's loop uses besides the algorithm: the processes, policy (DDP-wrapped as
+    `trainer`), reference model, optimizer, generation engine, data, the resume state and the metrics file."""
+
+    def __init__(self, args, evaluate):
+        import common
+
+        self.args, self.evaluate = args, evaluate
+        self.rank, self.world, self.device = init_distributed()
+        if args.batch_prompts % (self.world * args.mini_batches):
+            raise DataError(f"--batch-prompts {args.batch_prompts} must be divisible by the number of processes "
+                            f"({self.world}) x --mini-batches ({args.mini_batches})")
+        seed_everything(args.seed + self.rank)  # each rank samples its own responses
+        self.examples = common.load_examples(args.data)
+        self.eval_sets = {Path(p).stem: common.load_examples(p) for p in args.eval_data}
+        self.tokenizer = load_tokenizer(args.model)
+        self.pad = self.tokenizer.pad_token_id
+        self.encode = lambda question: common.encode_prompt(
+            self.tokenizer, common.format_prompt(self.tokenizer, question, args.system_prompt))
+        self.model = load_model(args.model, self.device)
+        disable_dropout(self.model)
+        self.model.train()  # train mode (for gradient checkpointing) without dropout
+        if args.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.ref_model = None
+        if args.kl_coef > 0:
+            self.ref_model = load_model(args.ref_model or args.model, self.device).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.metrics_path = Path(args.metrics or f"{args.out}.metrics.jsonl")
+        self.store = ChunkStore(f"{args.out}.resume", {**dataclasses.asdict(args), "world_size": self.world})
+        self.start_step = self.load_resume_state()
+        self.trainer = self.model
+        if self.world > 1:
+            self.trainer = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.backend = choose_backend(args.backend)
+        self.engine = make_engine(self.backend, self.model, self.tokenizer, args.model, args.seed,
+                                  args.hf_generation_batch, max_model_len=self.max_model_len(),
+                                  gpu_memory_utilization=args.gpu_memory_utilization)
+        self.engine_is_stale = True
+        self.evaluated_at_start = self.start_step == 0 and (args.step_offset == 0 or args.eval_at_start)
+        if self.evaluated_at_start:
+            self.log_eval(0)
+
+    def max_model_len(self) -> int | None:
+        """vLLM's context: the longest prompt plus the longest response, within the model's own context."""
+        if self.backend != "vllm":
+            return None
+        rows = self.examples + [r for rows in self.eval_sets.values() for r in rows]
+        longest = max(len(self.encode(r["prompt"])) for r in rows)
+        needed = longest + max(self.args.max_new_tokens, self.args.eval_max_new_tokens)
+        limit = context_length(self.model.config)
+        return min(needed, limit) if limit else needed
+
+    def sync_engine(self) -> None:
+        if self.engine_is_stale:
+            self.engine.push_weights(self.model)
+            self.engine_is_stale = False
+
+    def log_eval(self, stage_step: int) -> None:
+        if not self.eval_sets:
+            return
+        self.sync_engine()
+        accuracies = self.evaluate(self.engine, self.tokenizer, self.eval_sets, self.args, self.rank, self.world,
+                                   self.device)
+        if self.rank == 0:
+            append_jsonl(self.metrics_path, {"step": self.args.step_offset + stage_step, "eval": accuracies})
+            print(f"step {self.args.step_offset + stage_step}: eval {accuracies}")
+
+    def log_step(self, step: int, rewards: torch.Tensor, response_ids: list[list[int]], updates: list[dict],
+                 rollout_time: float, update_time: float, step_time: float) -> dict:
+        """One metrics line for the whole batch (all ranks); token statistics averaged over the epochs."""
+        epochs = self.args.ppo_epochs
+        stats = {key: sum(u[key] for u in updates) for key in ("kl", "entropy", "clip_fraction", "ratio", "loss")}
+        all_equal_groups = float((rewards == rewards[:, :1]).all(dim=1).sum())
+        (reward_sum, correct, responses, groups, equal_groups, token_sum, kl_sum, entropy_sum, clip_sum,
+         ratio_sum, loss_sum) = all_sum(
+            [float(rewards.sum()), float((rewards == 1).sum()), float(rewards.numel()), float(rewards.shape[0]),
+             all_equal_groups, float(sum(len(r) for r in response_ids)), stats["kl"] / epochs,
+             stats["entropy"] / epochs, stats["clip_fraction"] / epochs, stats["ratio"] / epochs, stats["loss"]],
+            self.device)
+        row = {"step": self.args.step_offset + step + 1, "stage_step": step + 1,
+               "reward_mean": reward_sum / responses, "accuracy": correct / responses,
+               "kl": kl_sum / token_sum, "clip_fraction": clip_sum / token_sum, "entropy": entropy_sum / token_sum,
+               "all_equal_share": equal_groups / groups, "response_length": token_sum / responses,
+               "tokens_per_s": token_sum / step_time, "step_time_s": step_time, "rollout_time_s": rollout_time,
+               "update_time_s": update_time, "loss": loss_sum / len(updates), "ratio_mean": ratio_sum / token_sum,
+               "grad_norm": sum(u["grad_norm"] for u in updates) / len(updates)}
+        if self.rank == 0:
+            append_jsonl(self.metrics_path, row)
+        return row
+
+    def save_resume_state(self, step: int) -> None:
+        """<out>.resume/: model and optimizer state, every rank's RNG states, the step and the metrics file size."""
+        rng_states = all_gather(rng_state())
+        if self.rank == 0:
+            metrics_bytes = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+            self.store.save(step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                   "metrics_bytes": metrics_bytes, "rng": rng_states})
+            self.store.keep_only(step)
+        barrier()
+
+    def load_resume_state(self) -> int:
+        """The step to start from: 0, or that of the latest resume state (model, optimizer, RNG, metrics restored)."""
+        finished = open_chunk_store(self.store, self.rank)
+        if not finished:
+            return 0
+        step = max(finished)
+        state = self.store.load(step)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"][self.rank])
+        if self.rank == 0 and self.metrics_path.exists():  # drop the lines written after the checkpoint
+            os.truncate(self.metrics_path, state["metrics_bytes"])
+        print(f"resuming {self.store.folder} at step {step}/{self.args.steps}")
+        return step
+
+    def finish(self) -> None:
+        """Final evaluation, the output checkpoint (atomically), then the resume state goes."""
+        if self.args.steps > 0 or not self.evaluated_at_start:
+            self.log_eval(self.args.steps)
+        if self.rank == 0:
+            with atomic_dir(self.args.out) as folder:
+                self.model.save_pretrained(folder)
+                self.tokenizer.save_pretrained(folder)
+                write_json(folder / "grpo_train.json", {**dataclasses.asdict(self.args), "world_size": self.world,
+                                                        "backend": self.backend})
+            self.store.remove()
+            print(f"wrote {self.args.out}")
+        finish_distributed()

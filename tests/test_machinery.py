@@ -1,0 +1,113 @@
+"""Tests of machinery.py: files, the resumable chunk store, batching, the generation engines' pure pieces, the
+command line. Expected numbers are worked by hand in the comments."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import machinery as M
+from common import DataError, read_jsonl
+from machinery import arg, atomic_dir, atomic_path, parse_args, write_jsonl
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.jsonl"
+    write_jsonl(target, [{"a": 1}])
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert read_jsonl(target) == [{"a": 1}]           # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no temp file left
+
+
+def test_atomic_dir_replaces_whole_folder(tmp_path):
+    target = tmp_path / "ckpt"
+    with atomic_dir(target) as folder:
+        (folder / "a").write_text("1")
+    with atomic_dir(target) as folder:
+        (folder / "b").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_chunk_store_saves_resumes_and_refuses_other_settings(tmp_path):
+    store = M.ChunkStore(tmp_path / "out.parts", {"seed": 0, "k": 4})
+    assert store.open() == set()
+    store.save(0, np.arange(3, dtype=np.float32))
+    store.save(2, [{"id": "a"}, {"id": "b"}])
+    store.save(5, {"step": 5, "weights": torch.ones(2)})
+    assert M.ChunkStore(tmp_path / "out.parts", {"seed": 0, "k": 4}).open() == {0, 2, 5}  # a rerun sees them
+    np.testing.assert_array_equal(store.load(0), [0, 1, 2])
+    assert store.load(2) == [{"id": "a"}, {"id": "b"}]
+    assert torch.equal(store.load(5)["weights"], torch.ones(2))
+    assert not list((tmp_path / "out.parts").glob(".*tmp"))  # atomic writes leave no temp files
+    with pytest.raises(DataError, match=r"k: was 4, now 8"):
+        M.ChunkStore(tmp_path / "out.parts", {"seed": 0, "k": 8}).open()
+    store.keep_only(5)
+    assert store.finished() == {5}
+    with pytest.raises(DataError, match="piece 0 is missing"):
+        store.load(0)
+    store.remove()
+    assert not (tmp_path / "out.parts").exists()
+
+
+def test_token_budget_batches_longest_first_within_budget():
+    # lengths by index: 3, 10, 5, 7. Longest first: 1 (10), 3 (7), 2 (5), 0 (3).
+    # [1, 3]: 2 rows x width 10 = 20 <= 20; adding 2 would make 3 x 10 = 30 -> new batch [2, 0]: 2 x 5 = 10.
+    assert M.token_budget_batches([3, 10, 5, 7], token_budget=20) == [[1, 3], [2, 0]]
+    assert M.token_budget_batches([30, 4], token_budget=10) == [[0], [1]]  # too long for the budget: alone
+
+
+def test_token_budget_batches_in_input_order():
+    # lengths 3, 10, 5, 7, budget 20: [0] then adding 1 gives 2 x 10 = 20 <= 20 -> [0, 1]; adding 2: 3 x 10 = 30 -> new
+    # batch [2]; adding 3: 2 x 7 = 14 -> [2, 3].
+    assert M.token_budget_batches([3, 10, 5, 7], 20, longest_first=False) == [[0, 1], [2, 3]]
+    assert M.token_budget_batches([30, 4], 10, longest_first=False) == [[0], [1]]
+
+
+def test_clean_response_keeps_first_eos_and_drops_padding():
+    eos, pad = {1}, 0
+    assert M.clean_response([5, 6, 1, 0, 0], eos, pad) == [5, 6, 1]
+    assert M.clean_response([5, 6, 1, 7, 1], eos, pad) == [5, 6, 1]  # nothing after the first EOS
+    assert M.clean_response([5, 6, 7], eos, pad) == [5, 6, 7]  # cut by max_new_tokens: no EOS to keep
+    assert M.clean_response([5, 1, 1, 1], eos, 1) == [5, 1]  # pad == eos (tokenizers without a pad token)
+    assert M.clean_response([5, 9, 6, 1], {1, 9}, pad) == [5, 9]  # several stop tokens: the first one ends it
+
+
+def test_stop_token_ids_join_tokenizer_and_generation_config():
+    class Tokenizer:
+        eos_token_id = 1
+
+    class GenerationConfig:
+        eos_token_id = [7, 1]
+
+    assert M.stop_token_ids(Tokenizer(), GenerationConfig()) == {1, 7}
+    assert M.stop_token_ids(Tokenizer(), None) == {1}
+
+
+def test_shard_takes_every_world_th_item():
+    assert M.shard(list(range(7)), 1, 3) == [1, 4]
+    assert M.shard(list(range(7)), 0, 1) == list(range(7))
+
+
+def test_parse_args_flags():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Args:
+        proj_dim: int = arg(8, "dims")
+        val_sketch: list[str] = arg([], "repeatable")
+        exact: bool = arg(False, "a switch")
+        seed: int | None = arg(None, "optional")
+
+    args = parse_args(Args, ["--proj-dim", "16", "--val-sketch", "a", "--val-sketch", "b", "--exact", "--seed", "3"])
+    assert args == Args(proj_dim=16, val_sketch=["a", "b"], exact=True, seed=3)
+    assert parse_args(Args, []) == Args()
+    with pytest.raises(SystemExit):
+        parse_args(Args, ["--proj-dim", "many"])
