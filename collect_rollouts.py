@@ -50,6 +50,8 @@ class Args:
     seed: int = arg(0, "sampling seed; chunk c of the prompts is sampled with a seed derived from (seed, c)")
     backend: str = arg("auto", "auto | vllm | hf; auto = vLLM when it is importable and a CUDA GPU is present")
     system_prompt: str = arg(common.DEFAULT_SYSTEM_PROMPT, "system prompt of the chat template ('' for none)")
+    last_number_when_cut: bool = arg(False, "grade a response cut at the token limit by its last number too (the old "
+                                            "rule; by default it needs an explicit \\boxed{}, #### or 'answer is')")
     gpu_memory_utilization: float = arg(0.6, "vLLM: share of GPU memory for the engine; the rest holds the "
                                              "transformers copy of the model that recomputes the log-probs")
     vllm_kv_cache_gib: float = arg(0.0, "vLLM: KV-cache size in GiB (0 = sized by --gpu-memory-utilization)")
@@ -57,12 +59,14 @@ class Args:
                                           "steps: for tests and short runs)")
     chunk_size: int = arg(64, "prompts per chunk; each chunk is seeded on its own and saved when finished")
     hf_batch_size: int = arg(16, "hf backend: prompts per generate() call (each with K sequences)")
+    min_mixed: int = arg(0, "fail (after writing OUT) when fewer prompts have mixed rewards (0 < pass rate < 1): a "
+                            "validation set needs some to define a gradient direction")
     logprob_token_budget: int = arg(16384, "behaviour log-prob pass: at most this many (padded) tokens per forward")
 
 
 # Settings that change the sampled rows: finished chunks made with other values must not be continued.
 SAMPLING_SETTINGS = ("model", "data", "k", "temperature", "top_p", "max_new_tokens", "seed", "backend",
-                     "system_prompt", "chunk_size", "hf_batch_size")
+                     "system_prompt", "chunk_size", "hf_batch_size", "last_number_when_cut")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,10 +74,7 @@ SAMPLING_SETTINGS = ("model", "data", "k", "temperature", "top_p", "max_new_toke
 # ----------------------------------------------------------------------------------------------
 
 def derive_seed(*parts: int) -> int:
-    """A 62-bit seed from integers (seed, chunk index, ...): independent streams without accidental overlaps.
-
-    62 bits leave room for vLLM's seed + sample index and stay a valid int64.
-    """
+    """A 62-bit seed from integers (seed, chunk index, ...): independent streams without accidental overlaps."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 2)
 
 
@@ -92,6 +93,7 @@ def summarize(rows: list[dict], k: int) -> dict:
         "pass_rate_histogram": {f"{j}/{k}": pass_counts.count(j) for j in range(k + 1)},
         "mean_pass_rate": sum(pass_counts) / (k * len(rows)),
         "share_all_rewards_equal": sum(c in (0, k) for c in pass_counts) / len(rows),
+        "prompts_with_mixed_rewards": sum(0 < c < k for c in pass_counts),
         "tokens_generated": sum(lengths),
         "mean_response_tokens": sum(lengths) / len(lengths),
     }
@@ -122,29 +124,29 @@ def behavior_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
 # ----------------------------------------------------------------------------------------------
 
 def collect_chunk(args: Args, engine, model, tokenizer, examples: list[dict], prompt_ids: list[list[int]],
-                  chunk_index: int, indices: list[int]) -> tuple[list[dict], float]:
+                  chunk_index: int, indices: list[int], progress=None) -> tuple[list[dict], float]:
     """Steps 1-3 for the prompts of one chunk; returns (rollout rows, seconds spent sampling)."""
     chunk_prompts = [prompt_ids[i] for i in indices]
-    # 1. y_k ~ beta(. | x), K per prompt. The hf engine draws from torch's RNG: one seeded stream per chunk;
-    #    vLLM takes one seed per prompt. Either way a resumed chunk is sampled exactly as before.
-    torch.manual_seed(derive_seed(args.seed, chunk_index))
+    # 1. y_k ~ beta(. | x), K per prompt; one seed per chunk, so a resumed chunk is sampled exactly as before
     start = time.perf_counter()
     responses = engine.generate(chunk_prompts, args.k, args.temperature, args.top_p, args.max_new_tokens,
-                                prompt_seeds=[derive_seed(args.seed, i) for i in indices])
+                                seed=derive_seed(args.seed, chunk_index), progress=progress)
     sampling_seconds = time.perf_counter() - start
+    engine.release_memory(keep_weights=True)  # vLLM sleeps (CUDA): the log-prob pass below gets its memory
     # 2. log beta(y_{k,t} | x, y_{k,<t}) at the sampling temperature, recomputed by a forward pass
     flat_logprobs = behavior_logprobs(model, [p for p, group in zip(chunk_prompts, responses) for _ in group],
                                       [r for group in responses for r in group], args.temperature,
                                       tokenizer.pad_token_id, args.logprob_token_budget)
-    # 3. r_k = reward(y_k, gold) in {0, 1}
+    # 3. r_k = reward(y_k, gold) in {0, 1}; a response cut at the token limit needs an explicit final answer
     rows = []
     for n, (i, group) in enumerate(zip(indices, responses)):
         example = examples[i]
         texts = tokenizer.batch_decode(group, skip_special_tokens=True)
+        finished = [args.last_number_when_cut or (bool(ids) and ids[-1] in engine.stop_ids) for ids in group]
         row = {"id": example["id"], "prompt": example["prompt"], "answer": example["answer"],
                "prompt_ids": prompt_ids[i], "response_ids": group, "responses": texts,
                "behavior_logprobs": flat_logprobs[n * args.k:(n + 1) * args.k],
-               "rewards": [common.reward(text, example["answer"]) for text in texts],
+               "rewards": [common.reward(text, example["answer"], done) for text, done in zip(texts, finished)],
                "temperature": args.temperature}
         rows.append(row | {key: example[key] for key in ("skill", "source") if key in example})
     return rows, sampling_seconds
@@ -166,12 +168,18 @@ def collect_rollouts(args: Args) -> None:
     todo = M.shard([c for c in range(len(chunks)) if c not in finished], rank, world)
     tokens, sampling_seconds = 0, 0.0
     if todo:
+        M.plan_memory(args.model, device, "collect", args.logprob_token_budget, False,
+                      args.gpu_memory_utilization if backend == "vllm" else 0.0,
+                      "--gpu-memory-utilization or --logprob-token-budget")
         model = M.load_model(args.model, device, dtype=torch.float32).eval()  # beta, float32 for the log-probs
         engine = M.make_engine(backend, model, tokenizer, args.model, args.seed, args.hf_batch_size * args.k,
                                gpu_memory_utilization=args.gpu_memory_utilization,
                                kv_cache_gib=args.vllm_kv_cache_gib, enforce_eager=args.vllm_enforce_eager)
-        for c in tqdm(todo, desc=f"chunks of {args.chunk_size} prompts ({backend})", disable=rank != 0):
-            rows, seconds = collect_chunk(args, engine, model, tokenizer, examples, prompt_ids, c, list(chunks[c]))
+        progress = tqdm(total=sum(len(chunks[c]) for c in todo) * args.k, unit="response", disable=rank != 0,
+                        desc=f"sampling ({backend}, this process)")
+        for c in todo:
+            rows, seconds = collect_chunk(args, engine, model, tokenizer, examples, prompt_ids, c, list(chunks[c]),
+                                          progress)
             store.save(c, rows)
             tokens += sum(len(r) for row in rows for r in row["response_ids"])
             sampling_seconds += seconds
@@ -191,6 +199,8 @@ def check_args(args: Args) -> None:
         raise DataError("--model, --data and --out are required")
     if args.k < 1 or args.temperature <= 0 or args.chunk_size < 1 or args.hf_batch_size < 1:
         raise DataError("--k, --chunk-size and --hf-batch-size must be >= 1 and --temperature > 0")
+    M.check_model(args.model)
+    common.load_data_files(args.data)  # every data file parsed before any model is loaded
 
 
 def check_prompt_lengths(model: str, examples: list[dict], prompt_ids: list[list[int]]) -> None:
@@ -215,26 +225,51 @@ def merge(args: Args, store: M.ChunkStore, num_chunks: int, backend: str, tokens
     """Every prompt once, in input order, written atomically with its summary; then the chunk store goes."""
     out = Path(args.out)
     rows = [row for c in range(num_chunks) for row in store.load(c)]
-    summary_path = out.with_name(out.name.removesuffix(".jsonl") + ".summary.json")
     M.write_jsonl(out, rows)
     summary = summarize(rows, args.k) | {
         "backend": backend, "tokens_generated_this_run": int(tokens),
         "sampling_seconds_this_run": round(seconds, 3),  # summed over processes
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
         "timed": "sampling calls only, per process", "settings": store.settings}
-    M.write_json(summary_path, summary)
+    M.write_json(summary_path(args), summary)
     store.remove()
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
-    print(f"wrote {out} and {summary_path}")
+    print(f"wrote {out} and {summary_path(args)}")
+
+
+def summary_path(args: Args) -> Path:
+    return Path(args.out).with_name(Path(args.out).name.removesuffix(".jsonl") + ".summary.json")
+
+
+def earlier_settings(args: Args) -> dict | None:
+    """The settings OUT was made with (from OUT.summary.json), None when there is no complete OUT."""
+    if not Path(args.out).exists() or Path(f"{args.out}.parts").exists() or not summary_path(args).exists():
+        return None
+    return json.loads(summary_path(args).read_text()).get("settings")
+
+
+def check_directions(args: Args) -> None:
+    """Prompts whose K rewards are all equal carry no gradient; refuse a file with fewer than --min-mixed others."""
+    summary = json.loads(summary_path(args).read_text())
+    if summary["prompts_with_mixed_rewards"] < args.min_mixed:
+        raise DataError(f"{args.out}: only {summary['prompts_with_mixed_rewards']} of {summary['prompts']} prompts "
+                        f"have mixed rewards (pass rate {summary['mean_pass_rate']:.3f} over {args.k} responses "
+                        f"each); at least {args.min_mixed} are needed to define a gradient direction. Try more "
+                        f"responses per prompt (--k; VAL_K in run_cropi.sh), easier prompts, another temperature, "
+                        f"or another model")
 
 
 def main(args: Args) -> None:
     check_args(args)
-    if Path(args.out).exists() and not Path(f"{args.out}.parts").exists():
-        print(f"{args.out} is already complete; nothing to do (delete it to collect again)")
-        return
-    M.seed_everything(args.seed)
-    collect_rollouts(args)
+    earlier = earlier_settings(args)
+    if earlier is not None and earlier == sampling_settings(args, M.choose_backend(args.backend)):
+        print(f"{args.out} is already complete with these settings; nothing to do")
+    else:
+        if earlier is not None:
+            print(f"{args.out} was made with other settings: collecting again")
+        M.seed_everything(args.seed)
+        collect_rollouts(args)
+    check_directions(args)
 
 
 if __name__ == "__main__":  # the guard vLLM needs: its engine workers are spawned processes

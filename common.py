@@ -35,8 +35,12 @@ class DataError(ValueError):
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
 
 
-def extract_final_answer(completion: str) -> str | None:
-    r"""The model's final answer: the last \boxed{...}, else "#### X", else "answer is X", else the last number."""
+def extract_final_answer(completion: str, finished: bool = True) -> str | None:
+    r"""The model's final answer: the last \boxed{...}, else "#### X", else "answer is X", else the last number.
+
+    The last-number fallback applies to finished responses only (ended by a stop token): a response cut at the token
+    limit mid-sentence ("... the final weight of the box was") has no answer yet, whatever its last number is.
+    """
     boxed = last_boxed_content(completion)
     if boxed is not None:
         return boxed
@@ -44,7 +48,7 @@ def extract_final_answer(completion: str) -> str | None:
         found = re.findall(marker, completion, flags=re.IGNORECASE)
         if found:
             return found[-1].strip()
-    numbers = re.findall(_NUMBER, completion)
+    numbers = re.findall(_NUMBER, completion) if finished else []
     return numbers[-1] if numbers else None
 
 
@@ -66,10 +70,14 @@ def _as_number(text: str) -> float | None:
         return None
 
 
-def reward(completion: str, answer: str) -> float:
-    """1.0 if the completion's final answer equals the gold answer mathematically, else 0.0. Never raises."""
+def reward(completion: str, answer: str, finished: bool = True) -> float:
+    """1.0 if the completion's final answer equals the gold answer mathematically, else 0.0. Never raises.
+
+    finished = False (the response hit the token limit without a stop token): only an explicit final answer
+    (\\boxed{}, "####", "answer is") counts, not the last number of unfinished reasoning.
+    """
     try:
-        predicted = extract_final_answer(completion or "")
+        predicted = extract_final_answer(completion or "", finished)
         if predicted is None:
             return 0.0
         predicted, gold = _normalize(predicted), _normalize(str(answer))
@@ -120,11 +128,79 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 # Per-token log-probs of responses (shared by behaviour policy beta and current policy pi_theta)
 # ----------------------------------------------------------------------------------------------
 
+# A chunk of the LM head holds at most this many logits (256 MB in float32): 441 tokens of a 151,936-token
+# vocabulary. The full [B, T, vocab] logits of a long batch would not fit (16,384 tokens x 151,936 x 4 bytes = 10 GB).
+LOGITS_PER_CHUNK = 2 ** 26
+# ... and at most this many tokens: the last chunk is padded to the full chunk, which must stay cheap for a small
+# vocabulary (the demo's 99 words would otherwise make chunks of 677,000 tokens).
+MAX_CHUNK_TOKENS = 4096
+
+
+def logit_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per LM-head chunk: LOGITS_PER_CHUNK // vocab_size, within [1, MAX_CHUNK_TOKENS]."""
+    return max(1, min(MAX_CHUNK_TOKENS, LOGITS_PER_CHUNK // vocab_size))
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The LM head's input [B, T, H]: the base model's last hidden states (after its final norm), without the
+    [B, T, vocab] logits.
+
+    The call goes through `model` itself, so that a DistributedDataParallel wrapper still syncs the gradients, with
+    logits_to_keep=1 (the head computes the last position only); a forward hook on the base model (GPT-2's
+    `transformer`, Llama's and Qwen2's `model`) keeps its output.
+    """
+    causal_lm = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    captured = []
+    hook = causal_lm.base_model.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
+def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                  temperature: float, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(target) and the entropy [n] of n tokens from their hidden states [n, H], in float32 (autocast off).
+
+    z = (h W^T + b) / T,   log pi(y) = z_y - logsumexp(z),   entropy = -sum_v pi_v log pi_v   (zeros unless asked)
+    z is computed as (h / T) W^T + b / T, so that each [n, vocab] tensor is made once.
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        scaled_bias = None if bias is None else bias.float() / temperature
+        logits = torch.nn.functional.linear(hidden.float() / temperature, weight.float(), scaled_bias)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        del logits  # freed before the next [n, vocab] tensor is made
+        token_logprobs = log_probs.gather(1, targets[:, None]).squeeze(1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1) if with_entropy else torch.zeros_like(token_logprobs)
+    return token_logprobs, entropy
+
+
+def chunked_head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float,
+                          with_entropy: bool = False, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """head_logprobs of N tokens [N, H], chunk_tokens at a time (0: logit_chunk_tokens of the vocabulary).
+
+    Peak memory is O(chunk x vocab), not O(N x vocab): each chunk's logits are freed after the forward and
+    recomputed in the backward (torch.utils.checkpoint). The last chunk is zero-padded to the full chunk size, so
+    every chunk is one matrix product of the same shape and a token's result does not depend on the other tokens
+    of the batch (batch-invariant).
+    """
+    chunk = chunk_tokens or logit_chunk_tokens(head.weight.shape[0])
+    count, padding = len(targets), -len(targets) % chunk
+    hidden = torch.nn.functional.pad(hidden, (0, 0, 0, padding))
+    targets = torch.nn.functional.pad(targets, (0, padding))
+    pieces = [torch.utils.checkpoint.checkpoint(head_logprobs, h, head.weight, head.bias, y, temperature,
+                                                with_entropy, use_reentrant=False)
+              for h, y in zip(hidden.split(chunk), targets.split(chunk))]
+    return torch.cat([p[0] for p in pieces])[:count], torch.cat([p[1] for p in pieces])[:count]
+
+
 def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], temperature: float,
-                      pad_token_id: int = 0, with_entropy: bool = False):
+                      pad_token_id: int = 0, with_entropy: bool = False, chunk_tokens: int = 0):
     """log pi(y_t | x, y_<t) of every response token, at sampling temperature T (softmax of logits / T).
 
-    Rows are prompt + response, right-padded (so absolute positions start at 0 on every row).
+    Rows are prompt + response, right-padded (so absolute positions start at 0 on every row). Only the hidden
+    states of the response positions go through the LM head, in float32 and in chunks (chunked_head_logprobs).
     Returns (logprobs [B, Lr], mask [B, Lr]) and, with `with_entropy`, the per-token entropy [B, Lr] too;
     Lr is the longest response, mask is 1 on real response tokens. Gradients flow unless called under no_grad.
     """
@@ -139,26 +215,23 @@ def response_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
 
     input_ids = torch.full((batch, total), pad_token_id, dtype=torch.long, device=device)
     attention_mask = torch.zeros((batch, total), dtype=torch.long, device=device)
-    targets = torch.full((batch, longest_response), pad_token_id, dtype=torch.long, device=device)
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         input_ids[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r), device=device)
         attention_mask[i, :len(p) + len(r)] = 1
-        targets[i, :len(r)] = torch.tensor(r, device=device)
+    hidden = final_hidden_states(model, input_ids, attention_mask)
 
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    # Response token t of row i sits at position len(p_i) + t and is predicted by the logits at len(p_i) + t - 1.
-    offsets = torch.arange(longest_response, device=device)
-    positions = (prompt_lengths[:, None] - 1 + offsets[None, :]).clamp(max=total - 1)
-    response_logits = logits.gather(1, positions[:, :, None].expand(-1, -1, logits.shape[-1]))
-    response_logits = response_logits.float() / temperature
-    log_norm = torch.logsumexp(response_logits, dim=-1)
-    logprobs = response_logits.gather(2, targets[:, :, None]).squeeze(2) - log_norm
-    mask = (offsets[None, :] < response_lengths[:, None]).float()
-    logprobs = logprobs * mask
+    # Response token t of row i sits at position len(p_i) + t and is predicted by the hidden state at len(p_i) + t - 1.
+    rows = torch.repeat_interleave(torch.arange(batch, device=device), response_lengths)
+    steps = torch.cat([torch.arange(len(r), device=device) for r in response_ids])
+    targets = torch.tensor([token for r in response_ids for token in r], dtype=torch.long, device=device)
+    head = getattr(model, "module", model).get_output_embeddings()
+    token_logprobs, token_entropy = chunked_head_logprobs(hidden[rows, prompt_lengths[rows] - 1 + steps], head,
+                                                          targets, temperature, with_entropy, chunk_tokens)
+    mask = (torch.arange(longest_response, device=device)[None, :] < response_lengths[:, None]).float()
+    logprobs = torch.zeros(batch, longest_response, device=device).index_put((rows, steps), token_logprobs)
     if not with_entropy:
         return logprobs, mask
-    probs = torch.softmax(response_logits, dim=-1)
-    entropy = (log_norm - (probs * response_logits).sum(-1)) * mask
+    entropy = torch.zeros(batch, longest_response, device=device).index_put((rows, steps), token_entropy)
     return logprobs, mask, entropy
 
 

@@ -62,12 +62,16 @@ class Args:
     max_new_tokens: int = arg(2048, "response length limit of the rollouts (release: 2048)")
     eval_max_new_tokens: int = arg(2048, "response length limit of the greedy evaluation")
     system_prompt: str = arg(common.DEFAULT_SYSTEM_PROMPT, "system prompt of the chat template")
+    last_number_when_cut: bool = arg(False, "grade a response cut at the token limit by its last number too (the "
+                                            "old rule; by default it needs an explicit \\boxed{}, #### or 'answer is')")
     backend: str = arg("auto", "rollout engine: vllm, hf (transformers generate), or auto "
                                "(vllm when importable and CUDA is present, else hf)")
-    micro_batch_size: int = arg(16, "sequences per forward/backward pass (gradient accumulation)")
+    micro_batch_tokens: int = arg(16384, "padded tokens (rows x longest prompt+response) per forward/backward pass; "
+                                         "sequences are grouped longest first and gradients accumulated")
     hf_generation_batch: int = arg(256, "sequences per transformers generate call (hf backend)")
     gpu_memory_utilization: float = arg(0.4, "share of GPU memory vLLM may take (the trainer uses the rest)")
-    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (saves memory)")
+    gradient_checkpointing: str = arg("auto", "recompute activations in the backward pass to save memory: on, off, "
+                                              "or auto (on when training on CUDA)")
     save_every: int = arg(50, "write the resume checkpoint <out>.resume/ every N steps (0: never)")
     seed: int = arg(0, "seed of the data order, the sampling and the update")
 
@@ -137,6 +141,12 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: f
 # One optimizer update on a batch of sampled groups
 # ----------------------------------------------------------------------------------------------
 
+def micro_batches(prompt_ids: list[list[int]], response_ids: list[list[int]], token_budget: int) -> list[list[int]]:
+    """Indices of each forward/backward pass: longest sequences first, rows x longest (prompt + response) <= budget
+    (a longer sequence gets a pass of its own), so memory follows tokens, not a count of sequences."""
+    return M.token_budget_batches([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)], token_budget)
+
+
 def grpo_update(model, ref_model, optimizer, prompt_ids: list[list[int]], response_ids: list[list[int]],
                 advantages: torch.Tensor, args: Args, pad_token_id: int,
                 old_logprobs: list[torch.Tensor] | None = None) -> dict:
@@ -154,22 +164,21 @@ def grpo_update(model, ref_model, optimizer, prompt_ids: list[list[int]], respon
     normalizer = total_tokens if args.loss_agg == "token-mean" else total_responses
     sums = dict(loss=0.0, pg_loss=0.0, kl=0.0, entropy=0.0, clip_fraction=0.0, ratio=0.0)
     optimizer.zero_grad(set_to_none=True)
-    starts = range(0, len(response_ids), args.micro_batch_size)
-    for n, start in enumerate(starts):
-        end = start + args.micro_batch_size
-        prompts, responses = prompt_ids[start:end], response_ids[start:end]
-        micro_advantages = advantages[start:end].to(device)
+    batches = micro_batches(prompt_ids, response_ids, args.micro_batch_tokens)
+    for n, batch in enumerate(batches):
+        prompts, responses = [prompt_ids[i] for i in batch], [response_ids[i] for i in batch]
+        micro_advantages = advantages[batch].to(device)
         if ref_model is not None:
             with torch.no_grad(), M.autocast(device):
                 ref_logprobs, _ = common.response_logprobs(ref_model, prompts, responses, args.temperature,
                                                            pad_token_id)
-        last = n == len(starts) - 1
+        last = n == len(batches) - 1  # ranks may differ in micro-batch count: each reduces once, in its last backward
         with model.no_sync() if (world_size > 1 and not last) else contextlib.nullcontext():
             with M.autocast(device):
                 logprobs, mask, entropy = common.response_logprobs(model, prompts, responses, args.temperature,
                                                                    pad_token_id, with_entropy=True)
             old = logprobs.detach() if old_logprobs is None else \
-                torch.nn.utils.rnn.pad_sequence(old_logprobs[start:end], batch_first=True).to(device)
+                torch.nn.utils.rnn.pad_sequence([old_logprobs[i] for i in batch], batch_first=True).to(device)
             pg_losses, ratio, clipped = grpo_token_losses(logprobs, old, micro_advantages, args.clip)
             # loss = agg(pg) + beta * agg(k3) - c_ent * agg(entropy)
             pg_loss = aggregate(pg_losses, mask, args.loss_agg, normalizer)
@@ -191,30 +200,14 @@ def grpo_update(model, ref_model, optimizer, prompt_ids: list[list[int]], respon
 @torch.no_grad()
 def policy_logprobs(model, prompt_ids, response_ids, args: Args, pad_token_id: int) -> list[torch.Tensor]:
     """pi_old: log-probs of every response token under the current weights, one tensor per response."""
-    device, result = next(model.parameters()).device, []
-    for start in range(0, len(response_ids), args.micro_batch_size):
-        responses = response_ids[start:start + args.micro_batch_size]
+    device, result = next(model.parameters()).device, [None] * len(response_ids)
+    for batch in micro_batches(prompt_ids, response_ids, args.micro_batch_tokens):
         with M.autocast(device):
-            logprobs, _ = common.response_logprobs(model, prompt_ids[start:start + args.micro_batch_size],
-                                                   responses, args.temperature, pad_token_id)
-        result += [row[:len(r)].float().cpu() for row, r in zip(logprobs, responses)]
+            logprobs, _ = common.response_logprobs(model, [prompt_ids[i] for i in batch],
+                                                   [response_ids[i] for i in batch], args.temperature, pad_token_id)
+        for row, i in zip(logprobs, batch):
+            result[i] = row[:len(response_ids[i])].float().cpu()
     return result
-
-
-def evaluate(engine, tokenizer, eval_sets: dict[str, list[dict]], args: Args, rank: int, world: int,
-             device: torch.device) -> dict[str, float]:
-    """Accuracy of greedy decoding (temperature 0) on every eval file; each rank does every world-th prompt."""
-    accuracies = {}
-    for name, rows in eval_sets.items():
-        mine = M.shard(rows, rank, world)
-        prompt_ids = [common.encode_prompt(tokenizer, common.format_prompt(tokenizer, r["prompt"], args.system_prompt))
-                      for r in mine]
-        responses = [g[0] for g in engine.generate(prompt_ids, 1, 0.0, 1.0, args.eval_max_new_tokens)] if mine else []
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        correct, total = M.all_sum([sum(common.reward(t, r["answer"]) for t, r in zip(texts, mine)), len(mine)],
-                                   device)
-        accuracies[name] = correct / total
-    return accuracies
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +215,7 @@ def evaluate(engine, tokenizer, eval_sets: dict[str, list[dict]], args: Args, ra
 # ----------------------------------------------------------------------------------------------
 
 def grpo_train(args: Args) -> None:
-    run = M.TrainingRun(args, evaluate)  # processes, models, optimizer, engine, data, resume state, metrics
+    run = M.TrainingRun(args)  # processes, models, optimizer, engine, data, resume state, metrics, evaluation
     local_prompts = args.batch_prompts // run.world
     progress = tqdm(range(run.start_step, args.steps), desc="GRPO", disable=run.rank != 0, initial=run.start_step,
                     total=args.steps)
@@ -235,20 +228,19 @@ def grpo_train(args: Args) -> None:
 
         # 2. G responses per prompt from the current policy (the engine first receives the trainer's weights).
         run.sync_engine()
-        first_seed = args.seed * 10**9 + (step * args.batch_prompts + run.rank * local_prompts) * args.group_size
         groups = run.engine.generate(prompt_ids, args.group_size, args.temperature, args.top_p, args.max_new_tokens,
-                                     prompt_seeds=[first_seed + i * args.group_size for i in range(len(prompt_ids))])
+                                     seed=run.sampling_seed(step))
         response_ids = [r for group in groups for r in group]
         rollout_time = time.perf_counter() - step_start
 
         # 3. 0/1 rewards and group advantages A_k = (r_k - mean(r)) / (std(r) + 1e-4).
-        texts = run.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         answers = [r["answer"] for r in mine for _ in range(args.group_size)]
-        rewards = torch.tensor([common.reward(t, a) for t, a in zip(texts, answers)]).view(-1, args.group_size)
+        rewards = torch.tensor(run.rewards(response_ids, answers)).view(-1, args.group_size)
         advantages = common.group_advantages(rewards).flatten()
 
         # 4. pi_old, then --ppo-epochs x --mini-batches updates of the clipped surrogate + k3 KL - entropy bonus.
         update_start = time.perf_counter()
+        run.engine.release_memory(keep_weights=False)  # vLLM sleeps (CUDA) while the update needs the memory
         group_prompt_ids = [ids for ids in prompt_ids for _ in range(args.group_size)]
         several_updates = args.ppo_epochs * args.mini_batches > 1
         old = policy_logprobs(run.model, group_prompt_ids, response_ids, args, run.pad) if several_updates else None
@@ -277,14 +269,20 @@ def check_args(args: Args) -> None:
             raise DataError(f"--{flag.replace('_', '-')} is required")
     if args.loss_agg not in LOSS_AGGREGATIONS:
         raise DataError(f"--loss-agg must be one of {LOSS_AGGREGATIONS}, got {args.loss_agg!r}")
+    if args.gradient_checkpointing not in ("auto", "on", "off"):
+        raise DataError(f"--gradient-checkpointing must be auto, on or off, got {args.gradient_checkpointing!r}")
     if args.group_size < 2:
         raise DataError("--group-size must be >= 2 (a group of one has no advantage)")
-    if min(args.batch_prompts, args.micro_batch_size, args.hf_generation_batch, args.ppo_epochs,
+    if min(args.batch_prompts, args.micro_batch_tokens, args.hf_generation_batch, args.ppo_epochs,
            args.mini_batches) < 1 or args.steps < 0:
-        raise DataError("--steps must be >= 0; --batch-prompts, --micro-batch-size, --hf-generation-batch, "
+        raise DataError("--steps must be >= 0; --batch-prompts, --micro-batch-tokens, --hf-generation-batch, "
                         "--ppo-epochs and --mini-batches >= 1")
     if args.temperature <= 0:
         raise DataError(f"--temperature must be > 0 for sampling, got {args.temperature}")
+    M.check_model(args.model)
+    M.check_model(args.ref_model or args.model, "--ref-model")
+    for path in [args.data, *args.eval_data]:  # every data file parsed before any model is loaded
+        common.load_examples(path)
 
 
 def main(args: Args) -> None:

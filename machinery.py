@@ -17,16 +17,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
+import mmap
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
+import threading
 import types
 import typing
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -35,6 +40,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import common
 from common import DataError, read_jsonl
 
 
@@ -327,6 +333,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def check_model(path: str, flag: str = "--model") -> None:
+    """Before any loading: a model is a local folder with a config.json, or a hub name of the form 'org/name'."""
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            raise DataError(f"{flag} {path}: the folder has no config.json (not a transformers checkpoint)")
+    elif Path(path).exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path):
+        raise DataError(f"{flag} {path}: no such model folder (and not a hub name of the form 'org/name')")
+
+
 def load_model(path: str, device: torch.device, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -379,6 +394,81 @@ def token_budget_batches(lengths: list[int], token_budget: int, longest_first: b
 
 
 # ----------------------------------------------------------------------------------------------
+# Memory plan: the estimated peak GPU memory of a stage, printed at its start, refused when it does not fit
+# ----------------------------------------------------------------------------------------------
+
+GIB = 2 ** 30
+
+
+def count_parameters(config) -> int:
+    """Parameters of a model built from `config` on the meta device (no memory, exact count)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def memory_plan(config, num_params: int, stage: str, token_budget: int, checkpointing: bool,
+                vllm_share: float = 0.0, card_gib: float = 80.0, logit_chunk: int = 0, shards: int = 1) -> dict[str, float]:
+    """Estimated peak GiB per GPU of one stage ("collect", "sketch" or "grpo"), by part:
+      weights     float32 policy, 4 B a parameter (the reference model of GRPO: bf16, 2 B more)
+      grads       float32, 4 B a parameter (sketch, grpo)
+      optimizer   AdamW's two float32 moments, 8 B a parameter (grpo)
+      vllm        the engine's share of the card (collect, grpo); asleep during the update, but the plan counts it
+                  so that sampling, when the trainer's weights, grads and optimizer are resident too, fits
+      activations bf16 hidden states kept for the backward for `token_budget` tokens: with checkpointing one
+                  [tokens, hidden] input per layer plus one layer's internals (~(16 hidden + 4 intermediate) values
+                  a token) recomputed; without, the internals of every layer
+      logits      one LM-head chunk in float32: logit_chunk tokens x vocabulary x ~3 tensors (logits, softmax, grad)
+    shards: processes that share weights, grads and optimizer state (a sharded data-parallel run); 1 = replicated.
+    """
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_layer_internals = token_budget * (16 * hidden + 4 * intermediate) * 2
+    layer_inputs = token_budget * hidden * 2 * layers
+    training = stage in ("sketch", "grpo")
+    plan = {"weights": num_params * (4 + (2 if stage == "grpo" else 0)) / shards,
+            "grads": num_params * 4 / shards if training else 0,
+            "optimizer": num_params * 8 / shards if stage == "grpo" else 0,
+            "vllm": vllm_share * card_gib * GIB if stage in ("collect", "grpo") else 0,
+            "activations": (layer_inputs + per_layer_internals if checkpointing else per_layer_internals * layers)
+            if training else token_budget * hidden * 2 * 4,
+            "logits": (logit_chunk or max(1, 2 ** 26 // config.vocab_size)) * config.vocab_size * 4 * 3}
+    plan = {part: round(value / GIB, 2) for part, value in plan.items()}
+    return plan | {"total": round(sum(plan.values()), 2)}
+
+
+def check_memory_plan(plan: dict[str, float], card_gib: float, stage: str, flags: str) -> None:
+    """Print the plan; refuse, before loading anything, a plan above the card, naming the flags that shrink it."""
+    parts = ", ".join(f"{part} {gib:.1f}" for part, gib in plan.items() if part != "total")
+    print(f"memory plan ({stage}, GiB per GPU): {parts}; total {plan['total']:.1f} of {card_gib:.0f}")
+    if plan["total"] > card_gib:
+        raise DataError(f"{stage}: the memory plan needs {plan['total']:.1f} GiB per GPU, the card has "
+                        f"{card_gib:.0f}; lower {flags}")
+
+
+def plan_memory(model_path: str, device: torch.device, stage: str, token_budget: int, checkpointing: bool,
+                vllm_share: float, flags: str) -> None:
+    """On a GPU: print the stage's memory plan for this model and refuse it before loading when it does not fit."""
+    card = card_gib(device)
+    if card is None:
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    plan = memory_plan(config, count_parameters(config), stage, token_budget, checkpointing, vllm_share, card)
+    check_memory_plan(plan, card, stage, flags)
+
+
+def card_gib(device: torch.device) -> float | None:
+    """The GPU's memory in GiB (None on a CPU: no plan is enforced there)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / GIB
+
+
+# ----------------------------------------------------------------------------------------------
 # Generation engines: the same three calls for transformers and vLLM
 #   engine = make_engine(...); engine.push_weights(model); engine.generate(prompt_ids, n, ...)
 # ----------------------------------------------------------------------------------------------
@@ -391,13 +481,14 @@ def choose_backend(requested: str) -> str:
     """
     if requested not in ("auto", "vllm", "hf"):
         raise DataError(f"--backend must be auto, vllm or hf, got {requested!r}")
-    if requested != "auto":
-        return requested
+    if requested == "hf" or (requested == "auto" and not torch.cuda.is_available()):
+        return "hf"
     try:
         import vllm  # noqa: F401
-    except ImportError:
-        return "hf"
-    return "vllm" if torch.cuda.is_available() else "hf"
+    except ImportError as e:  # on a GPU node a broken vLLM must not silently turn into transformers generate
+        raise DataError(f"--backend {requested}: vLLM cannot be imported ({e}); run 'bash install.sh', or pass "
+                        f"--backend hf to sample with transformers generate (much slower)") from None
+    return "vllm"
 
 
 def stop_token_ids(tokenizer, generation_config) -> set[int]:
@@ -427,8 +518,8 @@ PLAIN_SAMPLING = dict(top_k=0, min_p=None, typical_p=1.0, repetition_penalty=1.0
 
 
 class TransformersEngine:
-    """transformers generate() on the given model itself (nothing to push). Samples from torch's global RNG, so a
-    caller seeds with torch.manual_seed (or restores the RNG state) for reproducible samples."""
+    """transformers generate() on the given model itself (nothing to push). Samples from torch's global RNG: seeded
+    by the call's `seed`, or (seed None) continuing the stream that the caller seeded or restored."""
 
     def __init__(self, model, tokenizer, batch_sequences: int):
         self.model, self.tokenizer, self.batch_sequences = model, tokenizer, batch_sequences
@@ -438,10 +529,16 @@ class TransformersEngine:
     def push_weights(self, model) -> None:
         pass
 
+    def release_memory(self, keep_weights: bool) -> None:
+        pass
+
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
-                 prompt_seeds: list[int] | None = None) -> list[list[list[int]]]:
-        """n responses per prompt (temperature 0: greedy), stop token kept, no padding; prompt_seeds are unused."""
+                 seed: int | None = None, progress=None) -> list[list[list[int]]]:
+        """n responses per prompt (temperature 0: greedy), stop token kept, no padding.
+        progress: a tqdm bar counting responses, moved after every generate() call."""
+        if seed is not None:
+            torch.manual_seed(seed)
         model, pad = self.model, self.tokenizer.pad_token_id
         device = next(model.parameters()).device
         was_training = model.training
@@ -460,6 +557,7 @@ class TransformersEngine:
                 output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new,
                                         pad_token_id=pad, eos_token_id=sorted(self.stop_ids), **sampling)
             flat += [clean_response(row, self.stop_ids, pad) for row in output[:, width:].tolist()]
+            report_progress(progress, flat[-len(batch):])
         model.train(was_training)
         return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
@@ -479,8 +577,10 @@ class VLLMEngine:
         except OSError:  # no generation_config.json: the tokenizer's EOS is the only stop token
             generation_config = None
         self.stop_ids = stop_token_ids(load_tokenizer(model_path), generation_config)
+        self.sleep_mode = torch.cuda.is_available()  # vLLM's sleep mode is CUDA-only
+        self.asleep = False
         engine_args = dict(model=model_path, tokenizer=model_path, seed=seed, max_model_len=max_model_len,
-                           enable_prefix_caching=False, enforce_eager=enforce_eager,
+                           enable_prefix_caching=False, enforce_eager=enforce_eager, enable_sleep_mode=self.sleep_mode,
                            dtype="bfloat16" if torch.cuda.is_available() else "float32",
                            kv_cache_memory_bytes=int(kv_cache_gib * 2 ** 30) or None)
         if torch.cuda.is_available():
@@ -491,23 +591,53 @@ class VLLMEngine:
             engine_args["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(**engine_args)
 
+    def release_memory(self, keep_weights: bool) -> None:
+        """Sleep mode (CUDA): give the GPU memory back while others work. keep_weights: offload the weights to CPU
+        and restore them on waking (level 1); else discard them (level 2), for weights that are pushed anew."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1 if keep_weights else 2)
+            self.asleep = True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        if self.asleep:
+            self.llm.wake_up(tags=tags)
+            self.asleep = tags is not None and "kv_cache" not in tags
+
     def push_weights(self, model) -> None:
-        """The trainer's weights into the engine (vLLM's own loader reads the transformers names)."""
+        """The trainer's weights into the engine (vLLM's own loader reads the transformers names). From sleep, the
+        weights' memory is woken first and the KV cache after, so the two never peak together with the push."""
+        self.wake_up(["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(model.state_dict().items()),
                                                           "is_checkpoint_format": True})
+        self.wake_up(["kv_cache"])
 
     def generate(self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
-                 prompt_seeds: list[int] | None = None) -> list[list[list[int]]]:
-        """n responses per prompt; prompt i's samples use seeds prompt_seeds[i] + (0..n-1) (vLLM adds the index),
-        so they do not depend on batching or on the number of processes."""
+                 seed: int | None = None, progress=None) -> list[list[list[int]]]:
+        """n responses per prompt. One seed per call: the engine runs in this process and samples requests without
+        a seed of their own from torch's global generator, which `seed` resets (a seed per request would put vLLM
+        on its slower per-request sampling path). The same call gives the same samples."""
         from vllm import SamplingParams, TokensPrompt
 
-        seeds = prompt_seeds or [None] * len(prompt_ids)
-        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                 max_tokens=max_new_tokens, seed=seed, skip_special_tokens=False) for seed in seeds]
+        self.wake_up()
+        if seed is not None:
+            torch.manual_seed(seed)  # the CPU and the current CUDA device's generators
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                max_tokens=max_new_tokens, skip_special_tokens=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        return [[clean_response(list(sample.token_ids), self.stop_ids, None) for sample in output.outputs]
-                for output in outputs]
+        groups = [[clean_response(list(sample.token_ids), self.stop_ids, None) for sample in output.outputs]
+                  for output in outputs]
+        report_progress(progress, [r for group in groups for r in group])
+        return groups
+
+
+def report_progress(progress, responses: list[list[int]]) -> None:
+    """Move a tqdm bar that counts responses, and show the generated tokens per second so far."""
+    if progress is None:
+        return
+    progress.tokens = getattr(progress, "tokens", 0) + sum(len(r) for r in responses)
+    progress.update(len(responses))
+    elapsed = progress.format_dict["elapsed"]
+    progress.set_postfix(tokens_per_s=f"{progress.tokens / elapsed:.0f}" if elapsed else "-")
 
 
 def make_engine(backend: str, model, tokenizer, model_path: str, seed: int, hf_batch_sequences: int, **vllm_args):
@@ -518,7 +648,7 @@ def make_engine(backend: str, model, tokenizer, model_path: str, seed: int, hf_b
 
 
 # ----------------------------------------------------------------------------------------------
-# Gradients as one flat vector (sketch_grads.py): the kept coordinates of every .grad, in parameter order
+# Gradients as one flat vector (sketch_grads.py): every .grad in parameter order, read in place or copied
 # ----------------------------------------------------------------------------------------------
 
 def trainable_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -551,6 +681,79 @@ def flatten_kept_gradient(parameters: list[torch.nn.Parameter], local_kept: list
         else:
             torch.index_select(p.grad.reshape(-1).to(out.dtype), 0, positions, out=target)
         offset += count
+
+
+def gradient_pieces(parameters: list[torch.nn.Parameter], block_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The flat gradient (every .grad in order) cut at the multiples of block_size, read in place (no copy):
+    (block, position of the piece's first coordinate inside that block, the piece) in flat order. A parameter
+    without a .grad (its coordinates are 0) gives no piece."""
+    offset = 0  # flat index of the current parameter's first coordinate
+    for p in parameters:
+        if p.grad is not None:
+            flat, done = p.grad.reshape(-1), 0
+            while done < len(flat):
+                block, start = divmod(offset + done, block_size)
+                take = min(len(flat) - done, block_size - start)
+                yield block, start, flat[done:done + take]
+                done += take
+        offset += p.numel()
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of `tensor` over all processes, in place (the tensor itself with one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# The sketch stage's plumbing (sketch_grads.py): its flags, its model, its settings, writing SKETCH.npy + .json
+# ----------------------------------------------------------------------------------------------
+
+def check_sketch_args(args, projectors: tuple[str, ...], dtypes: dict) -> None:
+    if not (args.model and args.rollouts and args.out):
+        raise DataError("--model, --rollouts and --out are required")
+    for flag, value, allowed in (("--projector", args.projector, projectors), ("--dtype", args.dtype, tuple(dtypes)),
+                                 ("--gradient-checkpointing", args.gradient_checkpointing, ("auto", "on", "off"))):
+        if value not in allowed:
+            raise DataError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    if not 0 < args.sparse_ratio <= 1:
+        raise DataError(f"--sparse-ratio must be in (0, 1], got {args.sparse_ratio}")
+    if args.proj_dim < 1 or args.chunk_prompts < 1 or args.token_budget < 1 or args.mean_of_rows < 0:
+        raise DataError("--proj-dim, --chunk-prompts and --token-budget must be >= 1, --mean-of-rows >= 0")
+    if args.clip_ratio is not None and not 0 < args.clip_ratio < 1:
+        raise DataError(f"--clip-ratio must be in (0, 1), got {args.clip_ratio}")
+
+
+def load_model_for_gradients(path: str, device: torch.device, checkpointing: str):
+    """The policy whose gradients are taken, in eval mode (no dropout). checkpointing "on", or "auto" on CUDA:
+    recompute activations in the backward; transformers does that only in train mode, so train mode, dropout 0."""
+    model = load_model(path, device).eval()
+    if checkpointing == "on" or (checkpointing == "auto" and device.type == "cuda"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        disable_dropout(model)
+    return model
+
+
+def sketch_settings(args, num_params: int, width: int, num_kept: int, device: torch.device, rows: int) -> dict:
+    """What a sketch depends on: SKETCH.json's fields, and the settings of its resumable chunks."""
+    return {"model": str(Path(args.model).resolve()), "rollouts": str(Path(args.rollouts).resolve()),
+            "num_params": num_params, "projector": args.projector, "seed": args.seed,
+            "sparse_ratio": args.sparse_ratio, "proj_dim": width, "dtype": args.dtype, "rows": rows,
+            "chunk_prompts": args.chunk_prompts, "clip_ratio": args.clip_ratio, "rng_device": device.type,
+            "kept_coordinates": num_kept}
+
+
+def write_sketch(path: str, sketch: np.ndarray, meta: dict) -> dict:
+    """OUT.npy and OUT.json; meta gains nonfinite_rows, the rows with a NaN or an infinity."""
+    out = Path(path)
+    meta["nonfinite_rows"] = np.flatnonzero(~np.isfinite(sketch).all(axis=1)).tolist()
+    save_npy(out, sketch)
+    write_json(out.with_suffix(".json"), meta)
+    print(f"wrote {out} [{meta['rows']} x {meta['proj_dim']}] ({len(meta['zero_rows'])} zero-gradient rows, "
+          f"{len(meta['nonfinite_rows'])} non-finite) and {out.with_suffix('.json')}")
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,21 +815,119 @@ def excluded_rows(meta: dict, n_rows: int, where: str) -> tuple[np.ndarray, np.n
     return masks[0], masks[1]
 
 
+def sketch_rows(sketch: np.memmap, start: int, stop: int) -> torch.Tensor:
+    """Rows start..stop of the sketch in the file's dtype, no copy: a tensor over its own short-lived map of the
+    file, so pages already used leave the process with it (one map of the whole file would keep them all
+    resident, up to the file's size)."""
+    # mode "c" (copy-on-write) gives a writable view of the read-only file, which torch.from_numpy accepts
+    part = np.memmap(sketch.filename, dtype=sketch.dtype, mode="c", shape=(stop - start, sketch.shape[1]),
+                     offset=sketch.offset + start * sketch.shape[1] * sketch.itemsize)
+    return torch.from_numpy(part)
+
+
 def iter_sketch_chunks(sketch: np.memmap, chunk_rows: int, desc: str):
-    """(first row, float32 chunk) over the sketch. Each chunk is its own short-lived map of the file, so pages
-    already scored leave the process (a single map would keep all of them resident, up to the file's size)."""
+    """(first row, float32 chunk) over the sketch, each chunk read through its own map (sketch_rows)."""
     for start in tqdm(range(0, sketch.shape[0], chunk_rows), desc=desc, unit="chunk"):
         stop = min(start + chunk_rows, sketch.shape[0])
-        # mode "c" (copy-on-write) gives a writable view of the read-only file, which torch.from_numpy accepts
-        part = np.memmap(sketch.filename, dtype=sketch.dtype, mode="c", shape=(stop - start, sketch.shape[1]),
-                         offset=sketch.offset + start * sketch.shape[1] * sketch.itemsize)
-        yield start, torch.from_numpy(part).float().numpy()  # torch widens float16 ~3x faster than numpy here
-        del part
+        yield start, sketch_rows(sketch, start, stop).float().numpy()  # torch widens float16 ~3x faster than numpy
+
+
+def map_sketch_chunks(function, sketch: np.memmap, chunk_rows: int, desc: str) -> list:
+    """[function(rows) for every chunk of chunk_rows rows of the sketch (sketch_rows: file dtype, no copy)], in
+    row order. The chunks are independent: torch.get_num_threads() of them (OMP_NUM_THREADS, else one per core)
+    are computed at once, each on one thread, which keeps every core busy while a chunk waits for the disk."""
+    def run(start: int):
+        return function(sketch_rows(sketch, start, min(start + chunk_rows, sketch.shape[0])))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread per chunk: no nested thread pools
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            starts = range(0, sketch.shape[0], chunk_rows)
+            return list(tqdm(pool.map(run, starts), total=len(starts), desc=desc, unit="chunk"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def reading_ahead(path: str, window: int = 64 << 20):
+    """While the with-block runs, a background thread pulls the file (none if path is "") into the page cache, at
+    most the memory free now: it touches one byte per page through short-lived maps, so nothing is copied, and
+    numpy releases the GIL meanwhile. A file not yet cached then comes from disk while the block computes."""
+    stop = threading.Event()
+    free_memory = os.sysconf("SC_AVPHYS_PAGES") * mmap.PAGESIZE
+    size = min(os.path.getsize(path), free_memory) if path and os.path.isfile(path) else 0
+
+    def touch() -> None:
+        for start in range(0, size, window):
+            if stop.is_set():
+                return
+            part = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(min(window, size - start),))
+            part[::mmap.PAGESIZE].max()  # one byte per page: the kernel reads the page in
+
+    thread = threading.Thread(target=touch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 # ----------------------------------------------------------------------------------------------
-# Selection files (select_data.py): reusing an earlier selection, the printed summary
+# Selection (select_data.py): its flags, reading the pool, reusing an earlier selection, writing and printing it
 # ----------------------------------------------------------------------------------------------
+
+def check_select_args(args, methods: tuple[str, ...]) -> None:
+    if args.method not in methods:
+        raise DataError(f"--method must be one of {', '.join(methods)}, got {args.method!r}")
+    if not args.train_rollouts or not args.out:
+        raise DataError("--train-rollouts and --out are required")
+    if args.chunk_rows < 1:
+        raise DataError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
+    if args.method == "cropi" and (not args.train_sketch or not args.val_sketch):
+        raise DataError("--method cropi needs --train-sketch and at least one --val-sketch")
+    if args.rrf_k < 0:
+        raise DataError(f"--rrf-k must be >= 0, got {args.rrf_k}")
+    if args.method == "influence_once" and not args.reuse_selection:
+        raise DataError("--method influence_once needs --reuse-selection DIR (an earlier cropi output folder)")
+
+
+POOL_FIELDS = ("id", "prompt", "answer", "skill", "source")  # what a selected row carries into subset.jsonl
+
+
+def read_selection_pool(path: str) -> tuple[list[dict], np.ndarray]:
+    """What selection uses of a rollouts file: the data rows {"id","prompt","answer"} (+ "skill"/"source") and the
+    offline pass rates p = mean of the K rewards. Streamed, checking only these fields (common.iter_rollouts checks
+    the whole schema, at ~1.3x the time), with the garbage collector paused (it would rescan the kept rows over
+    and over): at a million prompts this reading is one of the longest steps of select_data.py."""
+    rows, pass_rates = [], []
+    gc.disable()
+    try:
+        for line_number, obj in common.iter_jsonl(path):
+            rewards = obj.get("rewards")
+            if not ("id" in obj and "prompt" in obj and "answer" in obj and rewards):
+                raise DataError(f"{path}:{line_number}: a rollout row needs id, prompt, answer and K >= 1 rewards")
+            rows.append({field: obj[field] for field in POOL_FIELDS if field in obj})
+            pass_rates.append(sum(rewards) / len(rewards))
+    finally:
+        gc.enable()
+    if not rows:
+        raise DataError(f"{path}: no rollouts")
+    repeated = [i for i, count in Counter(row["id"] for row in rows).items() if count > 1]
+    if repeated:
+        raise DataError(f"{path}: duplicate id {repeated[0]!r}")
+    return rows, np.array(pass_rates, dtype=np.float64)
+
+
+def write_json_rows(path: str | os.PathLike, obj: dict, rows_key: str) -> None:
+    """write_json, but with the long list obj[rows_key] last, one compact line per item: json indents with its
+    pure-Python encoder, and only its C encoder is quick on the 100,000 selected rows of a million-prompt pool."""
+    head = json.dumps({key: value for key, value in obj.items() if key != rows_key}, indent=2, ensure_ascii=False)
+    rows = ",\n    ".join(json.dumps(row, ensure_ascii=False) for row in obj[rows_key])
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(f'{head[:-2]},\n  "{rows_key}": [\n    {rows}\n  ]\n}}\n')
+
 
 def composition(pool: list[dict], selected: np.ndarray) -> dict:
     """For each of "source"/"skill" carried by the rows: {value: [selected count, pool count]}."""
@@ -702,15 +1003,17 @@ class TrainingRun:
     """Everything grpo_train.py's loop uses besides the algorithm: the processes, policy (DDP-wrapped as
     `trainer`), reference model, optimizer, generation engine, data, the resume state and the metrics file."""
 
-    def __init__(self, args, evaluate):
-        import common
-
-        self.args, self.evaluate = args, evaluate
+    def __init__(self, args):
+        self.args = args
         self.rank, self.world, self.device = init_distributed()
         if args.batch_prompts % (self.world * args.mini_batches):
             raise DataError(f"--batch-prompts {args.batch_prompts} must be divisible by the number of processes "
                             f"({self.world}) x --mini-batches ({args.mini_batches})")
         seed_everything(args.seed + self.rank)  # each rank samples its own responses
+        self.backend = choose_backend(args.backend)
+        plan_memory(args.model, self.device, "grpo", args.micro_batch_tokens, args.gradient_checkpointing != "off",
+                    args.gpu_memory_utilization if self.backend == "vllm" else 0.0,
+                    "--micro-batch-tokens or --gpu-memory-utilization, or train a smaller model")
         self.examples = common.load_examples(args.data)
         self.eval_sets = {Path(p).stem: common.load_examples(p) for p in args.eval_data}
         self.tokenizer = load_tokenizer(args.model)
@@ -720,20 +1023,24 @@ class TrainingRun:
         self.model = load_model(args.model, self.device)
         disable_dropout(self.model)
         self.model.train()  # train mode (for gradient checkpointing) without dropout
-        if args.gradient_checkpointing:
+        checkpointing = args.gradient_checkpointing  # "auto": on with CUDA (memory), off on a CPU (speed)
+        if checkpointing == "on" or (checkpointing == "auto" and self.device.type == "cuda"):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = None
         if args.kl_coef > 0:
-            self.ref_model = load_model(args.ref_model or args.model, self.device).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+            # the frozen reference only gives log-probs: bf16 weights on CUDA (its log-softmax is float32 anyway)
+            ref_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            self.ref_model = load_model(args.ref_model or args.model, self.device, ref_dtype).eval().requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                           fused=self.device.type == "cuda")
         self.metrics_path = Path(args.metrics or f"{args.out}.metrics.jsonl")
         self.store = ChunkStore(f"{args.out}.resume", {**dataclasses.asdict(args), "world_size": self.world})
         self.start_step = self.load_resume_state()
         self.trainer = self.model
         if self.world > 1:
-            self.trainer = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.backend = choose_backend(args.backend)
+            self.trainer = torch.nn.parallel.DistributedDataParallel(  # gradients live in the buckets: no 2nd copy
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
         self.engine = make_engine(self.backend, self.model, self.tokenizer, args.model, args.seed,
                                   args.hf_generation_batch, max_model_len=self.max_model_len(),
                                   gpu_memory_utilization=args.gpu_memory_utilization)
@@ -752,6 +1059,13 @@ class TrainingRun:
         limit = context_length(self.model.config)
         return min(needed, limit) if limit else needed
 
+    def sampling_seed(self, step: int) -> int | None:
+        """vLLM: one seed per (seed, step, rank), so a resumed run samples as before. transformers: None, continuing
+        the torch RNG stream of this rank (seeded at the start, saved in and restored from the resume state)."""
+        if self.backend != "vllm":
+            return None
+        return int(np.random.SeedSequence([self.args.seed, step, self.rank]).generate_state(1)[0])
+
     def sync_engine(self) -> None:
         if self.engine_is_stale:
             self.engine.push_weights(self.model)
@@ -761,11 +1075,29 @@ class TrainingRun:
         if not self.eval_sets:
             return
         self.sync_engine()
-        accuracies = self.evaluate(self.engine, self.tokenizer, self.eval_sets, self.args, self.rank, self.world,
-                                   self.device)
+        accuracies = self.evaluate()
         if self.rank == 0:
             append_jsonl(self.metrics_path, {"step": self.args.step_offset + stage_step, "eval": accuracies})
             print(f"step {self.args.step_offset + stage_step}: eval {accuracies}")
+
+    def rewards(self, response_ids: list[list[int]], answers: list[str]) -> list[float]:
+        """0/1 reward of each response (common.reward); one cut at the token limit needs an explicit final answer
+        unless --last-number-when-cut."""
+        texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        finished = [self.args.last_number_when_cut or (ids and ids[-1] in self.engine.stop_ids) for ids in response_ids]
+        return [common.reward(t, a, bool(f)) for t, a, f in zip(texts, answers, finished)]
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy (temperature 0) on every eval file; each rank does every world-th prompt."""
+        accuracies = {}
+        for name, rows in self.eval_sets.items():
+            mine = shard(rows, self.rank, self.world)
+            prompts = [self.encode(r["prompt"]) for r in mine]
+            groups = self.engine.generate(prompts, 1, 0.0, 1.0, self.args.eval_max_new_tokens) if mine else []
+            correct = sum(self.rewards([g[0] for g in groups], [r["answer"] for r in mine]))
+            correct, total = all_sum([correct, len(mine)], self.device)
+            accuracies[name] = correct / total
+        return accuracies
 
     def log_step(self, step: int, rewards: torch.Tensor, response_ids: list[list[int]], updates: list[dict],
                  rollout_time: float, update_time: float, step_time: float) -> dict:

@@ -8,6 +8,10 @@ Nothing can be downloaded on every machine, and a random model never earns a rew
   * a 4-layer GPT-2 trained with supervised next-token loss for a short while and deliberately stopped early,
     so that its offline pass rates sit between 0 and 1 and RL has something to learn.
 
+The build is reproducible to the byte: every draw is seeded, and the warm-up runs on the CPU, in one thread, with
+deterministic kernels, so the same seed writes the same model.safetensors whatever the machine's number of cores.
+demo.json records the sha256 of every file written, to compare builds.
+
 Writes OUT/data/{train,val_<skill>,test_<skill>}.jsonl, OUT/model/ (HF checkpoint + tokenizer), OUT/demo.json.
 Usage: python make_demo.py --out demo
 """
@@ -15,13 +19,14 @@ Usage: python make_demo.py --out demo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 import time
 from pathlib import Path
 
 import torch
 
-from machinery import arg, atomic_dir, autocast, get_device, parse_args, seed_everything, write_json, write_jsonl
+from machinery import arg, atomic_dir, parse_args, seed_everything, write_json, write_jsonl
 
 SKILLS = ("add", "sub", "mul", "max")
 
@@ -114,10 +119,22 @@ def build_tiny_gpt2(tokenizer, n_layer: int, n_embd: int, n_head: int, n_positio
 
 
 # ----------------------------------------------------------------------------------------------
-# Supervised warm-up, stopped early
+# Supervised warm-up, stopped early, reproducible to the byte
 # ----------------------------------------------------------------------------------------------
 
-def supervised_batch(tokenizer, rows: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_deterministic() -> None:
+    """One thread and deterministic kernels, so that the warm-up adds in the same order whatever the cores.
+
+    Float addition is not associative: a matrix product split over several threads adds its partial sums in
+    another order, and within 20 optimizer steps the weights differ with the number of threads (without this,
+    tests/test_make_demo.py fails). One thread fixes the order, whatever OMP_NUM_THREADS says. Another CPU type
+    (e.g. AVX-512 instead of AVX2) runs other kernels and can still write other bits.
+    """
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+
+
+def supervised_batch(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Input ids, attention mask and labels; the loss is on the answer and <eos> only, not on the question."""
     from common import encode_prompt, format_prompt
 
@@ -136,29 +153,32 @@ def supervised_batch(tokenizer, rows: list[dict], device) -> tuple[torch.Tensor,
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     for i, n in enumerate(prompt_lengths):
         labels[i, :n] = -100
-    return input_ids.to(device), attention_mask.to(device), labels.to(device)
+    return input_ids, attention_mask, labels
 
 
 def warm_start(args: Args, tokenizer, warmup_rows: list[dict]):
-    device = get_device()
-    model = build_tiny_gpt2(tokenizer, args.n_layer, args.n_embd, args.n_head).to(device)
+    """Supervised training on the CPU even where a GPU is present (a GPU sums in other orders, and in bf16)."""
+    model = build_tiny_gpt2(tokenizer, args.n_layer, args.n_embd, args.n_head)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.warmup_lr, weight_decay=0.0)
     rng = random.Random(args.seed)
     start = time.time()
     for step in range(1, args.warmup_steps + 1):
-        input_ids, attention_mask, labels = supervised_batch(tokenizer, rng.sample(warmup_rows, args.warmup_batch),
-                                                             device)
-        with autocast(device):
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        input_ids, attention_mask, labels = supervised_batch(tokenizer, rng.sample(warmup_rows, args.warmup_batch))
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == args.warmup_steps:
             print(f"warm-up step {step}/{args.warmup_steps}  loss {loss.item():.3f}  {time.time() - start:.0f}s")
-    return model.cpu()
+    return model
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main(args: Args) -> None:
+    make_deterministic()
     seed_everything(args.seed)
     out = Path(args.out)
     splits = make_splits(args)
@@ -170,9 +190,12 @@ def main(args: Args) -> None:
     with atomic_dir(out / "model") as folder:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+    written = [out / "data" / f"{name}.jsonl" for name in splits if name != "warmup"]
+    written.append(out / "model" / "model.safetensors")
+    sha256 = {str(path.relative_to(out)): file_sha256(path) for path in written}
     write_json(out / "demo.json", {"skills": list(SKILLS), **dataclasses.asdict(args),
-                                   "parameters": sum(p.numel() for p in model.parameters())})
-    print(f"wrote {out}/data and {out}/model")
+                                   "parameters": sum(p.numel() for p in model.parameters()), "sha256": sha256})
+    print(f"wrote {out}/data and {out}/model; sha256 of model.safetensors: {sha256['model/model.safetensors']}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@
 # its four skills.
 #   PRESET=smoke bash run_cropi.sh      the demo loop in a couple of minutes (the tests use it)
 #   NGPU=8 MODEL=... TRAIN_DATA=... VAL_DATA=... TEST_DATA=... bash run_cropi.sh     a GPU node (see README)
-# Every finished step leaves OUT_DIR/.../<step>.done (holding its wall-clock seconds); a rerun skips those and
-# redoes only the step that was interrupted (the scripts themselves resume inside long steps).
+# Every finished step leaves OUT_DIR/.../<step>.done (its wall-clock seconds and a key of its settings); a rerun
+# skips those made with the same settings, redoes a step whose settings changed and every step after it (saying so),
+# and resumes the step that was interrupted (the scripts themselves resume inside long steps).
 set -euo pipefail
+{  # the whole script is one block, read before it runs: editing this file during a run cannot derail the run
 cd "$(dirname "$0")"
 fail() { echo "run_cropi.sh: error: $*" >&2; exit 1; }
 
@@ -39,11 +41,13 @@ setting TEST_DATA        ""                        "$DEMO_DIR/data/test_add.json
 setting TARGETED         ""                        test_add,test_sub      # test sets (file stems) the validation aims at
 setting SYSTEM_PROMPT    "Please reason step by step, and put your final answer within \\boxed{}." ""
 setting METHOD           cropi                     cropi                    # or full, random, learnability, pass_rate, influence_once
+setting COMPARE          ""                        full                     # other methods trained on the same budget, overlaid in the report
 setting STAGES           10                        4                        2
 setting STEPS_PER_STAGE  100                       40                       3
 setting RATIO            0.1                       0.1                      # share of the pool selected per stage
 setting K                8                         8                        # offline responses per training prompt
 setting VAL_K            32                        8                        # offline responses per validation prompt
+setting VAL_MIN_MIXED    10                        3                        1   # validation prompts with mixed rewards needed
 setting TEMPERATURE      0.5                       1.0                      # offline sampling (collect_rollouts.py)
 setting ROLLOUT_TEMPERATURE 1.0                    1.0                      # GRPO's own sampling (verl's default)
 setting MAX_NEW_TOKENS   2048                      8
@@ -56,65 +60,97 @@ setting LR               1e-6                      2e-4
 setting KL_COEF          0.001                     0.001
 setting ENTROPY_COEF     0.001                     0.0
 setting EVAL_EVERY       50                        10
-setting MICRO_BATCH      16                        256                      # sequences per forward/backward in GRPO
+setting MICRO_BATCH      16384                     65536                    # padded tokens per forward/backward in GRPO
 setting SAVE_EVERY       50                        20                       1
 setting DEMO_ARGS        ""                        ""                       "--pool-per-skill 30 --val-per-skill 16 --test-per-skill 8 --warmup-steps 300"
-setting NGPU             1                         1
+setting NGPU             1                         1                        # processes (GPUs) per node
+setting NNODES           1                         1                        # nodes: run this script on each, same settings
+setting NODE_RANK        0                         0                        # this node's index, 0 .. NNODES-1
+setting MASTER_ADDR      127.0.0.1                 127.0.0.1                # node 0's address (NNODES > 1)
+setting MASTER_PORT      29500                     29500                    # a free port on node 0 (NNODES > 1)
 setting SEED             0                         0
 PYTHON=${PYTHON:-.venv/bin/python}
 
 # ------------------------------------------------------------------------------------------ checks
 is_int()   { [[ "$2" =~ ^[0-9]+$ ]] || fail "$1=$2 is not a whole number"; }
 is_float() { [[ "$2" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || fail "$1=$2 is not a number"; }
-for v in STAGES STEPS_PER_STAGE K VAL_K MAX_NEW_TOKENS BATCH_PROMPTS GROUP_SIZE EVAL_EVERY MICRO_BATCH SAVE_EVERY NGPU SEED; do
+for v in STAGES STEPS_PER_STAGE K VAL_K VAL_MIN_MIXED MAX_NEW_TOKENS BATCH_PROMPTS GROUP_SIZE EVAL_EVERY MICRO_BATCH SAVE_EVERY NGPU NNODES NODE_RANK MASTER_PORT SEED; do
   is_int "$v" "${!v}"
 done
 for v in RATIO TEMPERATURE ROLLOUT_TEMPERATURE LR KL_COEF ENTROPY_COEF; do is_float "$v" "${!v}"; done
 (( STAGES >= 1 )) || fail "STAGES must be >= 1"
-(( NGPU >= 1 )) || fail "NGPU must be >= 1"
-case "$METHOD" in cropi|full|random|learnability|pass_rate|influence_once) ;;
-  *) fail "METHOD=$METHOD: expected cropi, full, random, learnability, pass_rate or influence_once" ;; esac
+(( NGPU >= 1 && NNODES >= 1 && NODE_RANK < NNODES )) || fail "NGPU and NNODES must be >= 1, NODE_RANK < NNODES"
+for method in $METHOD ${COMPARE//,/ }; do
+  case "$method" in cropi|full|random|learnability|pass_rate|influence_once) ;;
+    *) fail "METHOD=$METHOD COMPARE=$COMPARE: $method is not one of cropi, full, random, learnability, pass_rate, influence_once" ;; esac
+done
 [[ -n "$TRAIN_DATA" && -n "$VAL_DATA" ]] || fail "set TRAIN_DATA and VAL_DATA (comma-separated files) with MODEL"
 [[ -x "$PYTHON" ]] || fail "PYTHON=$PYTHON not found: run 'bash install.sh' first"
 
 cat <<EOF
 CROPI run ($kind; edit by environment variables)
-  PRESET=${PRESET:-<none>} OUT_DIR=$OUT_DIR METHOD=$METHOD SEED=$SEED NGPU=$NGPU
+  PRESET=${PRESET:-<none>} OUT_DIR=$OUT_DIR METHOD=$METHOD COMPARE=${COMPARE:-<none>} SEED=$SEED NGPU=$NGPU NNODES=$NNODES
   MODEL=$MODEL
   TRAIN_DATA=$TRAIN_DATA
   VAL_DATA=$VAL_DATA
   TEST_DATA=$TEST_DATA  TARGETED=$TARGETED
   STAGES=$STAGES STEPS_PER_STAGE=$STEPS_PER_STAGE RATIO=$RATIO
-  K=$K VAL_K=$VAL_K TEMPERATURE=$TEMPERATURE (offline) ROLLOUT_TEMPERATURE=$ROLLOUT_TEMPERATURE (GRPO) MAX_NEW_TOKENS=$MAX_NEW_TOKENS
+  K=$K VAL_K=$VAL_K VAL_MIN_MIXED=$VAL_MIN_MIXED TEMPERATURE=$TEMPERATURE (offline) ROLLOUT_TEMPERATURE=$ROLLOUT_TEMPERATURE (GRPO) MAX_NEW_TOKENS=$MAX_NEW_TOKENS
   PROJECTOR=${PROJECTOR:-<default>} PROJ_DIM=${PROJ_DIM:-<default>} SPARSE_RATIO=${SPARSE_RATIO:-<default>}
   BATCH_PROMPTS=$BATCH_PROMPTS GROUP_SIZE=$GROUP_SIZE LR=$LR KL_COEF=$KL_COEF ENTROPY_COEF=$ENTROPY_COEF
   EVAL_EVERY=$EVAL_EVERY MICRO_BATCH=$MICRO_BATCH SAVE_EVERY=$SAVE_EVERY
 EOF
-if [[ -f "$OUT_DIR/report.done" ]]; then echo "Already finished: the report is $OUT_DIR/report.md"; exit 0; fi
-
 # ------------------------------------------------------------------------------------------ helpers
-# run_step NAME DONE_FILE command...: skip when DONE_FILE exists, else run and record its wall-clock seconds.
+# run_step NAME DONE_FILE OUTPUTS command...: run the command unless DONE_FILE holds the same settings key, and
+# record its wall-clock seconds and key. The key hashes the command line (paths relative to OUT_DIR, the launcher
+# left out) and the key of the step before, so a changed setting redoes its step and every later one; the stale
+# OUTPUTS of a redone step are deleted first. DONE_FILE.key marks a step that was started, so that an interrupted
+# step is resumed with the same settings or started over with new ones.
+chain="" ran=0
 run_step() {
-  local name=$1 done_file=$2; shift 2
-  if [[ -f "$done_file" ]]; then echo "[skip] $name (done)"; return; fi
+  local name=$1 done_file=$2 outputs=$3; shift 3
+  local key; key=$(printf '%s\n' "$chain" "${@:2}" | sed "s|$OUT_DIR|<OUT_DIR>|g" | sha256sum | cut -c1-16)
+  chain=$key
+  if [[ -f "$done_file" && "$(sed -n 2p "$done_file")" == "$key" ]]; then echo "[skip] $name (done)"; return; fi
+  if [[ -f "$done_file" || ( -f "$done_file.key" && "$(cat "$done_file.key")" != "$key" ) ]]; then
+    echo "[redo] $name: made with other settings or inputs; deleting $outputs"
+    rm -rf $outputs "$done_file"
+  fi
   echo "[run ] $name"
+  ran=1
+  mkdir -p "$(dirname "$done_file")" && echo "$key" > "$done_file.key"
   local start=$SECONDS
   "$@" || fail "step '$name' failed (exit $?); fix it and rerun: finished steps are kept"
-  mkdir -p "$(dirname "$done_file")"
-  echo $((SECONDS - start)) > "$done_file"
+  printf '%s\n%s\n' $((SECONDS - start)) "$key" > "$done_file" && rm -f "$done_file.key"
 }
-# Several GPUs: every stage runs under torchrun, one process per GPU.
-launch() { if (( NGPU > 1 )); then "$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPU" "$@"; else "$PYTHON" "$@"; fi; }
+# Several GPUs: every stage runs under torchrun, one process per GPU; one node picks a free port by itself
+# (--standalone), several meet at MASTER_ADDR:MASTER_PORT. Several nodes need OUT_DIR on storage they share.
+launch() {
+  if (( NNODES > 1 )); then
+    "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
+      --master_port="$MASTER_PORT" --nproc_per_node="$NGPU" "$@"
+  elif (( NGPU > 1 )); then "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NGPU" "$@"
+  else "$PYTHON" "$@"; fi
+}
 stem() { local b; b=$(basename "$1"); echo "${b%.*}"; }
 files_to_flags() { local flag=$1 f; IFS=, read -ra files <<< "$2"; for f in "${files[@]}"; do printf '%s\n%s\n' "$flag" "$f"; done; }
 
 if [[ $kind != real ]]; then
   read -ra demo_args <<< "$DEMO_ARGS"
-  run_step "build the demo task and model" "$DEMO_DIR/demo.done" \
+  run_step "build the demo task and model" "$DEMO_DIR/demo.done" "$DEMO_DIR/model $DEMO_DIR/data $DEMO_DIR/demo.json" \
     "$PYTHON" make_demo.py --out "$DEMO_DIR" --seed "$SEED" "${demo_args[@]}"
 fi
+# Every input checked before the first expensive step: the model folder (or a hub name), every data file parsed.
+if [[ ! -d "$MODEL" ]]; then
+  [[ "$MODEL" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$ ]] || fail "MODEL=$MODEL: no such folder (and not a hub name 'org/name')"
+fi
 for f in ${TRAIN_DATA//,/ } ${VAL_DATA//,/ } ${TEST_DATA//,/ }; do [[ -f "$f" ]] || fail "data file $f not found"; done
-[[ -e "$MODEL" || "$MODEL" == */* ]] || fail "MODEL=$MODEL: no such folder (and not a hub name)"
+"$PYTHON" -c 'import sys, common
+for path in sys.argv[1:]:
+    try:
+        common.load_examples(path)
+    except common.DataError as e:
+        sys.exit(f"run_cropi.sh: error: {e}")' ${TRAIN_DATA//,/ } ${VAL_DATA//,/ } ${TEST_DATA//,/ }
 IFS=, read -ra val_files <<< "$VAL_DATA"
 val_sets=()  # each validation set is named after its file: its rollouts are $R/<name>.jsonl, its sketches <name>_sketch.npy
 for f in "${val_files[@]}"; do
@@ -131,62 +167,69 @@ sketch_flags=()
 R=$OUT_DIR/rollouts
 
 # The steps, one function each; rollouts and sketches are named after their data file (train, or a VAL_DATA stem).
-collect() {  # collect NAME K data-flags...
-  local name=$1 k=$2; shift 2
-  run_step "collect rollouts: $name" "$R/$name.done" \
+collect() {  # collect NAME K MIN_MIXED data-flags...
+  local name=$1 k=$2 min_mixed=$3; shift 3
+  run_step "collect rollouts: $name" "$R/$name.done" "$R/$name.jsonl $R/$name.summary.json $R/$name.jsonl.parts" \
     launch collect_rollouts.py --model "$MODEL" "$@" --out "$R/$name.jsonl" --k "$k" --temperature "$TEMPERATURE" \
-      --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --system-prompt "$SYSTEM_PROMPT"
+      --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --system-prompt "$SYSTEM_PROMPT" --min-mixed "$min_mixed"
 }
 sketch() {  # sketch STAGE_DIR CHECKPOINT NAME
-  run_step "sketch gradients: $3" "$1/sketch_$3.done" \
+  run_step "sketch gradients: $3" "$1/sketch_$3.done" "$1/$3_sketch.npy $1/$3_sketch.json $1/$3_sketch.npy.parts" \
     launch sketch_grads.py --model "$2" --rollouts "$R/$3.jsonl" --out "$1/$3_sketch.npy" --seed "$SEED" \
       "${sketch_flags[@]}"
 }
 select_top() {  # select_top STAGE_DIR STAGE METHOD extra-flags...
   local dir=$1 m=$2 method=$3; shift 3
-  run_step "select data ($method)" "$dir/select.done" \
+  run_step "select data ($method)" "$dir/select.done" "$dir/subset.jsonl $dir/scores.npy $dir/selection.json" \
     "$PYTHON" select_data.py --train-rollouts "$R/train.jsonl" "$@" --ratio "$RATIO" --method "$method" \
       --seed "$((SEED + m))" --out "$dir"
   [[ -s "$dir/subset.jsonl" ]] || fail "stage $m selected nothing ($dir/subset.jsonl is empty)"
 }
-select_stage() {  # select_stage STAGE_DIR STAGE CHECKPOINT: steps 1a-f for cropi; a baseline's own rule otherwise
-  local dir=$1 m=$2 checkpoint=$3 v flags=()
-  if [[ $METHOD == cropi || ( $METHOD == influence_once && $m == 0 ) ]]; then
+select_stage() {  # select_stage METHOD STAGE_DIR STAGE CHECKPOINT: steps 1a-f for cropi; a baseline's own rule otherwise
+  local method=$1 dir=$2 m=$3 checkpoint=$4 v flags=()
+  if [[ $method == cropi || ( $method == influence_once && $m == 0 ) ]]; then
     sketch "$dir" "$checkpoint" train                                           # 1a-b
     for v in "${val_sets[@]}"; do sketch "$dir" "$checkpoint" "$v"; flags+=(--val-sketch "$dir/${v}_sketch.npy"); done
     select_top "$dir" "$m" cropi --train-sketch "$dir/train_sketch.npy" "${flags[@]}"   # 1c-f
-  elif [[ $METHOD == influence_once ]]; then
-    select_top "$dir" "$m" influence_once --reuse-selection "$OUT_DIR/stage_0"
+  elif [[ $method == influence_once ]]; then
+    select_top "$dir" "$m" influence_once --reuse-selection "$(dirname "$dir")/stage_0"
   else
-    select_top "$dir" "$m" "$METHOD"
+    select_top "$dir" "$m" "$method"
   fi
 }
 grpo() {  # grpo STAGE_DIR STAGE CHECKPOINT
-  run_step "GRPO: $STEPS_PER_STAGE steps" "$1/train.done" \
+  run_step "GRPO: $STEPS_PER_STAGE steps" "$1/train.done" "$1/checkpoint $1/checkpoint.resume $1/metrics.jsonl" \
     launch grpo_train.py --model "$3" --ref-model "$MODEL" --data "$1/subset.jsonl" --steps "$STEPS_PER_STAGE" \
       --step-offset "$(($2 * STEPS_PER_STAGE))" --out "$1/checkpoint" --metrics "$1/metrics.jsonl" \
       "${test_flags[@]}" --eval-every "$EVAL_EVERY" --seed "$((SEED + $2))" --batch-prompts "$BATCH_PROMPTS" \
       --group-size "$GROUP_SIZE" --lr "$LR" --kl-coef "$KL_COEF" --entropy-coef "$ENTROPY_COEF" \
       --temperature "$ROLLOUT_TEMPERATURE" --max-new-tokens "$MAX_NEW_TOKENS" \
-      --eval-max-new-tokens "$MAX_NEW_TOKENS" --micro-batch-size "$MICRO_BATCH" --save-every "$SAVE_EVERY" \
+      --eval-max-new-tokens "$MAX_NEW_TOKENS" --micro-batch-tokens "$MICRO_BATCH" --save-every "$SAVE_EVERY" \
       --system-prompt "$SYSTEM_PROMPT"
 }
 
 # ------------------------------------------------------------------------------------------ the loop
+run_stages() {  # run_stages METHOD RUN_DIR: stages 0 .. STAGES-1 of one method, in RUN_DIR/stage_<m>
+  local method=$1 run_dir=$2 checkpoint=$MODEL m
+  for ((m = 0; m < STAGES; m++)); do
+    echo "=== $method: stage $m / $STAGES (checkpoint $checkpoint)"
+    select_stage "$method" "$run_dir/stage_$m" "$m" "$checkpoint"   # 1a-f. D(m) = the top RATIO of the pool
+    grpo "$run_dir/stage_$m" "$m" "$checkpoint"                      # 1g.   GRPO on D(m): pi_theta(m) -> pi_theta(m+1)
+    checkpoint=$run_dir/stage_$m/checkpoint
+  done
+}
+
 # 0. Offline rollouts of beta = the initial model, once: K per training prompt, VAL_K per validation prompt.
-collect train "$K" "${train_flags[@]}"
-for i in "${!val_files[@]}"; do collect "${val_sets[i]}" "$VAL_K" --data "${val_files[i]}"; done
+collect train "$K" 0 "${train_flags[@]}"
+for i in "${!val_files[@]}"; do collect "${val_sets[i]}" "$VAL_K" "$VAL_MIN_MIXED" --data "${val_files[i]}"; done
+# 1. The stages; then the methods to compare with, on the same budget (same stages, steps and batch).
+run_stages "$METHOD" "$OUT_DIR"
+compare_dirs=()
+for method in ${COMPARE//,/ }; do run_stages "$method" "$OUT_DIR/compare_$method"; compare_dirs+=("$OUT_DIR/compare_$method"); done
 
-checkpoint=$MODEL
-for ((m = 0; m < STAGES; m++)); do
-  S=$OUT_DIR/stage_$m
-  echo "=== stage $m / $STAGES (checkpoint $checkpoint)"
-  select_stage "$S" "$m" "$checkpoint"    # 1a-f. D(m) = the top RATIO of the pool (or a baseline's pick)
-  grpo "$S" "$m" "$checkpoint"            # 1g.   GRPO on D(m) from pi_theta(m) -> pi_theta(m+1)
-  checkpoint=$S/checkpoint
-  cat "$OUT_DIR"/stage_*/metrics.jsonl > "$OUT_DIR/.metrics.jsonl.tmp" && mv "$OUT_DIR/.metrics.jsonl.tmp" "$OUT_DIR/metrics.jsonl"
-done
-
-run_step "report" "$OUT_DIR/report.done" \
-  "$PYTHON" report.py --out-dir "$OUT_DIR" --stages "$STAGES" --targeted "$TARGETED" --method "$METHOD"
-echo "Done: $OUT_DIR/report.md"
+run_step "report" "$OUT_DIR/report.done" "$OUT_DIR/report.md" \
+  "$PYTHON" report.py --out-dir "$OUT_DIR" --stages "$STAGES" --targeted "$TARGETED" --method "$METHOD" \
+    --compare "$(IFS=,; echo "${compare_dirs[*]}")"
+if (( ran )); then echo "Done: $OUT_DIR/report.md"; else echo "Already finished: the report is $OUT_DIR/report.md"; fi
+exit
+}

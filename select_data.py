@@ -20,8 +20,9 @@ Writes OUT/subset.jsonl  the selected data rows {"id","prompt","answer"} (+ "ski
        OUT/selection.json, written last: it is the completion marker. Re-running with the same arguments when it
        exists does nothing.
 
-Arithmetic: sketch rows are read through a memory map in float32 chunks (float16 files are widened), dot products
-and squared norms are float32; the validation means are accumulated in float64 and used in float32.
+Arithmetic: sketch rows are read through memory maps, chunk by chunk on every core, and widened to float32 (float16
+files) a cache-sized block at a time; dot products and norms are float32; the validation means are accumulated in
+float64 and used in float32.
 Ties are broken by row index (the earlier row in the rollouts file wins), everywhere.
 """
 
@@ -34,9 +35,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import machinery as M
-from common import DataError, pass_rate_histogram, read_pool
+from common import DataError, pass_rate_histogram
 from machinery import arg
 
 METHODS = ("cropi", "full", "random", "learnability", "pass_rate", "influence_once")
@@ -54,7 +56,7 @@ class Args:
     max_val: int = arg(100, "cropi: validation rows averaged per set (seeded sample); 0 = all")
     rrf_k: float = arg(0.0, "cropi: k in 1/(k + rank) of Reciprocal Rank Fusion (the release: 0; common RRF: 60)")
     reuse_selection: str = arg("", "influence_once: output folder of an earlier cropi run (stage 0) to re-issue")
-    chunk_rows: int = arg(4096, "cropi: train-sketch rows scored per chunk (memory ~ chunk_rows * dims * 4 bytes)")
+    chunk_rows: int = arg(4096, "cropi: train-sketch rows per chunk, one chunk mapped per thread at a time")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,7 +76,7 @@ def num_to_select(ratio: float, pool_size: int) -> int:
 def rank_descending(scores: np.ndarray, eligible: np.ndarray) -> np.ndarray:
     """Indices of the eligible rows, highest score first; equal scores: lower row index first."""
     rows = np.flatnonzero(eligible)
-    return rows[np.lexsort((rows, -scores[rows].astype(np.float64)))]
+    return rows[np.argsort(-scores[rows], kind="stable")]  # a stable sort keeps equal scores in row order
 
 
 def reciprocal_rank_fusion(scores: np.ndarray, eligible: np.ndarray, n_select: int, k: float = 0.0):
@@ -93,16 +95,23 @@ def reciprocal_rank_fusion(scores: np.ndarray, eligible: np.ndarray, n_select: i
     return fused, ranks
 
 
-def cosine_to_targets(chunk: np.ndarray, unit_targets: np.ndarray):
-    """cos(x, g_v) for every row x of chunk [n, d] and every unit-length column g_v / |g_v| of unit_targets [d, V].
+def cosine_to_targets(chunk, unit_targets: np.ndarray, block_rows: int = 64):
+    """cos(x, g_v) = <x, g_v / |g_v|> / |x| for every row x of chunk [n, d] (float16 or float32, numpy or torch)
+    and every unit-length column g_v / |g_v| of unit_targets [d, V].
 
-    Returns (cosines [n, V] float32, squared row norms [n] float32); rows of norm 0 or non-finite get NaN.
+    Returns (cosines [n, V] float32, row norms |x| [n] float32); rows of norm 0 or non-finite get NaN cosines.
+    In float32, block_rows rows at a time: each block is widened into a buffer that stays in the CPU cache while
+    its dot products and norms read it (a whole chunk would go to main memory and back twice).
     """
-    squared_norms = np.einsum("ij,ij->i", chunk, chunk)
-    usable = np.isfinite(squared_norms) & (squared_norms > 0)
-    cosines = np.full((chunk.shape[0], unit_targets.shape[1]), np.nan, dtype=np.float32)
-    cosines[usable] = (chunk[usable] @ unit_targets) / np.sqrt(squared_norms[usable])[:, None]
-    return cosines, squared_norms
+    chunk, targets = torch.as_tensor(chunk), torch.as_tensor(unit_targets, dtype=torch.float32).T.contiguous()
+    dots, norms = torch.empty(targets.shape[0], len(chunk)), torch.empty(len(chunk))
+    buffer = torch.empty(min(block_rows, len(chunk)), chunk.shape[1])
+    for i in range(0, len(chunk), block_rows):
+        block = buffer[:len(chunk[i:i + block_rows])].copy_(chunk[i:i + block_rows])  # float16 -> float32
+        torch.mm(targets, block.T, out=dots[:, i:i + len(block)])  # <x, g_v / |g_v|>  [V, block]
+        torch.linalg.vector_norm(block, dim=1, out=norms[i:i + len(block)])  # |x|
+    usable = (torch.isfinite(norms) & (norms > 0))[:, None]
+    return torch.where(usable, dots.T / norms[:, None], torch.nan).numpy(), norms.numpy()
 
 
 def sample_rows(candidates: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
@@ -136,7 +145,9 @@ def pass_rate_order(pass_rates: np.ndarray, n_select: int, seed: int) -> np.ndar
 # ----------------------------------------------------------------------------------------------
 
 def validation_target(path: str, train_meta: dict, train_path: str, max_val: int, seed: int):
-    """Step 1c: g_v = (1/|S|) sum_{i in S} g_i over a seeded sample S of the usable validation rows (float64)."""
+    """Step 1c: g_v = (1/|S|) sum_{i in S} g_i over a seeded sample S of the usable validation rows (float64).
+    A file of sketch_grads.py --mean-of-rows is g_v itself, one row (the projection is linear: the sketch of the mean
+    gradient is the mean of the sketches), used as it is with the sample S it records (max_val, seed unused)."""
     sketch, meta = M.open_sketch(path, "--val-sketch")
     M.check_sketches_match(train_meta, train_path, meta, path)
     zero, nonfinite = M.excluded_rows(meta, sketch.shape[0], str(Path(path).with_suffix(".json")))
@@ -144,15 +155,16 @@ def validation_target(path: str, train_meta: dict, train_path: str, max_val: int
                                     for _, c in M.iter_sketch_chunks(sketch, 4096, Path(path).name)])
     zero |= squared_norms == 0
     nonfinite |= ~np.isfinite(squared_norms)
-    used = sample_rows(np.flatnonzero(~zero & ~nonfinite), max_val, seed)
+    mean_of = meta.get("mean_of")
+    used = np.asarray(mean_of["rows"]) if mean_of else sample_rows(np.flatnonzero(~zero & ~nonfinite), max_val, seed)
     if len(used) == 0:
         raise DataError(f"--val-sketch {path}: no usable rows (all {sketch.shape[0]} are zero-gradient or non-finite)")
-    target = np.asarray(sketch[used], dtype=np.float64).mean(axis=0)
+    target = np.asarray(sketch[[0]] if mean_of else sketch[used], dtype=np.float64).mean(axis=0)
     if not np.isfinite(target).all() or not target.any():
         raise DataError(f"--val-sketch {path}: the mean of the sampled rows is zero or not finite")
     info = {"path": str(path), "name": Path(path).stem, "rows": int(sketch.shape[0]), "model": meta["model"],
             "zero_gradient_rows": int(zero.sum()), "nonfinite_rows": int((nonfinite & ~zero).sum()),
-            "rows_averaged": len(used), "averaged_row_indices": used.tolist()}
+            "rows_averaged": len(used), "averaged_row_indices": used.tolist(), "mean_of": mean_of}
     return target, info
 
 
@@ -177,12 +189,13 @@ def select_cropi(args: Args, pool: list[dict], pass_rates: np.ndarray, n_select:
 
     # 1d. score(x, v) = cos(g(x), g_v), chunk by chunk
     zero, nonfinite = M.excluded_rows(train_meta, len(pool), str(Path(args.train_sketch).with_suffix(".json")))
-    cosines = np.empty((len(pool), len(names)), dtype=np.float32)
-    for start, chunk in M.iter_sketch_chunks(train_sketch, args.chunk_rows, "scoring pool"):
-        chunk_cosines, squared_norms = cosine_to_targets(chunk, unit_targets)
-        cosines[start:start + len(chunk)] = chunk_cosines
-        zero[start:start + len(chunk)] |= squared_norms == 0
-        nonfinite[start:start + len(chunk)] |= ~np.isfinite(squared_norms)
+    scoring_began = time.perf_counter()
+    scored = M.map_sketch_chunks(lambda rows: cosine_to_targets(rows, unit_targets), train_sketch, args.chunk_rows,
+                                 "scoring pool")
+    cosines, norms = (np.concatenate(parts) for parts in zip(*scored))
+    scoring_seconds = round(time.perf_counter() - scoring_began, 2)
+    zero |= norms == 0
+    nonfinite |= ~np.isfinite(norms)
     nonfinite |= ~np.isfinite(cosines).all(axis=1) & ~zero
     eligible = ~zero & ~nonfinite
     cosines[~eligible] = np.nan
@@ -200,6 +213,7 @@ def select_cropi(args: Args, pool: list[dict], pass_rates: np.ndarray, n_select:
     report = {"eligible": int(eligible.sum()), "excluded_zero_gradient": int(zero.sum()),
               "excluded_nonfinite": int((nonfinite & ~zero).sum()), "validation_sets": val_infos,
               "rrf_k": args.rrf_k, "max_val": args.max_val, "train_sketch": str(args.train_sketch),
+              "scoring_seconds": scoring_seconds,
               "sketch": {f: train_meta[f] for f in ("model",) + M.MATCHING_FIELDS}, "selected_details": details}
     return selected, scores, columns, report
 
@@ -238,22 +252,23 @@ def select_data(args: Args) -> dict:
     """Read the pool, select N_sel of its prompts by the chosen method, write subset.jsonl, scores.npy and
     selection.json (last: the completion marker)."""
     began = time.perf_counter()
-    pool, pass_rates = read_pool(args.train_rollouts)  # p = offline pass rate of each prompt's K responses
+    with M.reading_ahead(args.train_sketch if args.method == "cropi" else ""):  # from disk while the pool is read
+        pool, pass_rates = M.read_selection_pool(args.train_rollouts)  # p = offline pass rate of the K responses
+    read = time.perf_counter()
     n_select = len(pool) if args.method == "full" else num_to_select(args.ratio, len(pool))
-    report = {}
     if args.method == "cropi":  # steps 1c-1f
         selected, scores, columns, report = select_cropi(args, pool, pass_rates, n_select)
     elif args.method == "influence_once":
         selected, scores, columns, report = reuse_selection(args, pool, n_select)
     else:
         selected, scores, columns = select_baseline(args, pass_rates, n_select)
-
+        report = {"selected_details": [{"id": pool[i]["id"], "row": int(i), "pass_rate": float(pass_rates[i])}
+                                       for i in selected]}
+    chosen = time.perf_counter()
     selection = {"method": args.method, "ratio": args.ratio, "seed": args.seed, "pool_size": len(pool),
                  "n_select": n_select, "num_selected": len(selected),
                  "train_rollouts": str(Path(args.train_rollouts).resolve()),
                  "train_ids_sha256": M.ids_fingerprint([row["id"] for row in pool]), "score_columns": columns,
-                 "selected_details": [{"id": pool[i]["id"], "row": int(i), "pass_rate": float(pass_rates[i])}
-                                      for i in selected],
                  **report,
                  "pass_rate_histogram": {"pool": pass_rate_histogram(pass_rates),
                                          "selected": pass_rate_histogram(pass_rates[selected])},
@@ -263,28 +278,15 @@ def select_data(args: Args) -> dict:
                              f"N_sel = {n_select}: all of them are selected")
     M.write_jsonl(Path(args.out) / "subset.jsonl", (pool[i] for i in selected))
     M.save_npy(Path(args.out) / "scores.npy", np.asarray(scores, dtype=np.float32))
-    selection["seconds"] = {"total": round(time.perf_counter() - began, 2)}
-    M.write_json(Path(args.out) / "selection.json", selection)  # last: the completion marker
+    done = time.perf_counter()
+    selection["seconds"] = {name: round(seconds, 2) for name, seconds in (
+        ("read_pool", read - began), ("select", chosen - read), ("write", done - chosen), ("total", done - began))}
+    M.write_json_rows(Path(args.out) / "selection.json", selection, "selected_details")  # last: completion marker
     return selection
 
 
-def check_args(args: Args) -> None:
-    if args.method not in METHODS:
-        raise DataError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
-    if not args.train_rollouts or not args.out:
-        raise DataError("--train-rollouts and --out are required")
-    if args.chunk_rows < 1:
-        raise DataError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
-    if args.method == "cropi" and (not args.train_sketch or not args.val_sketch):
-        raise DataError("--method cropi needs --train-sketch and at least one --val-sketch")
-    if args.rrf_k < 0:
-        raise DataError(f"--rrf-k must be >= 0, got {args.rrf_k}")
-    if args.method == "influence_once" and not args.reuse_selection:
-        raise DataError("--method influence_once needs --reuse-selection DIR (an earlier cropi output folder)")
-
-
 def main(args: Args) -> None:
-    check_args(args)
+    M.check_select_args(args, METHODS)
     marker = Path(args.out) / "selection.json"
     if marker.is_file() and json.loads(marker.read_text()).get("args") == dataclasses.asdict(args):
         print(f"{marker} exists with the same arguments: nothing to do")

@@ -7,25 +7,23 @@
       taken with ONE backward per prompt (its K responses micro-batched by a token budget, gradients accumulated),
       model in eval mode (no dropout), all parameters, flattened in model.named_parameters() order.
       A prompt whose K rewards are all equal has A = 0, so g = 0: no backward, a zero row, listed in zero_rows.
-  1b  sparse random projection: keep a fixed random subset of the d coordinates (fraction --sparse-ratio, the same
-      subset for every prompt, every file and every process given --seed), then project the kept coordinates to
-      --proj-dim numbers with
-        gaussian / rademacher  the release's dense matrix (entries N(0,1)/sqrt(N) or +-1/sqrt(N)), generated block by
-                               block from per-block seeds and applied to a chunk of prompts at once (one GEMM per
-                               block); cost O(d_kept * N) per prompt, never a d x N matrix in memory
-        countsketch            each kept coordinate i is added with a random sign s(i) into one random bucket h(i):
-                               sketch[h(i)] += s(i) g_i; E<Sg, Sh> = <g, h>; cost O(d_kept) per prompt; h and s are
-                               drawn chunk by chunk from per-chunk seeds (no stored index per coordinate)
-        none                   no projection: the kept coordinates themselves (with --sparse-ratio 1: the exact
-                               full gradient, for tests and fidelity studies)
-Reads   --model (a transformers checkpoint: the current policy pi_theta(m)) and --rollouts (collect_rollouts.py's file:
-        prompt_ids, response_ids, behavior_logprobs, rewards, temperature are used as they are).
-Writes  --out SKETCH.npy   [rows, proj_dim] (float32 or float16), rows in the rollouts file's order
+  1b  sparse random projection P S g: S keeps a fixed random fraction --sparse-ratio F of the d coordinates (the same
+      for every prompt, file and process given --seed; default F = 1, all of them: see README), P projects to N dims:
+        countsketch            sketch[h(i)] += s(i) g_i, bucket h(i) and sign s(i) drawn from (seed, i) block by block
+                               (no stored index per coordinate); E<Sg, Sh> = <g, h>; O(d) per prompt. At F = 1 each
+                               parameter's .grad is hashed in place, straight into the sketch (no flat copy)
+        gaussian / rademacher  the release's dense d x N matrix (N(0,1)/sqrt(N) or +-1/sqrt(N) entries), generated block
+                               by block from seeds, one GEMM per block for a chunk of prompts; O(d F N) per prompt
+        none                   the kept coordinates themselves (with F = 1: the exact gradient, for tests and studies)
+  1c  (validation sets, --mean-of-rows MAX) the release's target, the mean of up to MAX sketches (seeded sample of the
+      prompts with mixed rewards) as ONE sketch: P S is linear, so (1/m) sum_i P S g(s_i) = P S (1/m) sum_i g(s_i).
+Reads   --model (a transformers checkpoint: the current policy pi_theta(m)) and --rollouts (collect_rollouts.py's file).
+Writes  --out SKETCH.npy   [rows, proj_dim] (float32 or float16), rows in the rollouts file's order (or one: the mean)
         SKETCH.json        metadata (model, num_params, projector, seed, sparse_ratio, proj_dim, dtype, rows, ids,
-                           zero_rows, nonfinite_rows, rollouts, ...); the selection stage compares them
-        SKETCH.npy.parts/  finished chunks while running (a killed run resumes from them)
-Multi-process: torchrun --nproc_per_node=G sketch_grads.py ...  shards the chunks over the processes (gloo on CPU,
-nccl on CUDA); rank 0 assembles the file, the same as a single process writes.
+                           zero_rows, nonfinite_rows, ...; "mean_of": the rows averaged); select_data.py checks them
+        SKETCH.npy.parts/  finished chunks while running (a killed run resumes from them; not with --mean-of-rows)
+torchrun --nproc_per_node=G sketch_grads.py ... shards the chunks (or the mean's prompts, whose partial sketches are
+then summed) over the processes (gloo on CPU, nccl on CUDA); rank 0 writes the same file as one process.
 """
 
 from __future__ import annotations
@@ -53,15 +51,19 @@ class Args:
     projector: str = arg("countsketch", "countsketch (fast, O(d)) | gaussian | rademacher (the release's dense "
                                         "projections, O(d*N)) | none (the kept coordinates themselves)")
     proj_dim: int = arg(8192, "N, the sketch width (the release: 32768); ignored by --projector none")
-    sparse_ratio: float = arg(0.1, "F, the fraction of gradient coordinates kept before the projection (1 = all)")
+    sparse_ratio: float = arg(1.0, "F, the fraction of gradient coordinates kept before the projection (1 = all; "
+                                   "the release: 0.1, which ranks far worse, see README)")
     seed: int = arg(0, "seed of the kept-coordinate subset and of the projection (the release: 0)")
     dtype: str = arg("float32", "dtype of the stored sketch: float32 | float16")
     token_budget: int = arg(8192, "padded tokens per forward/backward micro-batch (gradients are accumulated)")
-    chunk_prompts: int = arg(8, "prompts projected together (one GEMM per matrix block) and saved per resume chunk")
+    chunk_prompts: int = arg(8, "prompts sketched together (one GEMM per matrix block) and saved per resume chunk")
     clip_ratio: float | None = arg(None, "PPO-style clip of rho to [1-c, 1+c] inside min(rho A, clip(rho) A); "
                                          "off by default, as in the release")
-    gradient_checkpointing: bool = arg(False, "recompute activations in the backward (saves GPU memory on long "
-                                              "responses; dropout stays off)")
+    gradient_checkpointing: str = arg("auto", "recompute activations in the backward (saves GPU memory on long "
+                                              "responses; dropout stays off): auto (on CUDA only) | on | off")
+    mean_of_rows: int = arg(0, "validation sets: write ONE row, the sketch of the mean gradient of up to this many "
+                               "prompts with mixed rewards (seeded sample; the release: 100); 0 = one row per prompt")
+    mean_seed: int = arg(0, "seed of the --mean-of-rows sample (= select_data.py's --seed on a per-prompt sketch)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,10 +98,9 @@ def is_zero_gradient(rewards: list[float]) -> bool:
 
 
 def accumulate_prompt_gradient(model, row: dict, advantages: torch.Tensor, token_budget: int, pad_token_id: int,
-                               clip_ratio: float | None = None) -> None:
-    """Backward of the POPI surrogate of one prompt into the parameters' .grad (zeroed first)."""
+                               clip_ratio: float | None = None, weight: float = 1.0) -> None:
+    """Add weight * grad L(s0), the gradient of one prompt's POPI surrogate, into the parameters' .grad."""
     device = next(model.parameters()).device
-    model.zero_grad(set_to_none=True)
     prompt, responses = row["prompt_ids"], row["response_ids"]
     lengths = [len(prompt) + len(r) for r in responses]
     for batch in M.token_budget_batches(lengths, token_budget, longest_first=False):
@@ -111,7 +112,16 @@ def accumulate_prompt_gradient(model, row: dict, advantages: torch.Tensor, token
             behavior[j, :len(row["behavior_logprobs"][i])] = torch.tensor(row["behavior_logprobs"][i])
         loss = popi_surrogate(logprobs.float(), behavior, mask, advantages[batch].to(device), len(responses),
                               clip_ratio)
-        loss.backward()
+        (loss * weight).backward()
+
+
+def mean_of_rows_sample(rows: list[dict], max_rows: int, seed: int) -> np.ndarray:
+    """1c: up to max_rows of the rows with mixed rewards, a seeded uniform sample without replacement, sorted; the
+    same draw as select_data.py's sample_rows, so a per-prompt sketch averaged there with --seed gives these rows."""
+    candidates = np.array([i for i, row in enumerate(rows) if not is_zero_gradient(row["rewards"])], dtype=np.int64)
+    if len(candidates) <= max_rows:
+        return candidates
+    return np.sort(np.random.default_rng(seed).choice(candidates, size=max_rows, replace=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +129,7 @@ def accumulate_prompt_gradient(model, row: dict, advantages: torch.Tensor, token
 # ----------------------------------------------------------------------------------------------
 
 KEEP_BLOCK = 1 << 20         # coordinates per block of the keep-mask
-HASH_CHUNK = 1 << 21         # kept coordinates per CountSketch hash chunk
+HASH_BLOCK = 1 << 21         # coordinates per CountSketch hash block
 DENSE_BLOCK_FLOATS = 1 << 24  # floats per generated block of a dense matrix (64 MB in float32)
 
 
@@ -138,22 +148,36 @@ def kept_coordinates(num_coordinates: int, sparse_ratio: float, seed: int, devic
     return torch.cat(kept)
 
 
-def countsketch_hash(seed: int, chunk: int, size: int, proj_dim: int, device: torch.device):
-    """Bucket h(i) in [0, N) and sign s(i) in {-1, +1} of the `size` kept coordinates of hash chunk `chunk`."""
-    # one draw r uniform in [0, 2N) per coordinate: h = r // 2 and s = +1 or -1 from the lowest bit, independent
-    generator = M.block_generator(seed, "countsketch", chunk, device)
-    draws = torch.randint(0, 2 * proj_dim, (size,), generator=generator, device=device)
-    return draws >> 1, (draws & 1).float().mul_(2).sub_(1)
+def countsketch_draws(seed: int, block: int, proj_dim: int, device: torch.device) -> torch.Tensor:
+    """r(i) uniform in [0, 2N) for the HASH_BLOCK coordinates i of hash block `block` of the projected vector:
+    bucket h(i) = r // 2 and sign s(i) = +1 if r is odd, -1 if even (independent). The whole block is drawn from
+    its own generator, so h and s of coordinate i depend on (seed, i) only, for any range of coordinates."""
+    generator = M.block_generator(seed, "countsketch", block, device)
+    return torch.randint(0, 2 * proj_dim, (HASH_BLOCK,), generator=generator, device=device, dtype=torch.int32)
 
 
 def countsketch_project(grads: torch.Tensor, proj_dim: int, seed: int) -> torch.Tensor:
     """sketch[b, h(i)] += s(i) * grads[b, i] for every row b: O(d) per row, hashes drawn once per chunk of rows."""
     out = torch.zeros(grads.shape[0], proj_dim, dtype=grads.dtype, device=grads.device)
-    for chunk, start in enumerate(range(0, grads.shape[1], HASH_CHUNK)):
-        part = grads[:, start:start + HASH_CHUNK]
-        buckets, signs = countsketch_hash(seed, chunk, part.shape[1], proj_dim, grads.device)
-        out.index_add_(1, buckets, part * signs.to(grads.dtype))
+    for block, start in enumerate(range(0, grads.shape[1], HASH_BLOCK)):
+        part = grads[:, start:start + HASH_BLOCK]
+        draws = countsketch_draws(seed, block, proj_dim, grads.device)[:part.shape[1]]
+        out.index_add_(1, draws >> 1, part * (draws & 1).to(grads.dtype).mul_(2).sub_(1))  # h(i), s(i)
     return out
+
+
+def countsketch_gradient(parameters: list[torch.nn.Parameter], proj_dim: int, seed: int) -> torch.Tensor:
+    """[N] CountSketch of the flat gradient read in place, parameter by parameter: the same sketch as
+    countsketch_project of the flattened vector (a sum over pieces), without ever flattening it. Signs are applied
+    once at the end: halves[r] sums the g_i with r(i) = r, and sketch[h] = halves[2h + 1] - halves[2h]."""
+    device = parameters[0].device
+    halves = torch.zeros(2 * proj_dim, device=device)
+    draws, drawn_block = None, -1
+    for block, start, piece in M.gradient_pieces(parameters, HASH_BLOCK):
+        if block != drawn_block:  # pieces come in flat order: each block is drawn once
+            draws, drawn_block = countsketch_draws(seed, block, proj_dim, device), block
+        halves.index_add_(0, draws[start:start + len(piece)], piece.float())
+    return halves[1::2] - halves[0::2]
 
 
 def dense_block(kind: str, seed: int, block: int, rows: int, proj_dim: int, device: torch.device,
@@ -188,111 +212,87 @@ def project(grads: torch.Tensor, projector: str, proj_dim: int, seed: int) -> to
     return dense_project(grads, projector, proj_dim, seed)
 
 
+
 # ----------------------------------------------------------------------------------------------
-# The stage: 1a then 1b for every chunk of prompts, each process its share of the chunks
+# The stage: 1a then 1b for every chunk of prompts (or 1a-1c: one validation mean), each process its share
 # ----------------------------------------------------------------------------------------------
 
 class Sketcher:
-    """Holds the model, the kept-coordinate positions and one preallocated [chunk, d_kept] gradient buffer."""
+    """The model and how its gradient is projected. CountSketch of all coordinates (F = 1): every .grad is hashed in
+    place, so the memory beyond the model's own gradients is the [prompts, N] sketches (and one hash block).
+    Otherwise the kept coordinates are copied into one preallocated [chunk, d_kept] buffer, projected per chunk."""
 
     def __init__(self, args: Args, device: torch.device):
         self.args, self.device = args, device
-        self.model = M.load_model(args.model, device)
-        self.model.eval()  # no dropout
-        if args.gradient_checkpointing:  # transformers only recomputes in train mode: zero every dropout instead
-            self.model.gradient_checkpointing_enable()
-            self.model.train()
-            M.disable_dropout(self.model)
-        named = M.trainable_parameters(self.model)
-        self.parameters = [p for _, p in named]
+        self.model = M.load_model_for_gradients(args.model, device, args.gradient_checkpointing)
+        self.parameters = [p for _, p in M.trainable_parameters(self.model)]
         self.num_params = sum(p.numel() for p in self.parameters)
-        kept = kept_coordinates(self.num_params, args.sparse_ratio, args.seed, device)
-        self.num_kept = len(kept)
-        self.local_kept = M.split_kept_by_parameter(kept, [p.numel() for p in self.parameters])
-        del kept
+        self.streamed = args.projector == "countsketch" and args.sparse_ratio >= 1
+        self.num_kept, self.local_kept, self.buffer = self.num_params, None, None
+        if not self.streamed:
+            kept = kept_coordinates(self.num_params, args.sparse_ratio, args.seed, device)
+            self.num_kept = len(kept)
+            self.local_kept = M.split_kept_by_parameter(kept, [p.numel() for p in self.parameters])
+            self.buffer = torch.empty(args.chunk_prompts, self.num_kept, device=device)
         self.width = self.num_kept if args.projector == "none" else args.proj_dim
-        self.buffer = torch.empty(args.chunk_prompts, self.num_kept, device=device)
         self.pad_token_id = self.model.config.pad_token_id or 0
 
-    def sketch_rows(self, rows: list[dict]) -> torch.Tensor:
-        """[len(rows), width] sketches of the given rollout rows (zero rows for all-equal rewards)."""
-        grads = self.buffer[:len(rows)]
-        for b, row in enumerate(rows):
-            if is_zero_gradient(row["rewards"]):  # all K rewards equal: A = 0, g = 0 exactly, skip the backward
-                grads[b].zero_()
-                continue
-            advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))  # A_k
-            accumulate_prompt_gradient(self.model, row, advantages, self.args.token_budget, self.pad_token_id,
-                                       self.args.clip_ratio)
-            M.flatten_kept_gradient(self.parameters, self.local_kept, grads[b])
+    def sketch_rows(self, groups: list[list[dict]], weight: float = 1.0) -> torch.Tensor:
+        """[len(groups), width]: row b = P S (weight * the sum of g(s0) over the prompts s0 of groups[b]); one
+        prompt per group gives P S g(s0) per prompt (a zero row when its K rewards are all equal)."""
+        sketches = torch.zeros(len(groups), self.width, device=self.device) if self.streamed else None
+        flat = None if self.streamed else self.buffer[:len(groups)].zero_()
+        for b, group in enumerate(groups):
+            self.model.zero_grad(set_to_none=True)
+            mixed = [row for row in group if not is_zero_gradient(row["rewards"])]  # all K rewards equal: g = 0
+            for row in mixed:
+                advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))  # A_k
+                accumulate_prompt_gradient(self.model, row, advantages, self.args.token_budget, self.pad_token_id,
+                                           self.args.clip_ratio, weight)
+            if mixed and self.streamed:
+                sketches[b] = countsketch_gradient(self.parameters, self.args.proj_dim, self.args.seed)
+            elif mixed:
+                M.flatten_kept_gradient(self.parameters, self.local_kept, flat[b])
         self.model.zero_grad(set_to_none=True)
-        return project(grads, self.args.projector, self.args.proj_dim, self.args.seed)
-
-
+        return sketches if self.streamed else project(flat, self.args.projector, self.args.proj_dim, self.args.seed)
 
 
 def sketch_grads(args: Args) -> dict | None:
     rank, world, device = M.init_distributed()
     rows = read_rollouts(args.rollouts)
     sketcher = Sketcher(args, device)
-    store = M.ChunkStore(f"{args.out}.parts", run_settings(args, sketcher, rows))
-    num_chunks = -(-len(rows) // args.chunk_prompts)
-    finished = M.open_chunk_store(store, rank)
-    todo = M.shard([c for c in range(num_chunks) if c not in finished], rank, world)
-    for c in tqdm(todo, desc=f"sketching {len(rows)} prompts, {args.chunk_prompts} per chunk", disable=rank != 0):
-        chunk_rows = rows[c * args.chunk_prompts:(c + 1) * args.chunk_prompts]
-        store.save(c, sketcher.sketch_rows(chunk_rows).to(DTYPES[args.dtype]).cpu().numpy())  # 1a + 1b
-    M.barrier()
-    meta = assemble(args, store, rows, num_chunks) if rank == 0 else None
+    settings = M.sketch_settings(args, sketcher.num_params, sketcher.width, sketcher.num_kept, device, len(rows))
+    store = M.ChunkStore(f"{args.out}.parts", settings)
+    if args.mean_of_rows:  # 1c: (1/m) sum_i P S g(s_i) = P S (1/m) sum_i g(s_i), the processes' shares summed
+        sample = mean_of_rows_sample(rows, args.mean_of_rows, args.mean_seed)
+        if len(sample) == 0:
+            raise DataError(f"--mean-of-rows: no prompt of {args.rollouts} has mixed rewards (every gradient is 0)")
+        share = [rows[i] for i in M.shard(sample.tolist(), rank, world)]
+        mean = sketcher.sketch_rows([share], weight=1 / len(sample))  # this process's share, each g(s_i) / m
+        sketch = M.sum_over_processes(mean).to(DTYPES[args.dtype]).cpu().numpy()
+        meta = {**settings, "rows": 1, "ids": ["mean"], "zero_rows": [], "mean_of": {
+            "rows": sample.tolist(), "ids": [rows[i]["id"] for i in sample], "count": len(sample),
+            "max_rows": args.mean_of_rows, "seed": args.mean_seed, "rollouts_rows": len(rows)}}
+    else:
+        num_chunks = -(-len(rows) // args.chunk_prompts)
+        finished = M.open_chunk_store(store, rank)
+        todo = M.shard([c for c in range(num_chunks) if c not in finished], rank, world)
+        for c in tqdm(todo, desc=f"sketching {len(rows)} prompts, {args.chunk_prompts} per chunk", disable=rank > 0):
+            one_per_group = [[row] for row in rows[c * args.chunk_prompts:(c + 1) * args.chunk_prompts]]
+            store.save(c, sketcher.sketch_rows(one_per_group).to(DTYPES[args.dtype]).cpu().numpy())  # 1a + 1b
+        M.barrier()
+        sketch = np.concatenate([store.load(c) for c in range(num_chunks)]) if rank == 0 else None
+        meta = {**settings, "ids": [row["id"] for row in rows],
+                "zero_rows": [i for i, row in enumerate(rows) if is_zero_gradient(row["rewards"])]}
+    if rank == 0:
+        M.write_sketch(args.out, sketch, meta)  # adds nonfinite_rows to meta
+        store.remove()
     M.finish_distributed()
-    return meta
-
-
-# ----------------------------------------------------------------------------------------------
-# Plumbing of this stage: input checks, settings, the final file
-# ----------------------------------------------------------------------------------------------
-
-def check_args(args: Args) -> None:
-    if not (args.model and args.rollouts and args.out):
-        raise DataError("--model, --rollouts and --out are required")
-    if args.projector not in PROJECTORS:
-        raise DataError(f"--projector must be one of {', '.join(PROJECTORS)}, got {args.projector!r}")
-    if args.dtype not in DTYPES:
-        raise DataError(f"--dtype must be float32 or float16, got {args.dtype!r}")
-    if not 0 < args.sparse_ratio <= 1:
-        raise DataError(f"--sparse-ratio must be in (0, 1], got {args.sparse_ratio}")
-    if args.proj_dim < 1 or args.chunk_prompts < 1 or args.token_budget < 1:
-        raise DataError("--proj-dim, --chunk-prompts and --token-budget must be >= 1")
-    if args.clip_ratio is not None and not 0 < args.clip_ratio < 1:
-        raise DataError(f"--clip-ratio must be in (0, 1), got {args.clip_ratio}")
-
-
-def run_settings(args: Args, sketcher: Sketcher, rows: list[dict]) -> dict:
-    """What a finished chunk depends on (chunks made with other settings must not be mixed in)."""
-    return {"model": str(Path(args.model).resolve()), "rollouts": str(Path(args.rollouts).resolve()),
-            "num_params": sketcher.num_params, "projector": args.projector, "seed": args.seed,
-            "sparse_ratio": args.sparse_ratio, "proj_dim": sketcher.width, "dtype": args.dtype,
-            "rows": len(rows), "chunk_prompts": args.chunk_prompts, "clip_ratio": args.clip_ratio,
-            "rng_device": sketcher.device.type, "kept_coordinates": sketcher.num_kept}
-
-
-def assemble(args: Args, store: M.ChunkStore, rows: list[dict], num_chunks: int) -> dict:
-    """Concatenate the chunks into OUT.npy, write OUT.json (metadata), remove the chunk store."""
-    out = Path(args.out)
-    sketch = np.concatenate([store.load(c) for c in range(num_chunks)])
-    meta = {**store.settings, "ids": [row["id"] for row in rows],
-            "zero_rows": [i for i, row in enumerate(rows) if is_zero_gradient(row["rewards"])],
-            "nonfinite_rows": np.flatnonzero(~np.isfinite(sketch).all(axis=1)).tolist()}
-    M.save_npy(out, sketch)
-    M.write_json(out.with_suffix(".json"), meta)
-    store.remove()
-    print(f"wrote {out} [{meta['rows']} x {meta['proj_dim']}] ({len(meta['zero_rows'])} zero-gradient rows, "
-          f"{len(meta['nonfinite_rows'])} non-finite) and {out.with_suffix('.json')}")
-    return meta
+    return meta if rank == 0 else None
 
 
 def main(args: Args) -> dict | None:
-    check_args(args)
+    M.check_sketch_args(args, PROJECTORS, DTYPES)
     return sketch_grads(args)
 
 

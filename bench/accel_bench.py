@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from machinery import arg, atomic_path, parse_args  # noqa: E402
-from report import accuracy_curves, stage_seconds  # noqa: E402
+from report import accuracy_curves, speedup, stage_seconds  # noqa: E402
 
 TARGETED = ["test_add", "test_sub"]
 
@@ -62,23 +62,6 @@ def run_one(args: Args, method: str, seed: int) -> Path:
         subprocess.run(["bash", "run_cropi.sh"], cwd=ROOT, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
     print(f"  {method} seed {seed}: {time.time() - start:.0f}s", flush=True)
     return out_dir
-
-
-def first_step_reaching(points: list[tuple[int, float]], target: float) -> int | None:
-    """The first evaluated step whose accuracy is >= target (None if never)."""
-    return next((step for step, value in points if value >= target - 1e-12), None)
-
-
-def speedup(full_curve: list[tuple[int, float]], method_curve: list[tuple[int, float]]) -> float:
-    """steps for full to first reach its final accuracy / steps for the method to first reach it (0 if never).
-
-    A method that is already there at step 0 would divide by zero: the steps count from 1 eval interval then.
-    """
-    target = full_curve[-1][1]
-    full_steps, method_steps = first_step_reaching(full_curve, target), first_step_reaching(method_curve, target)
-    if method_steps is None:
-        return 0.0
-    return max(full_steps, 1) / max(method_steps, 1)
 
 
 def load_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -1,8 +1,9 @@
 """Benchmark of sketch_grads.py (steps 1a-1b): overhead of the sketch over a bare forward+backward, and fidelity.
 
-  1. Overhead: per prompt, the full sketch (POPI backward + flatten + projection, sketch_grads.Sketcher) against a bare
-     forward+backward of the same surrogate on the same rows, timed side by side (interleaved chunk by chunk), for
-     the default projector at each of --overhead-ratios. The dense projectors (our gaussian, TRAK's BasicProjector)
+  1. Overhead: per prompt, the full sketch (POPI backward + projection, sketch_grads.Sketcher: at F = 1 every .grad
+     hashed in place, at F < 1 the kept coordinates flattened then projected) against a bare forward+backward of the
+     same surrogate on the same rows, timed side by side (interleaved chunk by chunk), for the default projector at
+     its default F and at each of --overhead-ratios. The dense projectors (our gaussian, TRAK's BasicProjector)
      are timed on a slice of the kept coordinates of the same gradients and extrapolated linearly to all kept
      coordinates (their cost is linear in d; the slice is printed).
   2. Fidelity: precision@10% = overlap of the top 10% of the training prompts by cosine(sketch, mean validation
@@ -165,6 +166,7 @@ def sample_rollouts(model, tokenizer, rows: list[dict], k: int, temperature: flo
 
 def bare_forward_backward(sketcher: sg.Sketcher, rows: list[dict]) -> None:
     for row in rows:
+        sketcher.model.zero_grad(set_to_none=True)  # as Sketcher.sketch_rows does before each prompt
         advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))
         sg.accumulate_prompt_gradient(sketcher.model, row, advantages, sketcher.args.token_budget,
                                       sketcher.pad_token_id)
@@ -177,14 +179,14 @@ def time_overhead(model_path: str, rows: list[dict], args: Args, projector: str,
     sketcher = sg.Sketcher(sketch_args, get_device())
     chunks = [rows[i:i + args.chunk_prompts] for i in range(0, len(rows), args.chunk_prompts)]
     bare_forward_backward(sketcher, chunks[0][:1])  # warm-up
-    sketcher.sketch_rows(chunks[0][:1])
+    sketcher.sketch_rows([chunks[0][:1]])
     bare = sketch = 0.0
     timed = chunks[:args.timed_chunks]
     for chunk in timed:  # interleaved, so that load from other processes hits both alike
         start = time.perf_counter()
         bare_forward_backward(sketcher, chunk)
         middle = time.perf_counter()
-        sketcher.sketch_rows(chunk)
+        sketcher.sketch_rows([[row] for row in chunk])
         bare, sketch = bare + middle - start, sketch + time.perf_counter() - middle
     n = sum(map(len, timed))
     return {"projector": projector, "sparse_ratio": sparse_ratio, "proj_dim": args.proj_dim, "prompts": n,
@@ -196,6 +198,7 @@ def time_dense_projectors(sketcher: sg.Sketcher, rows: list[dict], args: Args) -
     """Our blockwise gaussian and TRAK's BasicProjector on a slice of the same kept gradients, extrapolated."""
     grads = sketcher.buffer[:len(rows)]
     for b, row in enumerate(rows):
+        sketcher.model.zero_grad(set_to_none=True)
         advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))
         sg.accumulate_prompt_gradient(sketcher.model, row, advantages, sketcher.args.token_budget,
                                       sketcher.pad_token_id)
@@ -268,6 +271,7 @@ class FidelityStudy:
         grads = torch.zeros(len(rows), self.sketcher.num_params)
         full = [None] * len(self.sketcher.parameters)
         for b, row in enumerate(rows):
+            self.sketcher.model.zero_grad(set_to_none=True)
             advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))
             sg.accumulate_prompt_gradient(self.sketcher.model, row, advantages, self.sketcher.args.token_budget,
                                           self.sketcher.pad_token_id)

@@ -2,6 +2,7 @@
 (transformers and vLLM backends, kill-and-resume, data-parallel workers, bad inputs)."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -142,8 +143,12 @@ def test_hf_backend_writes_the_schema_and_exact_behavior_logprobs(eos_model, tmp
     assert summary["tokens_per_second"] > 0 and '"share_all_rewards_equal"' in result.stdout
     assert not (tmp_path / "rollouts.jsonl.parts").exists()
 
-    again = run_script(*collect_args(eos_model, data, out, "--backend", "hf"))
-    assert "already complete" in again.stdout
+    same = ("--backend", "hf", "--chunk-size", "3", "--hf-batch-size", "2", "--logprob-token-budget", "40")
+    again = run_script(*collect_args(eos_model, data, out, *same))
+    assert "already complete with these settings" in again.stdout
+    changed = run_script(*collect_args(eos_model, data, out, *same, "--top-p", "0.9"))
+    assert "made with other settings: collecting again" in changed.stdout
+    assert json.loads((tmp_path / "rollouts.summary.json").read_text())["settings"]["top_p"] == 0.9
 
 
 def test_vllm_backend_writes_the_schema_and_exact_behavior_logprobs(eos_model, tmp_path):
@@ -204,6 +209,31 @@ def test_data_parallel_workers_match_a_single_process(eos_model, uninterrupted_r
                *collect_args(eos_model, [data], tmp_path / "two.jsonl", *RESUME_FLAGS), env={"OMP_NUM_THREADS": "1"})
     assert common.read_rollouts(tmp_path / "two.jsonl") == straight
     assert not (tmp_path / "two.jsonl.parts").exists()
+
+
+def test_two_nodes_of_one_process_match_a_single_process(eos_model, uninterrupted_run, tmp_path):
+    """Two torchrun "nodes" (node ranks 0 and 1, one process each, meeting on this machine) shard the chunks by
+    global rank: the same rows as one process."""
+    data, straight = uninterrupted_run
+    argv = collect_args(eos_model, [data], tmp_path / "nodes.jsonl", *RESUME_FLAGS)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
+                               "--master_addr=127.0.0.1", "--master_port=29631", "--nproc_per_node=1", *argv],
+                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for node in nodes:
+        assert node.wait(timeout=600) == 0, node.stderr.read()[-3000:]
+    assert common.read_rollouts(tmp_path / "nodes.jsonl") == straight
+
+
+def test_too_few_mixed_prompts_is_refused_with_the_pass_rate_and_a_remedy(eos_model, tmp_path):
+    data = write_data(tmp_path / "val.jsonl", 4)
+    out = tmp_path / "val_rollouts.jsonl"
+    result = run_script(*collect_args(eos_model, [data], out, "--backend", "hf", "--min-mixed", "5"), check=False)
+    assert result.returncode != 0
+    assert f"{out}: only " in result.stderr and "of 4 prompts have mixed rewards (pass rate 0." in result.stderr
+    assert "at least 5 are needed" in result.stderr and "Try more responses per prompt" in result.stderr
+    again = run_script(*collect_args(eos_model, [data], out, "--backend", "hf", "--min-mixed", "5"), check=False)
+    assert again.returncode != 0 and "already complete" in again.stdout  # the check holds on a rerun too
 
 
 def test_malformed_data_file_names_file_and_line(tiny_model, tmp_path):

@@ -8,8 +8,9 @@ import time
 import pytest
 import torch
 
-from common import (DataError, extract_final_answer, format_prompt, group_advantages, last_boxed_content,
-                    load_examples, read_rollouts, response_logprobs, reward)
+from common import (DataError, chunked_head_logprobs, extract_final_answer, format_prompt, group_advantages,
+                    head_logprobs, last_boxed_content, load_examples, logit_chunk_tokens, read_rollouts,
+                    response_logprobs, reward)
 from machinery import write_jsonl
 
 # ---------------------------------------------------------------------------------------------- reward
@@ -40,6 +41,29 @@ from machinery import write_jsonl
 ])
 def test_reward_cases(completion, answer, expected):
     assert reward(completion, answer) == expected
+
+
+def test_reward_of_a_response_cut_at_the_token_limit():
+    cut = "The box weighed 2 pounds, then 6 more were added, so the final weight of the box of goodies was"
+    assert reward(cut + " 8 pounds.", "8") == 1.0               # finished: the last number is the answer
+    assert reward(cut, "6", finished=False) == 0.0              # cut mid-sentence: "6" is not an answer yet
+    assert reward(cut, "6", finished=True) == 1.0               # the old rule (last number) would have paid it
+    assert reward(cut + " \\boxed{8} and", "8", finished=False) == 1.0  # explicit answers count even when cut
+    assert reward("so #### 8\nand then", "8", finished=False) == 1.0
+    assert reward("The answer is 8. Now", "8", finished=False) == 1.0
+    assert extract_final_answer(cut, finished=False) is None
+
+
+def test_reward_pays_every_gsm8k_gold_solution_finished_or_cut():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+    if not path.exists():
+        pytest.skip("../shared/data/gsm8k not beside the checkout")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    golds = load_examples(path)
+    paid = [reward(row["answer"], gold["answer"], finished) for row, gold in zip(rows, golds) for finished in (True, False)]
+    assert len(rows) == 1319 and sum(paid) == 2 * 1319
 
 
 def test_reward_never_raises_on_garbage():
@@ -121,6 +145,90 @@ def test_response_logprobs_entropy_of_uniform(tiny_model):
     vocab = model.config.vocab_size
     assert torch.allclose(entropy, torch.full((1, 2), math.log(vocab)), atol=1e-5)
     assert torch.allclose(logprobs, torch.full((1, 2), -math.log(vocab)), atol=1e-5)
+
+
+def test_logit_chunk_tokens_and_head_logprobs_by_hand():
+    assert logit_chunk_tokens(151_936) == 441  # 2**26 = 67,108,864 logits // 151,936 = 441.7
+    assert logit_chunk_tokens(2 ** 27) == 1  # never less than one token
+    assert logit_chunk_tokens(99) == 4096  # 677,861 tokens would fit: capped, the last chunk is padded to it
+    # W = identity on the first two words, zero on the third; bias [0, ln 2, 0].
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    bias = torch.tensor([0.0, math.log(2), 0.0])
+    hidden = torch.tensor([[math.log(2), 0.0], [0.0, 0.0]])
+    # token 0: z = [ln 2, ln 2, 0] -> pi = [2/5, 2/5, 1/5]; target 2: ln(1/5); entropy = 2 (2/5) ln(5/2) + (1/5) ln 5
+    # token 1: z = [0, ln 2, 0]    -> pi = [1/4, 1/2, 1/4]; target 1: ln(1/2); entropy = (1/2) ln 4 + (1/2) ln 2
+    logprobs, entropy = head_logprobs(hidden, weight, bias, torch.tensor([2, 1]), 1.0, with_entropy=True)
+    assert torch.allclose(logprobs, torch.tensor([math.log(1 / 5), math.log(1 / 2)]), atol=1e-6)
+    expected = [0.8 * math.log(2.5) + 0.2 * math.log(5), 0.5 * math.log(4) + 0.5 * math.log(2)]
+    assert torch.allclose(entropy, torch.tensor(expected), atol=1e-6)
+    # T = 2 halves the logits: token 1, z = [0, ln 2 / 2, 0] -> pi_1 = sqrt 2 / (2 + sqrt 2)
+    logprobs, _ = head_logprobs(hidden, weight, bias, torch.tensor([2, 1]), 2.0, with_entropy=False)
+    assert logprobs[1].item() == pytest.approx(math.log(math.sqrt(2) / (2 + math.sqrt(2))), abs=1e-6)
+
+
+def _tiny_qwen2(vocab_size: int = 300):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def _full_logits_reference(model, prompts, responses, temperature):
+    """The plain O(B x T x vocab) computation, one unpadded sequence at a time: log-probs and entropies."""
+    logprobs, entropies = [], []
+    for p, r in zip(prompts, responses):
+        logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:len(p) + len(r) - 1].float() / temperature
+        log_probs = torch.log_softmax(logits, -1)
+        logprobs.append(log_probs.gather(1, torch.tensor(r)[:, None]).squeeze(1))
+        entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+    return logprobs, entropies
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "qwen2"])
+def test_chunked_logprobs_and_gradients_equal_the_full_logits(tiny_model, architecture):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model) if architecture == "gpt2" else _tiny_qwen2()
+    prompts = [[10, 11, 12], [13, 14], [15, 16, 17, 18, 19]]
+    responses = [[20, 21, 5, 6, 7], [22, 23, 24, 1], [25]]  # 10 tokens: chunks of 4, 4 and 2 (+2 padding)
+    logprobs, mask, entropy = response_logprobs(model, prompts, responses, 0.7, with_entropy=True, chunk_tokens=4)
+    (logprobs.sum() + 0.3 * entropy.sum()).backward()
+    chunked_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected_logprobs, expected_entropy = _full_logits_reference(model, prompts, responses, 0.7)
+    (sum(x.sum() for x in expected_logprobs) + 0.3 * sum(x.sum() for x in expected_entropy)).backward()
+    for i, r in enumerate(responses):
+        assert torch.allclose(logprobs[i, :len(r)], expected_logprobs[i], atol=1e-5)
+        assert torch.allclose(entropy[i, :len(r)], expected_entropy[i], atol=1e-5)
+        assert logprobs[i, len(r):].abs().sum() == 0 and entropy[i, len(r):].abs().sum() == 0
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]]
+    for got, p in zip(chunked_grads, model.parameters()):
+        assert torch.allclose(got, p.grad, atol=1e-5)
+
+
+def test_lm_head_is_float32_and_batch_invariant_under_bf16_autocast():
+    """The same token's log-prob is bit-identical alone or among other tokens, under CPU bf16 autocast.
+
+    (Only the head is: the transformer body itself, in transformers' kernels, gives slightly different hidden
+    states for a padded row than for the same row alone.)
+    """
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 1000, bias=False)
+    sequence = torch.randn(7, 64).bfloat16()  # hidden states as an autocast body returns them
+    targets = torch.randint(0, 1000, (7,))
+    others, other_targets = torch.randn(30, 64).bfloat16(), torch.randint(0, 1000, (30,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        alone, _ = chunked_head_logprobs(sequence, head, targets, 0.7, chunk_tokens=16)
+        for offset in (0, 5, 16, 23):  # first, mid-chunk, at a chunk boundary, straddling two chunks
+            hidden = torch.cat([others[:offset], sequence, others[offset:]])
+            batch, _ = chunked_head_logprobs(hidden, head, torch.cat([other_targets[:offset], targets,
+                                                                      other_targets[offset:]]), 0.7, chunk_tokens=16)
+            assert torch.equal(batch[offset:offset + 7], alone), offset
+    assert alone.dtype == torch.float32
+    expected = torch.log_softmax(sequence.float() @ head.weight.T / 0.7, -1).gather(1, targets[:, None]).squeeze(1)
+    assert torch.allclose(alone, expected, atol=1e-5)  # float32, not bf16's three significant digits
 
 
 # ---------------------------------------------------------------------------------------------- data

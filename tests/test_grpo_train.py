@@ -90,6 +90,34 @@ def _tiny_batch(model_dir, tmp_path):
     return prompts, responses, rewards
 
 
+def rows_budget(prompts, responses, rows: int) -> int:
+    """A --micro-batch-tokens that holds `rows` of the longest sequence (so several micro-batches on _tiny_batch)."""
+    return rows * max(len(p) + len(r) for p, r in zip(prompts, responses))
+
+
+def test_micro_batches_by_token_budget_by_hand():
+    # lengths p + r = 5, 3, 8, 2; longest first: 8 | 5 3 (2 rows x 5 = 10 <= 10) | 2 (3 rows x 5 = 15 > 10)
+    prompts, responses = [[1] * 3, [1] * 2, [1] * 4, [1]], [[2] * 2, [2], [2] * 4, [2]]
+    assert grpo_train.micro_batches(prompts, responses, 10) == [[2], [0, 1], [3]]
+    assert grpo_train.micro_batches(prompts, responses, 7) == [[2], [0], [1, 3]]  # 8 > 7 alone; 2 x 3 = 6 <= 7
+    assert grpo_train.micro_batches(prompts, responses, 100) == [[2, 0, 1, 3]]
+
+
+def test_policy_logprobs_in_input_order(tiny_model, tmp_path):
+    from common import response_logprobs
+    from machinery import load_model
+
+    prompts, responses, _ = _tiny_batch(tiny_model, tmp_path)
+    model = load_model(str(tiny_model), torch.device("cpu")).eval()
+    args = grpo_train.Args(micro_batch_tokens=rows_budget(prompts, responses, 3))
+    assert len(grpo_train.micro_batches(prompts, responses, args.micro_batch_tokens)) >= 4  # 12 sequences
+    got = grpo_train.policy_logprobs(model, prompts, responses, args, 0)
+    with torch.no_grad():
+        for p, r, logprobs in zip(prompts, responses, got):
+            alone, _ = response_logprobs(model, [p], [r], args.temperature, 0)
+            assert logprobs.shape == (len(r),) and torch.allclose(logprobs, alone[0], atol=1e-6)
+
+
 @pytest.mark.parametrize("loss_agg,checkpointing", [("token-mean", False), ("seq-mean-token-mean", False),
                                                      ("token-mean", True)])
 def test_update_gradient_equals_policy_gradient_formula(tiny_model, tmp_path, loss_agg, checkpointing):
@@ -98,7 +126,8 @@ def test_update_gradient_equals_policy_gradient_formula(tiny_model, tmp_path, lo
 
     prompts, responses, rewards = _tiny_batch(tiny_model, tmp_path)
     advantages = group_advantages(rewards).flatten()
-    args = grpo_train.Args(kl_coef=0.0, entropy_coef=0.0, loss_agg=loss_agg, micro_batch_size=5, grad_clip=1e9)
+    args = grpo_train.Args(kl_coef=0.0, entropy_coef=0.0, loss_agg=loss_agg, grad_clip=1e9,
+                           micro_batch_tokens=rows_budget(prompts, responses, 5))  # 3 micro-batches or more
     model = load_model(str(tiny_model), torch.device("cpu"))
     M.disable_dropout(model)
     model.train()  # as grpo_train.py trains: train mode, dropout off
@@ -130,7 +159,7 @@ def test_update_kl_zero_when_policy_is_reference(tiny_model, tmp_path):
     model = load_model(str(tiny_model), torch.device("cpu")).eval()
     ref = load_model(str(tiny_model), torch.device("cpu")).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    args = grpo_train.Args(kl_coef=0.1, micro_batch_size=4)
+    args = grpo_train.Args(kl_coef=0.1, micro_batch_tokens=rows_budget(prompts, responses, 4))
     advantages = group_advantages(rewards).flatten()
     first = grpo_train.grpo_update(model, ref, optimizer, prompts, responses, advantages, args, 0)
     assert first["kl"] == 0.0 and first["clip_fraction"] == 0.0
@@ -145,7 +174,8 @@ def test_old_logprobs_taken_before_the_first_update_make_the_clip_act(tiny_model
 
     prompts, responses, rewards = _tiny_batch(tiny_model, tmp_path)
     advantages = group_advantages(rewards).flatten()
-    args = grpo_train.Args(kl_coef=0.0, entropy_coef=0.0, micro_batch_size=5, grad_clip=1e9, clip=0.05)
+    args = grpo_train.Args(kl_coef=0.0, entropy_coef=0.0, grad_clip=1e9, clip=0.05,
+                           micro_batch_tokens=rows_budget(prompts, responses, 5))
     tokens = sum(len(r) for r in responses)
     gradients = []
     for take_old_first in (False, True):  # pi_old = the forward pass itself, or a separate pass before: same update
@@ -210,7 +240,7 @@ def toy_flags(model_dir, data, out, steps, *extra):
     return ["grpo_train.py", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--steps", str(steps),
             "--batch-prompts", "8", "--group-size", "8", "--lr", "2e-3", "--max-new-tokens", "3",
             "--eval-max-new-tokens", "3", "--system-prompt", "", "--backend", "hf", "--kl-coef", "0.001",
-            "--micro-batch-size", "32", *extra]
+            "--micro-batch-tokens", "256", *extra]  # prompt 5 + response <= 3 tokens: 32 rows
 
 
 def test_script_learns_the_toy_and_writes_a_loadable_checkpoint(digit_toy, tmp_path):
@@ -249,8 +279,8 @@ def test_script_learns_the_toy_and_writes_a_loadable_checkpoint(digit_toy, tmp_p
 def test_script_with_ppo_epochs_and_mini_batches(digit_toy, tmp_path):
     model_dir, data = digit_toy
     out = tmp_path / "ckpt"
-    run_script(*toy_flags(model_dir, data, out, 2, "--ppo-epochs", "2", "--mini-batches", "2", "--clip", "0.05"),
-               env=ENV)
+    run_script(*toy_flags(model_dir, data, out, 2, "--ppo-epochs", "2", "--mini-batches", "2", "--clip", "0.05",
+                          "--gradient-checkpointing", "on"), env=ENV)
     lines = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
     assert [m["stage_step"] for m in lines] == [1, 2]
     assert all(m["ratio_mean"] != pytest.approx(1.0, abs=1e-6) and m["clip_fraction"] > 0 for m in lines)
@@ -315,6 +345,9 @@ def test_bad_flags_give_clear_errors(digit_toy, tmp_path):
     with pytest.raises(DataError, match="missing.jsonl: no such file"):
         grpo_train.main(parse_args(grpo_train.Args, toy_flags(model_dir, tmp_path / "missing.jsonl", tmp_path / "x",
                                                               1)[1:]))
+    with pytest.raises(DataError, match="--gradient-checkpointing must be auto, on or off"):
+        grpo_train.main(parse_args(grpo_train.Args, toy_flags(model_dir, data, tmp_path / "x", 1,
+                                                              "--gradient-checkpointing", "yes")[1:]))
     with pytest.raises(DataError, match="--model is required"):
         grpo_train.main(parse_args(grpo_train.Args, ["--data", str(data), "--out", str(tmp_path / "x")]))
 
@@ -357,8 +390,9 @@ VLLM_CHECK = textwrap.dedent("""
         engine.push_weights(model)
         result["vllm_synced"] = greedy(engine)
         result["hf_perturbed"] = greedy(hf_sampler)
-        sampled = engine.generate(prompts[:2], 4, 1.0, 1.0, 6, [123, 127])
-        result["sampled_again_equal"] = sampled == engine.generate(prompts[:2], 4, 1.0, 1.0, 6, [123, 127])
+        sampled = engine.generate(prompts[:2], 4, 1.0, 1.0, 6, seed=123)
+        result["sampled_again_equal"] = sampled == engine.generate(prompts[:2], 4, 1.0, 1.0, 6, seed=123)
+        result["other_seed_differs"] = sampled != engine.generate(prompts[:2], 4, 1.0, 1.0, 6, seed=124)
         result["sampled_distinct"] = len({tuple(s) for s in sampled[0]}) > 1
         print("RESULT " + json.dumps(result))
 """)
@@ -382,7 +416,8 @@ def test_vllm_backend_trains_and_its_greedy_ids_equal_the_trainer_after_a_push(d
     assert found["vllm_after_training"] == found["hf_trained"]
     assert found["vllm_stale"] != found["hf_perturbed"]  # the check can fail: without a push the ids differ
     assert found["vllm_synced"] == found["hf_perturbed"]
-    assert found["sampled_again_equal"] and found["sampled_distinct"]  # seeded per request, G distinct samples
+    assert found["sampled_again_equal"] and found["sampled_distinct"]  # one seed per call, G distinct samples
+    assert found["other_seed_differs"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,7 +430,7 @@ DISTRIBUTED_CHECK = textwrap.dedent("""
     import machinery as M
 
     if __name__ == "__main__":
-        model_dir, rollouts, out = sys.argv[1:4]
+        model_dir, rollouts, out, micro_batch_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
         rank, world_size, _ = M.init_distributed()
         rows = common.read_rollouts(rollouts)
         share = len(rows) // world_size
@@ -413,7 +448,8 @@ DISTRIBUTED_CHECK = textwrap.dedent("""
                     p.add_(torch.randn_like(p) * 0.05)
             trainer = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
             optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # (Adam's first step would hide the gradient)
-            args = grpo_train.Args(loss_agg=loss_agg, kl_coef=0.1, entropy_coef=0.01, micro_batch_size=5)
+            args = grpo_train.Args(loss_agg=loss_agg, kl_coef=0.1, entropy_coef=0.01,
+                                   micro_batch_tokens=micro_batch_tokens)
             sums = grpo_train.grpo_update(trainer, ref, optimizer, prompts, responses, advantages, args, 0)
             loss, kl = M.all_sum([sums["loss"], sums["kl"]], torch.device("cpu"))
             result[loss_agg] = {"loss": loss, "kl": kl, "grad_norm": sums["grad_norm"],
@@ -425,12 +461,17 @@ DISTRIBUTED_CHECK = textwrap.dedent("""
 
 
 def test_two_processes_equal_one(tiny_model, tmp_path):
-    make_synthetic_rollouts(tiny_model, tmp_path / "rollouts.jsonl", n_prompts=4, k=4)
+    rows = make_synthetic_rollouts(tiny_model, tmp_path / "rollouts.jsonl", n_prompts=4, k=4)
+    halves = [([r["prompt_ids"] for r in part for _ in r["response_ids"]],
+               [ids for r in part for ids in r["response_ids"]]) for part in (rows[:2], rows[2:])]
+    # a token budget under which the two ranks run different numbers of micro-batches (DDP must still sum right)
+    budget = next(b for b in range(8, 200) if len({len(grpo_train.micro_batches(*half, b)) for half in halves}) == 2)
     script = tmp_path / "distributed_check.py"
     script.write_text(DISTRIBUTED_CHECK)
-    run_script(str(script), str(tiny_model), str(tmp_path / "rollouts.jsonl"), str(tmp_path / "one.json"), env=ENV)
+    run_script(str(script), str(tiny_model), str(tmp_path / "rollouts.jsonl"), str(tmp_path / "one.json"),
+               str(budget), env=ENV)
     run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613", str(script),
-               str(tiny_model), str(tmp_path / "rollouts.jsonl"), str(tmp_path / "two.json"), env=ENV)
+               str(tiny_model), str(tmp_path / "rollouts.jsonl"), str(tmp_path / "two.json"), str(budget), env=ENV)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     start = json.loads(json.dumps(torch.cat([p.flatten() for p in M.load_model(
         str(tiny_model), torch.device("cpu")).parameters()]).tolist()))

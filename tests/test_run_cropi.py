@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -103,9 +104,36 @@ def test_kill_and_resume_gives_the_same_artefacts(smoke_run, tmp_path):
     ({"STAGES": "two"}, "STAGES=two is not a whole number"),
     ({"RATIO": "-1"}, "RATIO=-1 is not a number"),
     ({"PRESET": "huge"}, "PRESET=huge"),
-    ({"MODEL": "/nonexistent/model", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y.jsonl"}, "data file x.jsonl not found"),
+    ({"MODEL": "/nonexistent/model", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y.jsonl"},
+     "MODEL=/nonexistent/model: no such folder (and not a hub name 'org/name')"),
+    ({"MODEL": "org/model", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y.jsonl"}, "data file x.jsonl not found"),
 ])
 def test_bad_configuration_is_rejected(tmp_path, env, message):
     result = run_loop(tmp_path / "bad", check=False, **env)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_a_malformed_data_file_is_refused_before_any_model_is_loaded(tmp_path):
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text('{"prompt": "1+1", "answer": "2"}\n')
+    bad.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": \n')
+    result = run_loop(tmp_path / "bad_run", check=False, MODEL="org/model", TRAIN_DATA=str(good), VAL_DATA=str(good),
+                      TEST_DATA=str(bad))
+    assert result.returncode != 0 and f"{bad}:2: not valid JSON" in result.stderr
+    assert "[run ]" not in result.stdout
+
+
+def test_changed_settings_redo_the_affected_steps_and_those_after(smoke_run, tmp_path):
+    """Rerun a finished smoke run with another GRPO learning rate: collection, sketches and stage 0's selection are
+    kept, every GRPO segment and what follows it (stage 1, the report) is redone; the same settings again skip all."""
+    out = tmp_path / "rerun"
+    shutil.copytree(smoke_run, out, symlinks=True)
+    result = run_loop(out, LR="1e-4")
+    assert "[skip] collect rollouts: train (done)" in result.stdout
+    assert "[skip] select data (cropi) (done)" in result.stdout  # stage 0's selection does not depend on LR
+    assert "[redo] GRPO: 3 steps: made with other settings or inputs" in result.stdout
+    assert "[redo] sketch gradients: train" in result.stdout  # stage 1 sketches the new checkpoint
+    assert "[redo] report" in result.stdout and "Done:" in result.stdout
+    again = run_loop(out, LR="1e-4")
+    assert "Already finished" in again.stdout and "[run ]" not in again.stdout

@@ -103,11 +103,23 @@ def test_rank_descending_breaks_ties_by_row_index_and_skips_ineligible():
 def test_cosine_to_targets_by_hand():
     chunk = np.array([[3, 4], [0, 0], [np.nan, 1], [-2, 0]], dtype=np.float32)
     unit_targets = np.array([[1, SQRT_HALF], [0, SQRT_HALF]], dtype=np.float32)  # (1,0) and (1,1)/sqrt2
-    cosines, squared_norms = cosine_to_targets(chunk, unit_targets)
+    cosines, norms = cosine_to_targets(chunk, unit_targets)
     np.testing.assert_allclose(cosines[0], [0.6, 7 / 5 * SQRT_HALF], rtol=1e-6)
     np.testing.assert_allclose(cosines[3], [-1, -SQRT_HALF], rtol=1e-6)
     assert np.isnan(cosines[1]).all() and np.isnan(cosines[2]).all()
-    assert squared_norms[0] == 25 and squared_norms[1] == 0 and np.isnan(squared_norms[2])
+    assert norms[0] == 5 and norms[1] == 0 and np.isnan(norms[2])
+
+
+def test_cosine_to_targets_blocks_match_float64():
+    """float16 rows, several cache-sized blocks and a short last one: the cosines of one float64 computation."""
+    rng = np.random.default_rng(0)
+    chunk = rng.standard_normal((150, 40)).astype(np.float16)
+    targets = rng.standard_normal((40, 3))
+    targets /= np.linalg.norm(targets, axis=0)
+    cosines, norms = cosine_to_targets(chunk, targets.astype(np.float32), block_rows=64)
+    x = chunk.astype(np.float64)
+    np.testing.assert_allclose(norms, np.linalg.norm(x, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(cosines, x @ targets / np.linalg.norm(x, axis=1)[:, None], atol=1e-6)
 
 
 def test_reciprocal_rank_fusion_by_hand():

@@ -14,6 +14,7 @@ import torch
 
 from conftest import ROOT, make_synthetic_rollouts, run_script
 from common import group_advantages, response_logprobs
+import select_data
 import sketch_grads as sg
 
 
@@ -108,18 +109,68 @@ def test_flatten_kept_gradient_order():
     assert out.tolist() == [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0]
 
 
+def test_gradient_pieces_by_hand():
+    # parameters of sizes 3, 2 (no .grad), 5 hold flat coordinates [0,3) [3,5) [5,10); blocks of 4: [0,4) [4,8) [8,12)
+    a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (3, 2, 5))
+    a.grad, c.grad = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([5.0, 6.0, 7.0, 8.0, 9.0])
+    pieces = [(block, start, piece.tolist()) for block, start, piece in sg.M.gradient_pieces([a, b, c], 4)]
+    # a: block 0 from 0; b: none; c starts at flat 5 = block 1 position 1, crosses into block 2 at flat 8
+    assert pieces == [(0, 0, [1.0, 2.0, 3.0]), (1, 1, [5.0, 6.0, 7.0]), (2, 0, [8.0, 9.0])]
+    assert pieces[1][2] and next(sg.M.gradient_pieces([c], 4))[2].data_ptr() == c.grad.data_ptr()  # no copy
+
+
 def explicit_countsketch_matrix(d, n, seed):
-    """The d x N matrix CountSketch applies, built from the same per-chunk hashes."""
+    """The d x N matrix CountSketch applies: row i holds s(i) = +1 (r odd) or -1 (r even) in column h(i) = r // 2."""
     matrix = torch.zeros(d, n)
-    for chunk, start in enumerate(range(0, d, sg.HASH_CHUNK)):
-        size = min(sg.HASH_CHUNK, d - start)
-        buckets, signs = sg.countsketch_hash(seed, chunk, size, n, CPU)
-        matrix[torch.arange(start, start + size), buckets] = signs
+    for block, start in enumerate(range(0, d, sg.HASH_BLOCK)):
+        size = min(sg.HASH_BLOCK, d - start)
+        draws = sg.countsketch_draws(seed, block, n, CPU)[:size].long()
+        matrix[torch.arange(start, start + size), draws // 2] = (draws % 2 * 2 - 1).float()
     return matrix
 
 
+def test_countsketch_draws_depend_on_seed_and_block_only(monkeypatch):
+    monkeypatch.setattr(sg, "HASH_BLOCK", 1000)
+    draws = sg.countsketch_draws(seed=5, block=2, proj_dim=4, device=CPU)
+    assert draws.shape == (1000,) and draws.min() == 0 and draws.max() == 7  # r in [0, 2N) = [0, 8)
+    assert torch.equal(draws, sg.countsketch_draws(5, 2, 4, CPU))
+    assert not torch.equal(draws, sg.countsketch_draws(5, 3, 4, CPU))
+    assert not torch.equal(draws, sg.countsketch_draws(6, 2, 4, CPU))
+
+
+def test_countsketch_by_hand(monkeypatch):
+    # N = 4, blocks of 4 coordinates; r of block 0 = [5, 2, 0, 7], of block 1 = [1, 6, 3, 3]
+    # r = 5: bucket 2, sign + | r = 2: bucket 1, sign - | r = 0: bucket 0, sign - | r = 7: bucket 3, sign +
+    # r = 1: bucket 0, sign + | r = 6: bucket 3, sign -
+    # g = [1, 10, 100, 1000, 2, 20] -> sketch = [-100 + 2, -10, +1, +1000 - 20] = [-98, -10, 1, 980]
+    fixed = {0: [5, 2, 0, 7], 1: [1, 6, 3, 3]}
+    monkeypatch.setattr(sg, "HASH_BLOCK", 4)
+    monkeypatch.setattr(sg, "countsketch_draws", lambda seed, block, n, device: torch.tensor(fixed[block],
+                                                                                         dtype=torch.int32))
+    g = torch.tensor([[1.0, 10.0, 100.0, 1000.0, 2.0, 20.0]])
+    assert sg.countsketch_project(g, 4, seed=0).tolist() == [[-98.0, -10.0, 1.0, 980.0]]
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))  # flat [0,3) and [3,6)
+    a.grad, b.grad = g[0, :3].clone(), g[0, 3:].clone()
+    assert sg.countsketch_gradient([a, b], 4, seed=0).tolist() == [-98.0, -10.0, 1.0, 980.0]
+
+
+def test_streamed_countsketch_equals_flattened(monkeypatch):
+    """Hashing each .grad in place gives countsketch_project of the flattened gradient (blocks cut across
+    parameters, a parameter without .grad counting as zeros)."""
+    monkeypatch.setattr(sg, "HASH_BLOCK", 64)
+    generator = torch.Generator().manual_seed(0)
+    parameters = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(10, 7), (3,), (50,), (4, 40), (1,)]]
+    for p in parameters:
+        p.grad = torch.randn(p.shape, generator=generator)
+    parameters[2].grad = None
+    flat = torch.cat([torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1) for p in parameters])
+    streamed = sg.countsketch_gradient(parameters, 16, seed=9)
+    torch.testing.assert_close(streamed, sg.countsketch_project(flat[None], 16, seed=9)[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(streamed, sg.countsketch_gradient(parameters, 16, seed=10))
+
+
 def test_countsketch_is_one_signed_entry_per_coordinate(monkeypatch):
-    monkeypatch.setattr(sg, "HASH_CHUNK", 64)  # several hash chunks
+    monkeypatch.setattr(sg, "HASH_BLOCK", 64)  # several hash blocks
     grads = torch.randn(3, 200, dtype=torch.float64)
     matrix = explicit_countsketch_matrix(200, 16, seed=5).double()
     assert torch.allclose(sg.countsketch_project(grads, 16, seed=5), grads @ matrix)
@@ -239,7 +290,7 @@ def test_gradient_checkpointing_and_kept_subset(tiny_model, rollouts, tmp_path):
     path, rows = rollouts
     full, kept = tmp_path / "full.npy", tmp_path / "kept.npy"
     sg.main(sg.Args(model=str(tiny_model), rollouts=str(path), out=str(full), projector="none", sparse_ratio=1.0,
-                    gradient_checkpointing=True))
+                    gradient_checkpointing="on"))
     sg.main(sg.Args(model=str(tiny_model), rollouts=str(path), out=str(kept), projector="none", sparse_ratio=0.3,
                     seed=7))
     full_sketch = np.load(full)
@@ -252,21 +303,83 @@ def test_gradient_checkpointing_and_kept_subset(tiny_model, rollouts, tmp_path):
 
 
 def test_projected_sketch_matches_projection_of_full_gradient(tiny_model, rollouts, tmp_path):
-    """The default projector run as a user would: same subset + hash as projecting the exact gradient by hand."""
+    """The default (every .grad hashed in place, F = 1) run as a user would: the same numbers as countsketch_project
+    of the exact flattened gradient; and the release's F = 0.1 (the flattened path) as its kept subset projected."""
     path, rows = rollouts
     full = tmp_path / "full.npy"
     sg.main(sg.Args(model=str(tiny_model), rollouts=str(path), out=str(full), projector="none", sparse_ratio=1.0))
-    out = tmp_path / "sketch.npy"
-    result = run_script("sketch_grads.py", "--model", str(tiny_model), "--rollouts", str(path), "--out", str(out),
-                        "--proj-dim", "512", "--seed", "3", "--dtype", "float16", env={"OMP_NUM_THREADS": "1"})
-    assert "wrote" in result.stdout
-    sketch, meta = np.load(out), json.loads(out.with_suffix(".json").read_text())
-    assert sketch.dtype == np.float16 and sketch.shape == (8, 512)
-    assert {k: meta[k] for k in ("projector", "seed", "sparse_ratio", "proj_dim", "dtype")} == {
-        "projector": "countsketch", "seed": 3, "sparse_ratio": 0.1, "proj_dim": 512, "dtype": "float16"}
-    positions = sg.kept_coordinates(meta["num_params"], 0.1, 3, CPU)
-    by_hand = sg.countsketch_project(torch.from_numpy(np.load(full))[:, positions], 512, 3).numpy()
-    np.testing.assert_allclose(sketch.astype(np.float32), by_hand, rtol=2e-3, atol=2e-3 * np.abs(by_hand).max())
+    exact = torch.from_numpy(np.load(full))
+    for sparse_ratio in ("default", "0.1"):
+        out = tmp_path / f"sketch_{sparse_ratio}.npy"
+        flags = [] if sparse_ratio == "default" else ["--sparse-ratio", sparse_ratio]
+        result = run_script("sketch_grads.py", "--model", str(tiny_model), "--rollouts", str(path), "--out", str(out),
+                            "--proj-dim", "512", "--seed", "3", *flags, env={"OMP_NUM_THREADS": "1"})
+        assert "wrote" in result.stdout
+        sketch, meta = np.load(out), json.loads(out.with_suffix(".json").read_text())
+        assert sketch.dtype == np.float32 and sketch.shape == (8, 512)
+        ratio = 1.0 if sparse_ratio == "default" else 0.1
+        assert {k: meta[k] for k in ("projector", "seed", "sparse_ratio", "proj_dim", "dtype")} == {
+            "projector": "countsketch", "seed": 3, "sparse_ratio": ratio, "proj_dim": 512, "dtype": "float32"}
+        positions = sg.kept_coordinates(meta["num_params"], ratio, 3, CPU)
+        by_hand = sg.countsketch_project(exact[:, positions], 512, 3).numpy()
+        assert meta["kept_coordinates"] == len(positions)
+        np.testing.assert_allclose(sketch, by_hand, rtol=1e-4, atol=1e-5 * np.abs(by_hand).max())
+    half = tmp_path / "half.npy"
+    sg.main(sg.Args(model=str(tiny_model), rollouts=str(path), out=str(half), proj_dim=512, seed=3, dtype="float16"))
+    assert np.load(half).dtype == np.float16
+    np.testing.assert_allclose(np.load(half).astype(np.float32), np.load(tmp_path / "sketch_default.npy"),
+                               rtol=2e-3, atol=2e-3 * np.abs(by_hand).max())
+
+
+@pytest.mark.parametrize("projector, sparse_ratio", [("countsketch", 1.0), ("gaussian", 0.5), ("none", 0.3)])
+def test_validation_mean_is_the_mean_of_per_prompt_sketches(tiny_model, rollouts, tmp_path, projector, sparse_ratio):
+    """--mean-of-rows: one backward pass over the sampled prompts (each weighted 1/m), one projection = the mean
+    of their per-prompt sketches; select_data.validation_target takes it as g_v, as it would average the rows."""
+    path, rows = rollouts
+    settings = dict(model=str(tiny_model), rollouts=str(path), projector=projector, sparse_ratio=sparse_ratio,
+                    proj_dim=64, seed=3, chunk_prompts=3)
+    per_prompt, mean = tmp_path / "rows.npy", tmp_path / "mean.npy"
+    sg.main(sg.Args(**settings, out=str(per_prompt)))
+    meta = sg.main(sg.Args(**settings, out=str(mean), mean_of_rows=4, mean_seed=5))
+    mixed = np.array([i for i, row in enumerate(rows) if not sg.is_zero_gradient(row["rewards"])])
+    sample = select_data.sample_rows(mixed, 4, seed=5)  # 4 of the 6 rows with mixed rewards
+    assert len(mixed) == 6 and meta["mean_of"]["rows"] == sample.tolist() and meta["mean_of"]["count"] == 4
+    assert meta["rows"] == 1 and meta["ids"] == ["mean"] and meta["zero_rows"] == meta["nonfinite_rows"] == []
+    assert meta["mean_of"]["ids"] == [rows[i]["id"] for i in sample]
+    sketches = np.load(per_prompt)
+    expected = sketches[sample].astype(np.float64).mean(axis=0)
+    assert np.load(mean).shape == (1, sketches.shape[1])
+    np.testing.assert_allclose(np.load(mean)[0], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    assert not np.allclose(expected, sketches[mixed].mean(axis=0))  # the sample matters: not all 6 rows
+
+    train_meta = json.loads(per_prompt.with_suffix(".json").read_text())
+    from_rows, _ = select_data.validation_target(str(per_prompt), train_meta, "t.npy", max_val=4, seed=5)
+    from_mean, info = select_data.validation_target(str(mean), train_meta, "t.npy", max_val=100, seed=0)
+    np.testing.assert_allclose(from_mean, from_rows, rtol=1e-4, atol=1e-5 * np.abs(from_rows).max())
+    assert info["rows_averaged"] == 4 and info["averaged_row_indices"] == sample.tolist() and info["rows"] == 1
+    assert info["mean_of"]["seed"] == 5
+
+
+def test_mean_of_rows_sample_is_select_datas_sample():
+    rows = [{"rewards": [0, 1] if i % 3 else [1, 1]} for i in range(40)]  # rows 0, 3, 6, ... have no gradient
+    mixed = np.array([i for i in range(40) if i % 3])
+    for max_rows, seed in ((5, 0), (5, 1), (26, 2), (100, 0)):
+        np.testing.assert_array_equal(sg.mean_of_rows_sample(rows, max_rows, seed),
+                                      select_data.sample_rows(mixed, max_rows, seed))
+    assert len(sg.mean_of_rows_sample([{"rewards": [1, 1]}], 5, 0)) == 0
+
+
+def test_gradient_checkpointing_setting(tiny_model, monkeypatch):
+    dropout_off = lambda model: all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    model = sg.M.load_model_for_gradients(str(tiny_model), CPU, "auto")  # auto on a CPU: off, eval mode
+    assert not model.is_gradient_checkpointing and not model.training
+    for setting, device in (("on", CPU), ("auto", torch.device("cuda"))):
+        load_on_cpu = lambda path, device, load=sg.M.load_model: load(path, CPU)  # stand-in for a CUDA load
+        monkeypatch.setattr(sg.M, "load_model", load_on_cpu)
+        model = sg.M.load_model_for_gradients(str(tiny_model), device, setting)
+        assert model.is_gradient_checkpointing and model.training and dropout_off(model)
+        monkeypatch.undo()
+    assert not sg.M.load_model_for_gradients(str(tiny_model), CPU, "off").is_gradient_checkpointing
 
 
 def test_nonfinite_rows_flagged(tiny_model, rollouts, tmp_path):
@@ -305,10 +418,20 @@ def test_resume_uses_finished_chunks_and_refuses_other_settings(tiny_model, roll
 
 
 def test_bad_flags_are_refused(tiny_model, rollouts, tmp_path):
-    path, _ = rollouts
+    path, rows = rollouts
     result = run_script("sketch_grads.py", "--model", str(tiny_model), "--rollouts", str(path), "--out",
                         str(tmp_path / "x.npy"), "--projector", "fjlt", check=False)
     assert result.returncode != 0 and "--projector must be one of" in result.stderr
+    for flags, message in ((["--gradient-checkpointing", "yes"], "--gradient-checkpointing must be one of auto"),
+                           (["--mean-of-rows", "-1"], "--mean-of-rows >= 0")):
+        with pytest.raises(sg.DataError, match=message):
+            sg.main(sg.M.parse_args(sg.Args, ["--model", str(tiny_model), "--rollouts", str(path), "--out",
+                                              str(tmp_path / "x.npy"), *flags]))
+    all_equal = tmp_path / "all_equal.jsonl"  # no prompt with mixed rewards: no validation mean to make
+    all_equal.write_text(json.dumps(rows[3]) + "\n")
+    assert sg.is_zero_gradient(rows[3]["rewards"])
+    with pytest.raises(sg.DataError, match="no prompt .* has mixed rewards"):
+        sg.main(sg.Args(model=str(tiny_model), rollouts=str(all_equal), out=str(tmp_path / "m.npy"), mean_of_rows=5))
 
 
 def test_torchrun_two_processes_write_the_same_file(tiny_model, rollouts, tmp_path):
@@ -325,3 +448,23 @@ def test_torchrun_two_processes_write_the_same_file(tiny_model, rollouts, tmp_pa
     np.testing.assert_array_equal(np.load(double), np.load(single))
     one, two = (json.loads(p.with_suffix(".json").read_text()) for p in (single, double))
     assert one == two
+
+
+def test_torchrun_validation_mean_sums_the_process_shares(tiny_model, rollouts, tmp_path):
+    """--mean-of-rows under torchrun: each process backpropagates its share of the sample, the sketches are summed
+    (all-reduce): the same row as one process, up to float rounding (the sums are added in another order)."""
+    path, _ = rollouts
+    common = ["--model", str(tiny_model), "--rollouts", str(path), "--proj-dim", "256", "--mean-of-rows", "5",
+              "--mean-seed", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    single, double = tmp_path / "one.npy", tmp_path / "two.npy"
+    run_script("sketch_grads.py", *common, "--out", str(single), env={"OMP_NUM_THREADS": "1"})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29533", "sketch_grads.py", *common, "--out", str(double)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = np.load(single)
+    assert one.shape == (1, 256) and np.abs(one).max() > 0
+    np.testing.assert_allclose(np.load(double), one, rtol=1e-5, atol=1e-6 * np.abs(one).max())
+    one_meta, two_meta = (json.loads(p.with_suffix(".json").read_text()) for p in (single, double))
+    assert one_meta == two_meta and one_meta["mean_of"]["count"] == 5
