@@ -128,8 +128,8 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
 # Per-token log-probs of responses (shared by behaviour policy beta and current policy pi_theta)
 # ----------------------------------------------------------------------------------------------
 
-# A chunk of the LM head holds at most this many logits (256 MB in float32): 441 tokens of a 151,936-token
-# vocabulary. The full [B, T, vocab] logits of a long batch would not fit (16,384 tokens x 151,936 x 4 bytes = 10 GB).
+# A chunk of the LM head holds at most this many logits (256 MiB in float32): 441 tokens of a 151,936-token
+# vocabulary. The full logits of a micro-batch are far larger: 16,384 tokens x 151,936 x 4 bytes = 10 GB per copy.
 LOGITS_PER_CHUNK = 2 ** 26
 # ... and at most this many tokens: the last chunk is padded to the full chunk, which must stay cheap for a small
 # vocabulary (the demo's 99 words would otherwise make chunks of 677,000 tokens).

@@ -852,18 +852,20 @@ def map_sketch_chunks(function, sketch: np.memmap, chunk_rows: int, desc: str) -
 @contextlib.contextmanager
 def reading_ahead(path: str, window: int = 64 << 20):
     """While the with-block runs, a background thread pulls the file (none if path is "") into the page cache, at
-    most the memory free now: it touches one byte per page through short-lived maps, so nothing is copied, and
-    numpy releases the GIL meanwhile. A file not yet cached then comes from disk while the block computes."""
+    most half the memory free now (more would push out other files, such as the one the block reads). It touches
+    one byte per page through short-lived maps, so nothing is copied, with a torch op, which releases the GIL while
+    the disk answers (numpy's max would hold it and stall the block). A file not yet cached then comes from disk
+    while the block computes."""
     stop = threading.Event()
     free_memory = os.sysconf("SC_AVPHYS_PAGES") * mmap.PAGESIZE
-    size = min(os.path.getsize(path), free_memory) if path and os.path.isfile(path) else 0
+    size = min(os.path.getsize(path), free_memory // 2) if path and os.path.isfile(path) else 0
 
     def touch() -> None:
         for start in range(0, size, window):
             if stop.is_set():
                 return
-            part = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(min(window, size - start),))
-            part[::mmap.PAGESIZE].max()  # one byte per page: the kernel reads the page in
+            part = np.memmap(path, dtype=np.uint8, mode="c", offset=start, shape=(min(window, size - start),))
+            torch.from_numpy(part)[::mmap.PAGESIZE].max()  # one byte per page: the kernel reads the page in
 
     thread = threading.Thread(target=touch, daemon=True)
     thread.start()

@@ -221,7 +221,9 @@ def plot(results: dict, path: Path) -> None:
         if found:
             axes.plot(*zip(*found), marker="o", label=stage)
     axes.axhline(3.0, color="grey", linestyle="--", linewidth=1, label="3 GB")
+    lengths = sorted({p["length"] for p in results["points"].values()})
     axes.set_xscale("log", base=2)
+    axes.set_xticks(lengths, [str(n) for n in lengths])
     axes.set_xlabel("response length L (tokens)")
     axes.set_ylabel("peak resident memory (GB)")
     axes.set_title(f"vocabulary {results['setup']['vocab_size']:,}, tiny body, CPU")

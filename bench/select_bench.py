@@ -153,13 +153,14 @@ def time_select(checkout: Path, work: Path, args: Args, out: Path) -> dict:
 
 
 def compare_outputs(this: Path, other: Path) -> dict:
-    """How far two select_data.py outputs on the same files agree: the subset (as a set, in order), scores.npy."""
+    """How far two select_data.py outputs on the same files agree: the subset (as a set, in order), scores.npy
+    (columns: pass rate, cosine per validation set, fused score)."""
     ids = [[json.loads(line)["id"] for line in (folder / "subset.jsonl").open()] for folder in (this, other)]
     scores = [np.load(folder / "scores.npy") for folder in (this, other)]
     return {"same_subset_set": set(ids[0]) == set(ids[1]), "subset_size": len(ids[0]),
             "same_position_in_subset": sum(a == b for a, b in zip(*ids)),
             "same_nan_scores": bool((np.isnan(scores[0]) == np.isnan(scores[1])).all()),
-            "scores_max_abs_difference": float(np.nanmax(np.abs(scores[0] - scores[1])))}
+            "scores_max_abs_difference_per_column": np.nanmax(np.abs(scores[0] - scores[1]), axis=0).tolist()}
 
 
 def markdown_report(report: dict, command: str) -> str:

@@ -240,7 +240,9 @@ def toy_flags(model_dir, data, out, steps, *extra):
     return ["grpo_train.py", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--steps", str(steps),
             "--batch-prompts", "8", "--group-size", "8", "--lr", "2e-3", "--max-new-tokens", "3",
             "--eval-max-new-tokens", "3", "--system-prompt", "", "--backend", "hf", "--kl-coef", "0.001",
-            "--micro-batch-tokens", "256", *extra]  # prompt 5 + response <= 3 tokens: 32 rows
+            "--micro-batch-tokens", "256",  # prompt 5 + response <= 3 tokens: 32 rows
+            "--last-number-when-cut",  # the toy's 3-token limit cuts many answers before their EOS: grade them too
+            *extra]
 
 
 def test_script_learns_the_toy_and_writes_a_loadable_checkpoint(digit_toy, tmp_path):

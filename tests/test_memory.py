@@ -2,9 +2,9 @@
 small scale. collect's log-prob pass, sketch_grads.py at its defaults (2 prompts x 8 responses) and one grpo_train.py
 step (2 prompts x 4 samples, hf backend, default micro-batching) must each peak under 3 GB resident.
 
-The responses are 256 tokens long here, to keep the test short (three child processes); bench/memory_bench.py
-measures 256 to 2,048 tokens (bench/results/memory_bench.md). Before the chunked LM head these passes held the
-[tokens, 151,936] logits whole: 8 responses of 256 tokens are 1.3 GB per float32 copy of them.
+The responses are 128 tokens long here, to keep the test near a minute (three child processes);
+bench/memory_bench.py measures 256 to 2,048 tokens (bench/results/memory_bench.md). Before the chunked LM head
+these passes held the [tokens, 151,936] logits whole, and at 128 tokens they peaked at 4.6 to 5.0 GB.
 """
 
 import sys
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import memory_bench as mb  # noqa: E402
 
-LENGTH = 256
+LENGTH = 128
 
 
 def test_child_peak_is_the_child_own_memory():

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import make_synthetic_rollouts, run_script
 from common import DataError, pass_rate_histogram
-from machinery import check_sketches_match
+from machinery import (check_sketches_match, map_sketch_chunks, read_selection_pool, reading_ahead,
+                       write_json_rows)
 from select_data import (cosine_to_targets, learnability_order, num_to_select, pass_rate_order, rank_descending,
                          reciprocal_rank_fusion, sample_rows)
 
@@ -172,6 +174,45 @@ def test_sketch_metadata_mismatch_names_the_field(field):
     with pytest.raises(DataError, match=f"'{field}'.*train.npy.*val.npy"):
         check_sketches_match(META, "train.npy", other, "val.npy")
     check_sketches_match(META, "train.npy", {**META, "model": "other checkpoint"}, "val.npy")
+
+
+def test_map_sketch_chunks_keeps_row_order_on_several_threads(tmp_path):
+    sketch = np.arange(40, dtype=np.float16).reshape(20, 2)
+    np.save(tmp_path / "s.npy", sketch)
+    mapped = np.load(tmp_path / "s.npy", mmap_mode="r")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two chunks at a time, on any machine
+    try:
+        with reading_ahead(str(tmp_path / "s.npy")):  # pulls the file into the page cache meanwhile
+            chunks = map_sketch_chunks(lambda rows: rows[:, 0].float().numpy().copy(), mapped, 3, "test")
+    finally:
+        torch.set_num_threads(threads)
+    assert [len(c) for c in chunks] == [3] * 6 + [2] and np.concatenate(chunks).tolist() == sketch[:, 0].tolist()
+
+
+def test_read_selection_pool_keeps_data_fields_and_refuses_bad_rows(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"id": "a", "prompt": "1+1", "answer": "2", "rewards": [1, 0], "skill": "add", "x": 1}\n\n'
+                    '{"id": "b", "prompt": "2+2", "answer": "4", "rewards": [1, 1, 1, 0]}\n')
+    rows, pass_rates = read_selection_pool(str(path))
+    assert rows == [{"id": "a", "prompt": "1+1", "answer": "2", "skill": "add"},
+                    {"id": "b", "prompt": "2+2", "answer": "4"}]
+    assert pass_rates.tolist() == [0.5, 0.75]
+    for text, error in (('{"id": "a", "prompt": "p", "answer": "1", "rewards": []}\n', "r.jsonl:1: a rollout row"),
+                        ('{"id": "a", "prompt": "p", "answer": "1", "rewards": [1]}\n' * 2, "duplicate id 'a'"),
+                        ('{"id": "a", "prompt": \n', "r.jsonl:1: not valid JSON"), ("\n", "no rollouts")):
+        path.write_text(text)
+        with pytest.raises(DataError, match=error):
+            read_selection_pool(str(path))
+
+
+def test_write_json_rows_is_json_with_one_line_per_row(tmp_path):
+    selection = {"method": "cropi", "selected_details": [{"id": "p1", "fused": 0.5}, {"id": "p0", "fused": 0.25}],
+                 "counts": {"a": [1, 2]}}
+    write_json_rows(tmp_path / "s.json", selection, "selected_details")
+    text = (tmp_path / "s.json").read_text()
+    assert json.loads(text) == selection
+    assert '\n    {"id": "p1", "fused": 0.5},\n    {"id": "p0", "fused": 0.25}\n' in text
 
 
 # ----------------------------------------------------------------------------------------------
