@@ -90,7 +90,7 @@ def run_ours(args: Args, model: Path, data: Path, scratch: Path, name: str, step
                "--batch-prompts", str(batch_prompts), "--group-size", str(args.group_size), "--lr", str(args.lr),
                "--kl-coef", str(args.kl_coef), "--entropy-coef", str(args.entropy_coef),
                "--max-new-tokens", str(args.max_new_tokens), "--eval-max-new-tokens", str(args.max_new_tokens),
-               "--micro-batch-size", str(batch_prompts * args.group_size), "--backend", backend,
+               "--micro-batch-tokens", "1000000", "--backend", backend,  # the whole batch in one pass
                "--seed", str(args.seed), "--save-every", "0", *extra]
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return common.read_jsonl(metrics)
