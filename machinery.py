@@ -92,6 +92,19 @@ def run_main(main, args_class) -> None:
         main(args)
     except DataError as e:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {e}")
+    print(f"{Path(sys.argv[0]).name}: {peak_memory()}", flush=True)
+
+
+def peak_memory() -> str:
+    """This process's resident high-water mark (VmHWM; not ru_maxrss, which a child inherits from its parent) and,
+    on CUDA, the peak of allocated GPU memory: the figures to hold against the memory plan."""
+    status = Path("/proc/self/status")
+    found = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
+    text = f"peak memory {int(found[1]) * 1024 / 2**30:.2f} GiB resident" if found else "peak memory unknown"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        text += f", {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated on the GPU"
+    rank = os.environ.get("RANK")
+    return f"{text} (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else text
 
 
 # ----------------------------------------------------------------------------------------------

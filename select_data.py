@@ -158,7 +158,9 @@ def validation_target(path: str, train_meta: dict, train_path: str, max_val: int
     mean_of = meta.get("mean_of")
     used = np.asarray(mean_of["rows"]) if mean_of else sample_rows(np.flatnonzero(~zero & ~nonfinite), max_val, seed)
     if len(used) == 0:
-        raise DataError(f"--val-sketch {path}: no usable rows (all {sketch.shape[0]} are zero-gradient or non-finite)")
+        raise DataError(f"--val-sketch {path}: no usable rows: all {sketch.shape[0]} have a zero gradient (every response "
+                        "of the prompt got the same reward, so every advantage is 0) or a non-finite one, so this set "
+                        "gives no direction; try more responses per prompt (VAL_K), easier prompts or a stronger model")
     target = np.asarray(sketch[[0]] if mean_of else sketch[used], dtype=np.float64).mean(axis=0)
     if not np.isfinite(target).all() or not target.any():
         raise DataError(f"--val-sketch {path}: the mean of the sampled rows is zero or not finite")

@@ -65,11 +65,13 @@ def write_splits(args: Args, data: Path) -> dict[str, str]:
 
 
 def run_loop(env: dict[str, str]) -> dict:
-    """One `bash run_cropi.sh` with these variables: exit code, seconds, the step lines and the error line."""
+    """One `bash run_cropi.sh` with these variables: exit code, seconds, the step lines with each stage's peak memory,
+    and the error line."""
     start = time.perf_counter()
     full_env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHON": sys.executable, **env}
     result = subprocess.run(["bash", "run_cropi.sh"], cwd=ROOT, env=full_env, capture_output=True, text=True)
-    steps = [line for line in result.stdout.splitlines() if line.startswith(("[run ]", "[skip]", "[redo]"))]
+    steps = [line for line in result.stdout.splitlines()  # each stage ends with its "peak memory" line
+             if line.startswith(("[run ]", "[skip]", "[redo]")) or ": peak memory" in line]
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     return {"env": {k: v for k, v in env.items() if k in ("VAL_K", "MODEL", "TEST_DATA")},
             "exit_code": result.returncode, "seconds": round(time.perf_counter() - start, 1), "steps": steps,
