@@ -404,22 +404,11 @@ def read_rollouts(path: str | os.PathLike) -> list[dict]:
     return list(iter_rollouts(path))
 
 
-def read_pool(path: str) -> tuple[list[dict], np.ndarray]:
-    """Data rows {"id","prompt","answer"} (+ "skill"/"source") and pass rates of a rollouts file.
-
-    Streams the file and keeps only what selection needs (the full rows, with K token lists and log-probs each,
-    do not fit in memory at the scale of a million prompts).
-    """
-    rows, pass_rates, seen = [], [], set()
-    for obj in iter_rollouts(path):
-        if obj["id"] in seen:
-            raise DataError(f"{path}: duplicate id {obj['id']!r}")
-        seen.add(obj["id"])
-        row = {"id": obj["id"], "prompt": obj["prompt"], "answer": obj["answer"]}
-        row.update({extra: obj[extra] for extra in ("skill", "source") if extra in obj})
-        rows.append(row)
-        pass_rates.append(sum(obj["rewards"]) / len(obj["rewards"]))
-    return rows, np.array(pass_rates, dtype=np.float64)
+def sample_rows(candidates: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
+    """Up to max_rows of the candidate row indices, a seeded uniform sample without replacement, sorted."""
+    if max_rows <= 0 or len(candidates) <= max_rows:
+        return np.sort(candidates)
+    return np.sort(np.random.default_rng(seed).choice(candidates, size=max_rows, replace=False))
 
 
 PASS_RATE_BINS = ("0", "(0,.25]", "(.25,.5]", "(.5,.75]", "(.75,1)", "1")

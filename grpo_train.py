@@ -19,7 +19,6 @@ Usage: python grpo_train.py --model CKPT --ref-model INIT --data subset.jsonl --
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 
@@ -72,6 +71,8 @@ class Args:
     gpu_memory_utilization: float = arg(0.4, "share of GPU memory vLLM may take (the trainer uses the rest)")
     gradient_checkpointing: str = arg("auto", "recompute activations in the backward pass to save memory: on, off, "
                                               "or auto (on when training on CUDA)")
+    fsdp: str = arg("auto", "shard weights, gradients and optimizer state over the processes (FSDP2): on, off, or "
+                            "auto (on when a model replicated on every GPU does not fit the memory plan)")
     save_every: int = arg(50, "write the resume checkpoint <out>.resume/ every N steps (0: never)")
     seed: int = arg(0, "seed of the data order, the sampling and the update")
 
@@ -143,8 +144,10 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: f
 
 def micro_batches(prompt_ids: list[list[int]], response_ids: list[list[int]], token_budget: int) -> list[list[int]]:
     """Indices of each forward/backward pass: longest sequences first, rows x longest (prompt + response) <= budget
-    (a longer sequence gets a pass of its own), so memory follows tokens, not a count of sequences."""
-    return M.token_budget_batches([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)], token_budget)
+    (a longer sequence gets a pass of its own), so memory follows tokens, not a count of sequences; as many passes
+    on every process (a sharded model's passes are collectives)."""
+    return M.equal_pass_count(M.token_budget_batches([len(p) + len(r) for p, r in zip(prompt_ids, response_ids)],
+                                                     token_budget))
 
 
 def grpo_update(model, ref_model, optimizer, prompt_ids: list[list[int]], response_ids: list[list[int]],
@@ -154,8 +157,8 @@ def grpo_update(model, ref_model, optimizer, prompt_ids: list[list[int]], respon
 
     old_logprobs: pi_old per response, taken before the step's first update; None when this is the step's only
     update (the weights have not moved since sampling, so pi_old is this very forward pass, detached: r = 1).
-    `model` may be wrapped in DistributedDataParallel (gradients are then averaged over ranks, which the loss
-    undoes by multiplying by world_size, so the result equals one process holding the whole batch).
+    `model` may be wrapped in DistributedDataParallel or sharded (FSDP2): gradients are then averaged over ranks,
+    which the loss undoes by multiplying by world_size, so the result equals one process holding the whole batch.
     """
     device = next(model.parameters()).device
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -172,8 +175,7 @@ def grpo_update(model, ref_model, optimizer, prompt_ids: list[list[int]], respon
             with torch.no_grad(), M.autocast(device):
                 ref_logprobs, _ = common.response_logprobs(ref_model, prompts, responses, args.temperature,
                                                            pad_token_id)
-        last = n == len(batches) - 1  # ranks may differ in micro-batch count: each reduces once, in its last backward
-        with model.no_sync() if (world_size > 1 and not last) else contextlib.nullcontext():
+        with M.gradient_sync(model, now=n == len(batches) - 1):  # DDP: one all-reduce, in the last backward
             with M.autocast(device):
                 logprobs, mask, entropy = common.response_logprobs(model, prompts, responses, args.temperature,
                                                                    pad_token_id, with_entropy=True)
@@ -192,7 +194,8 @@ def grpo_update(model, ref_model, optimizer, prompt_ids: list[list[int]], respon
         sums["pg_loss"] += pg_loss.item()
         for name, values in (("kl", kl), ("entropy", entropy), ("clip_fraction", clipped), ("ratio", ratio)):
             sums[name] += float((values.detach() * mask).sum())
-    sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    sums["grad_norm"] = float(norm.full_tensor() if M.is_sharded(norm) else norm)
     optimizer.step()
     return sums
 
@@ -267,10 +270,8 @@ def check_args(args: Args) -> None:
     for flag in ("model", "data", "out"):
         if not getattr(args, flag):
             raise DataError(f"--{flag.replace('_', '-')} is required")
-    if args.loss_agg not in LOSS_AGGREGATIONS:
-        raise DataError(f"--loss-agg must be one of {LOSS_AGGREGATIONS}, got {args.loss_agg!r}")
-    if args.gradient_checkpointing not in ("auto", "on", "off"):
-        raise DataError(f"--gradient-checkpointing must be auto, on or off, got {args.gradient_checkpointing!r}")
+    M.check_choices(("--loss-agg", args.loss_agg, LOSS_AGGREGATIONS), ("--fsdp", args.fsdp, M.FSDP),
+                    ("--gradient-checkpointing", args.gradient_checkpointing, M.CHECKPOINTING))
     if args.group_size < 2:
         raise DataError("--group-size must be >= 2 (a group of one has no advantage)")
     if min(args.batch_prompts, args.micro_batch_tokens, args.hf_generation_batch, args.ppo_epochs,

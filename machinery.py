@@ -85,6 +85,13 @@ def parse_args(args_class, argv: list[str] | None = None):
     return args_class(**namespace)
 
 
+def check_choices(*checks: tuple[str, str, tuple[str, ...]]) -> None:
+    """(flag, value, allowed) triples: a value outside its allowed ones is refused, naming the flag."""
+    for flag, value, allowed in checks:
+        if value not in allowed:
+            raise DataError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+
+
 def run_main(main, args_class) -> None:
     """Parse the Args dataclass and run main(args); bad input (DataError) ends in one clear line, not a traceback."""
     args = parse_args(args_class)
@@ -280,12 +287,13 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum of `values` over all processes (the values themselves with one process)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+def all_sum(values: list[float] | torch.Tensor, device: torch.device) -> list[float] | torch.Tensor:
+    """Element-wise sum over all processes of a list of numbers (a new list, summed in float64) or of a tensor
+    (summed in place and returned); the values themselves with one process."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(tensor)
-    return tensor.tolist()
+    return tensor if isinstance(values, torch.Tensor) else tensor.tolist()
 
 
 def all_gather(obj) -> list:
@@ -462,16 +470,30 @@ def check_memory_plan(plan: dict[str, float], card_gib: float, stage: str, flags
 
 
 def plan_memory(model_path: str, device: torch.device, stage: str, token_budget: int, checkpointing: bool,
-                vllm_share: float, flags: str) -> None:
-    """On a GPU: print the stage's memory plan for this model and refuse it before loading when it does not fit."""
+                vllm_share: float, flags: str, fsdp: str = "off", world: int = 1) -> bool:
+    """On a GPU: print the stage's memory plan for this model and refuse it before loading when it does not fit.
+    Returns whether to shard the model over the `world` processes (use_fsdp; on a CPU, where no plan is made: only
+    with --fsdp on)."""
     card = card_gib(device)
     if card is None:
-        return
+        return fsdp == "on"
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path)
-    plan = memory_plan(config, count_parameters(config), stage, token_budget, checkpointing, vllm_share, card)
-    check_memory_plan(plan, card, stage, flags)
+    num_params = count_parameters(config)
+    plan = memory_plan(config, num_params, stage, token_budget, checkpointing, vllm_share, card)
+    sharded = use_fsdp(fsdp, world, plan, card)
+    if sharded:
+        plan = memory_plan(config, num_params, stage, token_budget, checkpointing, vllm_share, card, shards=world)
+    check_memory_plan(plan, card, f"{stage}, FSDP over {world} GPUs" if sharded else stage, flags)
+    return sharded
+
+
+def use_fsdp(fsdp: str, world: int, replicated_plan: dict[str, float], card: float) -> bool:
+    """--fsdp on, or auto when the weights, grads and optimizer state of a model replicated on every GPU would take
+    more than half the card (sharding costs communication; below that, replicas leave room enough)."""
+    state = replicated_plan["weights"] + replicated_plan["grads"] + replicated_plan["optimizer"]
+    return fsdp == "on" or (fsdp == "auto" and world > 1 and state > card / 2)
 
 
 def card_gib(device: torch.device) -> float | None:
@@ -531,8 +553,10 @@ PLAIN_SAMPLING = dict(top_k=0, min_p=None, typical_p=1.0, repetition_penalty=1.0
 
 
 class TransformersEngine:
-    """transformers generate() on the given model itself (nothing to push). Samples from torch's global RNG: seeded
-    by the call's `seed`, or (seed None) continuing the stream that the caller seeded or restored."""
+    """transformers generate() on the given model: the trainer's own (nothing to push), or, when the trainer is
+    sharded, a whole copy that receives the trainer's weights (a sharded model would gather its weights at every
+    decoding step, a collective that processes generating different lengths cannot join). Samples from torch's
+    global RNG: seeded by the call's `seed`, or (seed None) continuing the stream the caller seeded or restored."""
 
     def __init__(self, model, tokenizer, batch_sequences: int):
         self.model, self.tokenizer, self.batch_sequences = model, tokenizer, batch_sequences
@@ -540,7 +564,8 @@ class TransformersEngine:
         self.context = context_length(model.config)
 
     def push_weights(self, model) -> None:
-        pass
+        if model is not self.model:
+            self.model.load_state_dict(dict(full_weights(model)))
 
     def release_memory(self, keep_weights: bool) -> None:
         pass
@@ -620,7 +645,7 @@ class VLLMEngine:
         """The trainer's weights into the engine (vLLM's own loader reads the transformers names). From sleep, the
         weights' memory is woken first and the KV cache after, so the two never peak together with the push."""
         self.wake_up(["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(model.state_dict().items()),
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_weights(model),
                                                           "is_checkpoint_format": True})
         self.wake_up(["kv_cache"])
 
@@ -661,6 +686,85 @@ def make_engine(backend: str, model, tokenizer, model_path: str, seed: int, hf_b
 
 
 # ----------------------------------------------------------------------------------------------
+# Sharded training (FSDP2): one decoder layer's weights, grads and optimizer state per process share
+# ----------------------------------------------------------------------------------------------
+
+FSDP = ("auto", "on", "off")
+
+
+def shard_model(model) -> None:
+    """FSDP2: every decoder layer (the model's _no_split_modules) split over the processes and gathered for its own
+    forward and backward only, then the rest (embeddings, final norm, LM head) as the root. Gradients are averaged
+    over the processes, as DDP does. Build the optimizer after this: the parameters become sharded DTensors."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module)
+    fully_shard(model)
+
+
+def is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the whole model, one at a time; a sharded tensor is gathered from the processes first (a
+    collective: every process must iterate, in the same order)."""
+    for name, tensor in model.state_dict().items():
+        yield name, tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def gradient_sync(model, now: bool):
+    """Context of one backward: DDP all-reduces only the last backward of a step (no_sync before it); a sharded
+    model reduce-scatters every backward (holding whole gradients until the last would undo the sharding)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not now:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def equal_pass_count(batches: list[list[int]]) -> list[list[int]]:
+    """Split the largest micro-batches until this process has as many passes as the process with the most: a
+    sharded model gathers its weights in every pass, a collective all processes must join. Every process holds the
+    same number of sequences, so the split always succeeds."""
+    most = max(all_gather(len(batches)))
+    batches = list(batches)
+    while len(batches) < most:
+        largest = batches.pop(max(range(len(batches)), key=lambda i: len(batches[i])))
+        if len(largest) < 2:
+            raise RuntimeError(f"{most} passes needed but this process holds {len(batches) + 1} sequences")
+        batches += [largest[:len(largest) // 2], largest[len(largest) // 2:]]
+    return batches
+
+
+def training_state(model, optimizer) -> dict:
+    """Whole (unsharded) model and optimizer (None: model only) state on rank 0's CPU, for a resume file or the
+    final checkpoint: every process must call it (the shards are gathered)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:  # tied weights (an LM head that is the embedding) stay one tensor, saved once
+        weights, first_name = get_model_state_dict(model, options=options), {}
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            if name in weights:
+                weights[name] = weights[first_name.setdefault(id(parameter), name)]
+        return {"model": weights}
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def load_training_state(model, optimizer, state: dict) -> None:
+    """training_state's dict back into a model and optimizer, sharded or not (each process takes its shards)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+
+
+# ----------------------------------------------------------------------------------------------
 # Gradients as one flat vector (sketch_grads.py): every .grad in parameter order, read in place or copied
 # ----------------------------------------------------------------------------------------------
 
@@ -696,27 +800,30 @@ def flatten_kept_gradient(parameters: list[torch.nn.Parameter], local_kept: list
         offset += count
 
 
+def local_gradient(p: torch.nn.Parameter) -> tuple[torch.Tensor, int]:
+    """p's gradient held by this process, flat and read in place, and the index inside p of its first coordinate:
+    all of it (0), or a sharded gradient's own rows (FSDP2 splits the rows over the processes as torch.chunk does)."""
+    if not is_sharded(p.grad):
+        return p.grad.reshape(-1), 0
+    rows_per_process = -(-p.shape[0] // p.grad.device_mesh.size())
+    first_row = min(p.grad.device_mesh.get_local_rank() * rows_per_process, p.shape[0])
+    return p.grad.to_local().reshape(-1), first_row * (p.numel() // p.shape[0])
+
+
 def gradient_pieces(parameters: list[torch.nn.Parameter], block_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
     """The flat gradient (every .grad in order) cut at the multiples of block_size, read in place (no copy):
     (block, position of the piece's first coordinate inside that block, the piece) in flat order. A parameter
-    without a .grad (its coordinates are 0) gives no piece."""
+    without a .grad (its coordinates are 0) gives no piece; a sharded one, this process's rows only."""
     offset = 0  # flat index of the current parameter's first coordinate
     for p in parameters:
         if p.grad is not None:
-            flat, done = p.grad.reshape(-1), 0
+            (flat, first), done = local_gradient(p), 0
             while done < len(flat):
-                block, start = divmod(offset + done, block_size)
+                block, start = divmod(offset + first + done, block_size)
                 take = min(len(flat) - done, block_size - start)
                 yield block, start, flat[done:done + take]
                 done += take
         offset += p.numel()
-
-
-def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum of `tensor` over all processes, in place (the tensor itself with one process)."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -726,10 +833,11 @@ def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
 def check_sketch_args(args, projectors: tuple[str, ...], dtypes: dict) -> None:
     if not (args.model and args.rollouts and args.out):
         raise DataError("--model, --rollouts and --out are required")
-    for flag, value, allowed in (("--projector", args.projector, projectors), ("--dtype", args.dtype, tuple(dtypes)),
-                                 ("--gradient-checkpointing", args.gradient_checkpointing, ("auto", "on", "off"))):
-        if value not in allowed:
-            raise DataError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    check_choices(("--projector", args.projector, projectors), ("--dtype", args.dtype, tuple(dtypes)),
+                  ("--gradient-checkpointing", args.gradient_checkpointing, CHECKPOINTING), ("--fsdp", args.fsdp, FSDP))
+    if args.fsdp == "on" and not (args.projector == "countsketch" and args.sparse_ratio >= 1):
+        raise DataError("--fsdp on hashes each process's gradient shards: it needs --projector countsketch and "
+                        "--sparse-ratio 1")
     if not 0 < args.sparse_ratio <= 1:
         raise DataError(f"--sparse-ratio must be in (0, 1], got {args.sparse_ratio}")
     if args.proj_dim < 1 or args.chunk_prompts < 1 or args.token_budget < 1 or args.mean_of_rows < 0:
@@ -738,15 +846,54 @@ def check_sketch_args(args, projectors: tuple[str, ...], dtypes: dict) -> None:
         raise DataError(f"--clip-ratio must be in (0, 1), got {args.clip_ratio}")
 
 
-def load_model_for_gradients(path: str, device: torch.device, checkpointing: str):
-    """The policy whose gradients are taken, in eval mode (no dropout). checkpointing "on", or "auto" on CUDA:
-    recompute activations in the backward; transformers does that only in train mode, so train mode, dropout 0."""
-    model = load_model(path, device).eval()
-    if checkpointing == "on" or (checkpointing == "auto" and device.type == "cuda"):
+CHECKPOINTING = ("auto", "on", "off")
+
+
+def use_checkpointing(setting: str, device: torch.device) -> bool:
+    """--gradient-checkpointing: "on", or "auto" on CUDA (memory; on a CPU the recomputation costs speed only)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def response_batches(lengths: list[int], token_budget: int, share: tuple[int, int] | None) -> list[list[int]]:
+    """Micro-batches (indices, in file order) of one prompt's responses by token budget: all of them, or with
+    share = (rank, world) of a sharded model this process's share, in as many passes as every other process."""
+    mine = list(range(len(lengths))) if share is None else shard(list(range(len(lengths))), *share)
+    batches = token_budget_batches([lengths[i] for i in mine], token_budget, longest_first=False)
+    batches = [[mine[j] for j in batch] for batch in batches]
+    return batches if share is None else equal_pass_count(batches)
+
+
+def mean_sketch_meta(settings: dict, rows: list[dict], sample, max_rows: int, seed: int) -> dict:
+    """SKETCH.json of a --mean-of-rows sketch: one row, and the rows of the rollouts file it averages."""
+    return {**settings, "rows": 1, "ids": ["mean"], "zero_rows": [], "mean_of": {
+        "rows": sample.tolist(), "ids": [rows[i]["id"] for i in sample], "count": len(sample), "max_rows": max_rows,
+        "seed": seed, "rollouts_rows": len(rows)}}
+
+
+def check_responses_per_process(rows: list[dict], world: int, path: str, share) -> None:
+    """A sharded sketch splits each prompt's responses over the processes: every process needs one at least."""
+    fewest = min(len(row["response_ids"]) for row in rows)
+    if share and fewest < world:
+        raise DataError(f"{path}: a prompt has {fewest} responses, fewer than the {world} processes sharing the "
+                        "model (--fsdp); collect more responses per prompt or use --fsdp off")
+
+
+def load_model_for_gradients(args, device: torch.device, rank: int, world: int, streamed: bool):
+    """The policy whose gradients are taken, in eval mode (no dropout), after its memory plan, and whether it is
+    sharded: (model, (rank, world) or None). With checkpointing (use_checkpointing): recompute activations in the
+    backward; transformers does that only in train mode, so train mode, dropout 0. FSDP only for the streamed
+    CountSketch, which hashes each process's gradient shards (use_fsdp)."""
+    checkpointing = use_checkpointing(args.gradient_checkpointing, device)
+    sharded = plan_memory(args.model, device, "sketch", args.token_budget, checkpointing, 0.0,
+                          "--token-budget or use --fsdp on", args.fsdp if streamed else "off", world)
+    model = load_model(args.model, device).eval()
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         disable_dropout(model)
-    return model
+    if sharded:
+        shard_model(model)
+    return model, (rank, world) if sharded else None
 
 
 def sketch_settings(args, num_params: int, width: int, num_kept: int, device: torch.device, rows: int) -> dict:
@@ -1015,8 +1162,9 @@ def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
 
 
 class TrainingRun:
-    """Everything grpo_train.py's loop uses besides the algorithm: the processes, policy (DDP-wrapped as
-    `trainer`), reference model, optimizer, generation engine, data, the resume state and the metrics file."""
+    """Everything grpo_train.py's loop uses besides the algorithm: the processes, policy (`trainer`: DDP-wrapped, or
+    sharded with FSDP2 by --fsdp), reference model, optimizer, generation engine, data, the resume state and the
+    metrics file."""
 
     def __init__(self, args):
         self.args = args
@@ -1026,9 +1174,11 @@ class TrainingRun:
                             f"({self.world}) x --mini-batches ({args.mini_batches})")
         seed_everything(args.seed + self.rank)  # each rank samples its own responses
         self.backend = choose_backend(args.backend)
-        plan_memory(args.model, self.device, "grpo", args.micro_batch_tokens, args.gradient_checkpointing != "off",
-                    args.gpu_memory_utilization if self.backend == "vllm" else 0.0,
-                    "--micro-batch-tokens or --gpu-memory-utilization, or train a smaller model")
+        self.sharded = plan_memory(args.model, self.device, "grpo", args.micro_batch_tokens,
+                                   use_checkpointing(args.gradient_checkpointing, self.device),
+                                   args.gpu_memory_utilization if self.backend == "vllm" else 0.0,
+                                   "--micro-batch-tokens or --gpu-memory-utilization, use --fsdp on, or train a "
+                                   "smaller model", args.fsdp, self.world)
         self.examples = common.load_examples(args.data)
         self.eval_sets = {Path(p).stem: common.load_examples(p) for p in args.eval_data}
         self.tokenizer = load_tokenizer(args.model)
@@ -1038,25 +1188,28 @@ class TrainingRun:
         self.model = load_model(args.model, self.device)
         disable_dropout(self.model)
         self.model.train()  # train mode (for gradient checkpointing) without dropout
-        checkpointing = args.gradient_checkpointing  # "auto": on with CUDA (memory), off on a CPU (speed)
-        if checkpointing == "on" or (checkpointing == "auto" and self.device.type == "cuda"):
+        if use_checkpointing(args.gradient_checkpointing, self.device):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.ref_model = None
         if args.kl_coef > 0:
             # the frozen reference only gives log-probs: bf16 weights on CUDA (its log-softmax is float32 anyway)
             ref_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             self.ref_model = load_model(args.ref_model or args.model, self.device, ref_dtype).eval().requires_grad_(False)
+        if self.sharded:
+            for model in filter(None, (self.model, self.ref_model)):
+                shard_model(model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                            fused=self.device.type == "cuda")
         self.metrics_path = Path(args.metrics or f"{args.out}.metrics.jsonl")
         self.store = ChunkStore(f"{args.out}.resume", {**dataclasses.asdict(args), "world_size": self.world})
         self.start_step = self.load_resume_state()
         self.trainer = self.model
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             self.trainer = torch.nn.parallel.DistributedDataParallel(  # gradients live in the buckets: no 2nd copy
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True)
-        self.engine = make_engine(self.backend, self.model, self.tokenizer, args.model, args.seed,
+        engine_model = load_model(args.model, self.device).eval() if self.sharded and self.backend == "hf" else self.model
+        self.engine = make_engine(self.backend, engine_model, self.tokenizer, args.model, args.seed,
                                   args.hf_generation_batch, max_model_len=self.max_model_len(),
                                   gpu_memory_utilization=args.gpu_memory_utilization)
         self.engine_is_stale = True
@@ -1139,11 +1292,10 @@ class TrainingRun:
 
     def save_resume_state(self, step: int) -> None:
         """<out>.resume/: model and optimizer state, every rank's RNG states, the step and the metrics file size."""
-        rng_states = all_gather(rng_state())
+        rng_states, state = all_gather(rng_state()), training_state(self.model, self.optimizer)
         if self.rank == 0:
             metrics_bytes = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
-            self.store.save(step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                                   "metrics_bytes": metrics_bytes, "rng": rng_states})
+            self.store.save(step, {**state, "metrics_bytes": metrics_bytes, "rng": rng_states})
             self.store.keep_only(step)
         barrier()
 
@@ -1154,8 +1306,7 @@ class TrainingRun:
             return 0
         step = max(finished)
         state = self.store.load(step)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_training_state(self.model, self.optimizer, state)
         set_rng_state(state["rng"][self.rank])
         if self.rank == 0 and self.metrics_path.exists():  # drop the lines written after the checkpoint
             os.truncate(self.metrics_path, state["metrics_bytes"])
@@ -1166,9 +1317,10 @@ class TrainingRun:
         """Final evaluation, the output checkpoint (atomically), then the resume state goes."""
         if self.args.steps > 0 or not self.evaluated_at_start:
             self.log_eval(self.args.steps)
+        weights = training_state(self.model, None)["model"] if self.sharded else None  # gathered onto rank 0's CPU
         if self.rank == 0:
             with atomic_dir(self.args.out) as folder:
-                self.model.save_pretrained(folder)
+                self.model.save_pretrained(folder, state_dict=weights)
                 self.tokenizer.save_pretrained(folder)
                 write_json(folder / "grpo_train.json", {**dataclasses.asdict(self.args), "world_size": self.world,
                                                         "backend": self.backend})

@@ -54,6 +54,7 @@ setting MAX_NEW_TOKENS   2048                      8
 setting PROJECTOR        ""                        ""                       # empty: sketch_grads.py's default
 setting PROJ_DIM         ""                        ""                       # empty: sketch_grads.py's default
 setting SPARSE_RATIO     ""                        ""                       # empty: sketch_grads.py's default
+setting VAL_MEAN_OF      100                       100                      # validation prompts averaged into one sketch (0: a sketch per prompt)
 setting BATCH_PROMPTS    128                       16                       # GRPO prompts per step
 setting GROUP_SIZE       8                         8                        # GRPO responses per prompt
 setting LR               1e-6                      2e-4
@@ -74,7 +75,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 # ------------------------------------------------------------------------------------------ checks
 is_int()   { [[ "$2" =~ ^[0-9]+$ ]] || fail "$1=$2 is not a whole number"; }
 is_float() { [[ "$2" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || fail "$1=$2 is not a number"; }
-for v in STAGES STEPS_PER_STAGE K VAL_K VAL_MIN_MIXED MAX_NEW_TOKENS BATCH_PROMPTS GROUP_SIZE EVAL_EVERY MICRO_BATCH SAVE_EVERY NGPU NNODES NODE_RANK MASTER_PORT SEED; do
+for v in STAGES STEPS_PER_STAGE K VAL_K VAL_MIN_MIXED VAL_MEAN_OF MAX_NEW_TOKENS BATCH_PROMPTS GROUP_SIZE EVAL_EVERY MICRO_BATCH SAVE_EVERY NGPU NNODES NODE_RANK MASTER_PORT SEED; do
   is_int "$v" "${!v}"
 done
 for v in RATIO TEMPERATURE ROLLOUT_TEMPERATURE LR KL_COEF ENTROPY_COEF; do is_float "$v" "${!v}"; done
@@ -96,7 +97,7 @@ CROPI run ($kind; edit by environment variables)
   TEST_DATA=$TEST_DATA  TARGETED=$TARGETED
   STAGES=$STAGES STEPS_PER_STAGE=$STEPS_PER_STAGE RATIO=$RATIO
   K=$K VAL_K=$VAL_K VAL_MIN_MIXED=$VAL_MIN_MIXED TEMPERATURE=$TEMPERATURE (offline) ROLLOUT_TEMPERATURE=$ROLLOUT_TEMPERATURE (GRPO) MAX_NEW_TOKENS=$MAX_NEW_TOKENS
-  PROJECTOR=${PROJECTOR:-<default>} PROJ_DIM=${PROJ_DIM:-<default>} SPARSE_RATIO=${SPARSE_RATIO:-<default>}
+  PROJECTOR=${PROJECTOR:-<default>} PROJ_DIM=${PROJ_DIM:-<default>} SPARSE_RATIO=${SPARSE_RATIO:-<default>} VAL_MEAN_OF=$VAL_MEAN_OF
   BATCH_PROMPTS=$BATCH_PROMPTS GROUP_SIZE=$GROUP_SIZE LR=$LR KL_COEF=$KL_COEF ENTROPY_COEF=$ENTROPY_COEF
   EVAL_EVERY=$EVAL_EVERY MICRO_BATCH=$MICRO_BATCH SAVE_EVERY=$SAVE_EVERY
 EOF
@@ -173,10 +174,11 @@ collect() {  # collect NAME K MIN_MIXED data-flags...
     launch collect_rollouts.py --model "$MODEL" "$@" --out "$R/$name.jsonl" --k "$k" --temperature "$TEMPERATURE" \
       --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --system-prompt "$SYSTEM_PROMPT" --min-mixed "$min_mixed"
 }
-sketch() {  # sketch STAGE_DIR CHECKPOINT NAME
-  run_step "sketch gradients: $3" "$1/sketch_$3.done" "$1/$3_sketch.npy $1/$3_sketch.json $1/$3_sketch.npy.parts" \
-    launch sketch_grads.py --model "$2" --rollouts "$R/$3.jsonl" --out "$1/$3_sketch.npy" --seed "$SEED" \
-      "${sketch_flags[@]}"
+sketch() {  # sketch STAGE_DIR CHECKPOINT NAME extra-flags...
+  local dir=$1 checkpoint=$2 name=$3; shift 3
+  run_step "sketch gradients: $name" "$dir/sketch_$name.done" "$dir/${name}_sketch.npy $dir/${name}_sketch.json $dir/${name}_sketch.npy.parts" \
+    launch sketch_grads.py --model "$checkpoint" --rollouts "$R/$name.jsonl" --out "$dir/${name}_sketch.npy" --seed "$SEED" \
+      "${sketch_flags[@]}" "$@"
 }
 select_top() {  # select_top STAGE_DIR STAGE METHOD extra-flags...
   local dir=$1 m=$2 method=$3; shift 3
@@ -189,7 +191,10 @@ select_stage() {  # select_stage METHOD STAGE_DIR STAGE CHECKPOINT: steps 1a-f f
   local method=$1 dir=$2 m=$3 checkpoint=$4 v flags=()
   if [[ $method == cropi || ( $method == influence_once && $m == 0 ) ]]; then
     sketch "$dir" "$checkpoint" train                                           # 1a-b
-    for v in "${val_sets[@]}"; do sketch "$dir" "$checkpoint" "$v"; flags+=(--val-sketch "$dir/${v}_sketch.npy"); done
+    for v in "${val_sets[@]}"; do  # 1c's mean over VAL_MEAN_OF sampled prompts, sketched in one pass (linear)
+      sketch "$dir" "$checkpoint" "$v" --mean-of-rows "$VAL_MEAN_OF" --mean-seed "$((SEED + m))"
+      flags+=(--val-sketch "$dir/${v}_sketch.npy")
+    done
     select_top "$dir" "$m" cropi --train-sketch "$dir/train_sketch.npy" "${flags[@]}"   # 1c-f
   elif [[ $method == influence_once ]]; then
     select_top "$dir" "$m" influence_once --reuse-selection "$(dirname "$dir")/stage_0"

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import machinery as M
-from common import DataError, pass_rate_histogram
+from common import DataError, pass_rate_histogram, sample_rows
 from machinery import arg
 
 METHODS = ("cropi", "full", "random", "learnability", "pass_rate", "influence_once")
@@ -112,13 +112,6 @@ def cosine_to_targets(chunk, unit_targets: np.ndarray, block_rows: int = 64):
         torch.linalg.vector_norm(block, dim=1, out=norms[i:i + len(block)])  # |x|
     usable = (torch.isfinite(norms) & (norms > 0))[:, None]
     return torch.where(usable, dots.T / norms[:, None], torch.nan).numpy(), norms.numpy()
-
-
-def sample_rows(candidates: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
-    """Up to max_rows of the candidate row indices, a seeded uniform sample without replacement, sorted."""
-    if max_rows <= 0 or len(candidates) <= max_rows:
-        return np.sort(candidates)
-    return np.sort(np.random.default_rng(seed).choice(candidates, size=max_rows, replace=False))
 
 
 def learnability_order(pass_rates: np.ndarray) -> np.ndarray:

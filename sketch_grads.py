@@ -22,21 +22,21 @@ Writes  --out SKETCH.npy   [rows, proj_dim] (float32 or float16), rows in the ro
         SKETCH.json        metadata (model, num_params, projector, seed, sparse_ratio, proj_dim, dtype, rows, ids,
                            zero_rows, nonfinite_rows, ...; "mean_of": the rows averaged); select_data.py checks them
         SKETCH.npy.parts/  finished chunks while running (a killed run resumes from them; not with --mean-of-rows)
-torchrun --nproc_per_node=G sketch_grads.py ... shards the chunks (or the mean's prompts, whose partial sketches are
-then summed) over the processes (gloo on CPU, nccl on CUDA); rank 0 writes the same file as one process.
+torchrun --nproc_per_node=G sketch_grads.py ... shares the chunks (or the mean's prompts, whose partial sketches are then
+summed) out to the processes (gloo on CPU, nccl on CUDA); rank 0 writes the same file as one process. --fsdp shards the
+model instead: every process takes every prompt and a share of its responses, and the partial sketches are summed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import machinery as M
-from common import DataError, group_advantages, read_rollouts, response_logprobs
+from common import DataError, group_advantages, read_rollouts, response_logprobs, sample_rows
 from machinery import arg
 
 PROJECTORS = ("countsketch", "gaussian", "rademacher", "none")
@@ -64,6 +64,8 @@ class Args:
     mean_of_rows: int = arg(0, "validation sets: write ONE row, the sketch of the mean gradient of up to this many "
                                "prompts with mixed rewards (seeded sample; the release: 100); 0 = one row per prompt")
     mean_seed: int = arg(0, "seed of the --mean-of-rows sample (= select_data.py's --seed on a per-prompt sketch)")
+    fsdp: str = arg("auto", "shard the model over the processes (FSDP2), each taking a share of every prompt's "
+                            "responses: on, off, auto (on GPUs, when weights + grads exceed half a card)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,12 +100,12 @@ def is_zero_gradient(rewards: list[float]) -> bool:
 
 
 def accumulate_prompt_gradient(model, row: dict, advantages: torch.Tensor, token_budget: int, pad_token_id: int,
-                               clip_ratio: float | None = None, weight: float = 1.0) -> None:
-    """Add weight * grad L(s0), the gradient of one prompt's POPI surrogate, into the parameters' .grad."""
+                               clip_ratio: float | None = None, weight: float = 1.0, share: tuple | None = None) -> None:
+    """Add weight * grad L(s0), the gradient of one prompt's POPI surrogate, into the parameters' .grad.
+    share = (rank, world) of a sharded model: this process's share of the K responses (L is a sum over them)."""
     device = next(model.parameters()).device
     prompt, responses = row["prompt_ids"], row["response_ids"]
-    lengths = [len(prompt) + len(r) for r in responses]
-    for batch in M.token_budget_batches(lengths, token_budget, longest_first=False):
+    for batch in M.response_batches([len(prompt) + len(r) for r in responses], token_budget, share):
         with M.autocast(device):
             logprobs, mask = response_logprobs(model, [prompt] * len(batch), [responses[i] for i in batch],
                                                row["temperature"], pad_token_id)
@@ -115,13 +117,13 @@ def accumulate_prompt_gradient(model, row: dict, advantages: torch.Tensor, token
         (loss * weight).backward()
 
 
-def mean_of_rows_sample(rows: list[dict], max_rows: int, seed: int) -> np.ndarray:
-    """1c: up to max_rows of the rows with mixed rewards, a seeded uniform sample without replacement, sorted; the
-    same draw as select_data.py's sample_rows, so a per-prompt sketch averaged there with --seed gives these rows."""
+def mean_of_rows_sample(rows: list[dict], max_rows: int, seed: int, path: str = "") -> np.ndarray:
+    """1c: up to max_rows of the rows with mixed rewards, the seeded draw select_data.py makes among the usable rows
+    of a per-prompt sketch (common.sample_rows), so that averaging there with --seed gives these rows."""
     candidates = np.array([i for i, row in enumerate(rows) if not is_zero_gradient(row["rewards"])], dtype=np.int64)
-    if len(candidates) <= max_rows:
-        return candidates
-    return np.sort(np.random.default_rng(seed).choice(candidates, size=max_rows, replace=False))
+    if len(candidates) == 0:
+        raise DataError(f"--mean-of-rows: no prompt of {path} has mixed rewards (every gradient is 0)")
+    return sample_rows(candidates, max_rows, seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,10 +188,8 @@ def dense_block(kind: str, seed: int, block: int, rows: int, proj_dim: int, devi
     generator = M.block_generator(seed, kind, block, device)
     if kind == "gaussian":
         matrix = torch.randn(rows, proj_dim, generator=generator, device=device)
-    elif kind == "rademacher":
+    else:  # rademacher
         matrix = torch.randint(0, 2, (rows, proj_dim), generator=generator, device=device).float().mul_(2).sub_(1)
-    else:
-        raise ValueError(f"unknown dense projector {kind!r}")
     return matrix.div_(proj_dim ** 0.5).to(dtype)
 
 
@@ -212,7 +212,6 @@ def project(grads: torch.Tensor, projector: str, proj_dim: int, seed: int) -> to
     return dense_project(grads, projector, proj_dim, seed)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # The stage: 1a then 1b for every chunk of prompts (or 1a-1c: one validation mean), each process its share
 # ----------------------------------------------------------------------------------------------
@@ -222,12 +221,12 @@ class Sketcher:
     place, so the memory beyond the model's own gradients is the [prompts, N] sketches (and one hash block).
     Otherwise the kept coordinates are copied into one preallocated [chunk, d_kept] buffer, projected per chunk."""
 
-    def __init__(self, args: Args, device: torch.device):
+    def __init__(self, args: Args, device: torch.device, rank: int, world: int):
         self.args, self.device = args, device
-        self.model = M.load_model_for_gradients(args.model, device, args.gradient_checkpointing)
+        self.streamed = args.projector == "countsketch" and args.sparse_ratio >= 1
+        self.model, self.share = M.load_model_for_gradients(args, device, rank, world, self.streamed)  # share: FSDP
         self.parameters = [p for _, p in M.trainable_parameters(self.model)]
         self.num_params = sum(p.numel() for p in self.parameters)
-        self.streamed = args.projector == "countsketch" and args.sparse_ratio >= 1
         self.num_kept, self.local_kept, self.buffer = self.num_params, None, None
         if not self.streamed:
             kept = kept_coordinates(self.num_params, args.sparse_ratio, args.seed, device)
@@ -239,7 +238,9 @@ class Sketcher:
 
     def sketch_rows(self, groups: list[list[dict]], weight: float = 1.0) -> torch.Tensor:
         """[len(groups), width]: row b = P S (weight * the sum of g(s0) over the prompts s0 of groups[b]); one
-        prompt per group gives P S g(s0) per prompt (a zero row when its K rewards are all equal)."""
+        prompt per group gives P S g(s0) per prompt (a zero row when its K rewards are all equal). Sharded: this
+        process's part, from its shards of the gradient (averaged over the processes, hence weight x world)."""
+        weight = weight * self.share[1] if self.share else weight
         sketches = torch.zeros(len(groups), self.width, device=self.device) if self.streamed else None
         flat = None if self.streamed else self.buffer[:len(groups)].zero_()
         for b, group in enumerate(groups):
@@ -248,7 +249,7 @@ class Sketcher:
             for row in mixed:
                 advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))  # A_k
                 accumulate_prompt_gradient(self.model, row, advantages, self.args.token_budget, self.pad_token_id,
-                                           self.args.clip_ratio, weight)
+                                           self.args.clip_ratio, weight, self.share)
             if mixed and self.streamed:
                 sketches[b] = countsketch_gradient(self.parameters, self.args.proj_dim, self.args.seed)
             elif mixed:
@@ -260,26 +261,25 @@ class Sketcher:
 def sketch_grads(args: Args) -> dict | None:
     rank, world, device = M.init_distributed()
     rows = read_rollouts(args.rollouts)
-    sketcher = Sketcher(args, device)
+    sketcher = Sketcher(args, device, rank, world)
+    M.check_responses_per_process(rows, world, args.rollouts, sketcher.share)
+    split = (lambda items: items) if sketcher.share else (lambda items: M.shard(items, rank, world))  # prompts
     settings = M.sketch_settings(args, sketcher.num_params, sketcher.width, sketcher.num_kept, device, len(rows))
     store = M.ChunkStore(f"{args.out}.parts", settings)
     if args.mean_of_rows:  # 1c: (1/m) sum_i P S g(s_i) = P S (1/m) sum_i g(s_i), the processes' shares summed
-        sample = mean_of_rows_sample(rows, args.mean_of_rows, args.mean_seed)
-        if len(sample) == 0:
-            raise DataError(f"--mean-of-rows: no prompt of {args.rollouts} has mixed rewards (every gradient is 0)")
-        share = [rows[i] for i in M.shard(sample.tolist(), rank, world)]
-        mean = sketcher.sketch_rows([share], weight=1 / len(sample))  # this process's share, each g(s_i) / m
-        sketch = M.sum_over_processes(mean).to(DTYPES[args.dtype]).cpu().numpy()
-        meta = {**settings, "rows": 1, "ids": ["mean"], "zero_rows": [], "mean_of": {
-            "rows": sample.tolist(), "ids": [rows[i]["id"] for i in sample], "count": len(sample),
-            "max_rows": args.mean_of_rows, "seed": args.mean_seed, "rollouts_rows": len(rows)}}
+        sample = mean_of_rows_sample(rows, args.mean_of_rows, args.mean_seed, args.rollouts)
+        mean = sketcher.sketch_rows([[rows[i] for i in split(sample.tolist())]], weight=1 / len(sample))
+        sketch = M.all_sum(mean, device).to(DTYPES[args.dtype]).cpu().numpy()  # the processes' parts summed
+        meta = M.mean_sketch_meta(settings, rows, sample, args.mean_of_rows, args.mean_seed)
     else:
         num_chunks = -(-len(rows) // args.chunk_prompts)
         finished = M.open_chunk_store(store, rank)
-        todo = M.shard([c for c in range(num_chunks) if c not in finished], rank, world)
+        todo = split([c for c in range(num_chunks) if c not in finished])
         for c in tqdm(todo, desc=f"sketching {len(rows)} prompts, {args.chunk_prompts} per chunk", disable=rank > 0):
-            one_per_group = [[row] for row in rows[c * args.chunk_prompts:(c + 1) * args.chunk_prompts]]
-            store.save(c, sketcher.sketch_rows(one_per_group).to(DTYPES[args.dtype]).cpu().numpy())  # 1a + 1b
+            part = sketcher.sketch_rows([[row] for row in rows[c * args.chunk_prompts:(c + 1) * args.chunk_prompts]])
+            chunk = M.all_sum(part, device) if sketcher.share else part  # 1a + 1b (sharded: the parts summed)
+            if rank == 0 or not sketcher.share:
+                store.save(c, chunk.to(DTYPES[args.dtype]).cpu().numpy())
         M.barrier()
         sketch = np.concatenate([store.load(c) for c in range(num_chunks)]) if rank == 0 else None
         meta = {**settings, "ids": [row["id"] for row in rows],

@@ -190,6 +190,25 @@ def load_results(path: Path, setup: dict) -> dict:
     return {"setup": setup, "points": {}}
 
 
+def memory_plans(model_dir: Path) -> dict:
+    """machinery.memory_plan of each pass for this model at the token budget its script uses by default."""
+    import collect_rollouts
+    import grpo_train
+    import sketch_grads
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    num_params = machinery.count_parameters(config)
+    budgets = {"collect": (collect_rollouts.Args().logprob_token_budget, False),
+               "sketch": (sketch_grads.Args().token_budget, True), "grpo": (grpo_train.Args().micro_batch_tokens, True)}
+    plans = {}
+    for stage, (budget, checkpointing) in budgets.items():  # checkpointing: "auto" turns it on with CUDA
+        plan = machinery.memory_plan(config, num_params, stage, budget, checkpointing)
+        plans[stage] = {"token_budget": budget, "total": plan["total"],
+                        "parts": {k: v for k, v in plan.items() if k != "total"}}
+    return plans
+
+
 def markdown_report(results: dict) -> str:
     setup, points = results["setup"], results["points"]
     lengths = sorted({p["length"] for p in points.values()})
@@ -205,7 +224,20 @@ def markdown_report(results: dict) -> str:
         if any(cells):
             lines.append(f"| {labels[stage]} | " + " | ".join(
                 f"{c['peak_rss_gb']:.2f} GB ({c['wall_seconds']:.0f} s)" if c else "-" for c in cells) + " |")
-    lines += ["", "Wall time in brackets (the whole child: imports, model loading, the pass)."]
+    lines += ["", "Wall time in brackets (the whole child: imports, model loading, the pass).", ""]
+    if results.get("plan"):
+        lines += ["The memory plan each stage prints on a GPU (machinery.memory_plan, GiB) for this model at the same "
+                  "token budgets, beside the largest peak measured here. The plan counts what the GPU holds (weights, "
+                  "grads, optimizer, bf16 activations, one float32 logit chunk), not the interpreter, torch's CPU "
+                  "libraries and the tokenizer that the resident figure includes; like the measurement, it does not "
+                  "grow with L: memory follows the token budget.", "",
+                  "| pass | token budget | plan, GiB | largest peak measured, GiB |", "|---|---|---|---|"]
+        for stage, plan in results["plan"].items():
+            peaks = [p["peak_rss_gb"] for p in points.values() if p["stage"] == stage]
+            if peaks:
+                lines.append(f"| {stage} | {plan['token_budget']:,} | {plan['total']:.2f} "
+                             f"({', '.join(f'{k} {v:.2f}' for k, v in plan['parts'].items() if v)}) | "
+                             f"{max(peaks) * 1e9 / machinery.GIB:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -244,6 +276,7 @@ def main(args: Args) -> None:
     write_data(work / "data.jsonl")
     path = results_dir / "memory_bench.json"
     results = load_results(path, {"vocab_size": args.vocab_size, "threads": args.threads, "seed": args.seed})
+    results["plan"] = memory_plans(model_dir)
     for length in args.lengths:
         for stage in [s for s in STAGES if s in args.stages]:
             key = f"{stage}@{length}"
@@ -252,6 +285,7 @@ def main(args: Args) -> None:
                                                                                       work, args)
                 path.write_text(json.dumps(results, indent=1) + "\n")  # after every point: a kill loses one
             print(key, results["points"][key], flush=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
     (results_dir / "memory_bench.md").write_text(markdown_report(results))
     plot(results, results_dir / "memory_bench.png")
     print(markdown_report(results))

@@ -347,9 +347,11 @@ def test_bad_flags_give_clear_errors(digit_toy, tmp_path):
     with pytest.raises(DataError, match="missing.jsonl: no such file"):
         grpo_train.main(parse_args(grpo_train.Args, toy_flags(model_dir, tmp_path / "missing.jsonl", tmp_path / "x",
                                                               1)[1:]))
-    with pytest.raises(DataError, match="--gradient-checkpointing must be auto, on or off"):
+    with pytest.raises(DataError, match="--gradient-checkpointing must be one of auto, on, off"):
         grpo_train.main(parse_args(grpo_train.Args, toy_flags(model_dir, data, tmp_path / "x", 1,
                                                               "--gradient-checkpointing", "yes")[1:]))
+    with pytest.raises(DataError, match="--fsdp must be one of auto, on, off"):
+        grpo_train.main(parse_args(grpo_train.Args, toy_flags(model_dir, data, tmp_path / "x", 1, "--fsdp", "yes")[1:]))
     with pytest.raises(DataError, match="--model is required"):
         grpo_train.main(parse_args(grpo_train.Args, ["--data", str(data), "--out", str(tmp_path / "x")]))
 
@@ -423,7 +425,7 @@ def test_vllm_backend_trains_and_its_greedy_ids_equal_the_trainer_after_a_push(d
 
 
 # ----------------------------------------------------------------------------------------------
-# Two processes (torchrun, gloo on CPU) == one process on the same batch
+# Two processes (torchrun, gloo on CPU), replicated (DDP) or sharded (FSDP2), == one process on the same batch
 # ----------------------------------------------------------------------------------------------
 
 DISTRIBUTED_CHECK = textwrap.dedent("""
@@ -432,7 +434,7 @@ DISTRIBUTED_CHECK = textwrap.dedent("""
     import machinery as M
 
     if __name__ == "__main__":
-        model_dir, rollouts, out, micro_batch_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+        model_dir, rollouts, out, micro_batch_tokens, sharding = sys.argv[1:4] + [int(sys.argv[4]), sys.argv[5]]
         rank, world_size, _ = M.init_distributed()
         rows = common.read_rollouts(rollouts)
         share = len(rows) // world_size
@@ -448,21 +450,27 @@ DISTRIBUTED_CHECK = textwrap.dedent("""
             with torch.no_grad():  # the reference differs from the policy, so the KL term has a gradient
                 for p in ref.parameters():
                     p.add_(torch.randn_like(p) * 0.05)
-            trainer = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+            trainer = model
+            if world_size > 1 and sharding == "fsdp":
+                M.shard_model(model)
+                M.shard_model(ref)
+            elif world_size > 1:
+                trainer = torch.nn.parallel.DistributedDataParallel(model)
             optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # (Adam's first step would hide the gradient)
             args = grpo_train.Args(loss_agg=loss_agg, kl_coef=0.1, entropy_coef=0.01,
                                    micro_batch_tokens=micro_batch_tokens)
             sums = grpo_train.grpo_update(trainer, ref, optimizer, prompts, responses, advantages, args, 0)
             loss, kl = M.all_sum([sums["loss"], sums["kl"]], torch.device("cpu"))
             result[loss_agg] = {"loss": loss, "kl": kl, "grad_norm": sums["grad_norm"],
-                                "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()}
+                                "weights": torch.cat([w.flatten() for _, w in M.full_weights(model)]).tolist()}
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(result, f)
 """)
 
 
-def test_two_processes_equal_one(tiny_model, tmp_path):
+@pytest.mark.parametrize("sharding, port", [("ddp", 29613), ("fsdp", 29616)])
+def test_two_processes_equal_one(tiny_model, tmp_path, sharding, port):
     rows = make_synthetic_rollouts(tiny_model, tmp_path / "rollouts.jsonl", n_prompts=4, k=4)
     halves = [([r["prompt_ids"] for r in part for _ in r["response_ids"]],
                [ids for r in part for ids in r["response_ids"]]) for part in (rows[:2], rows[2:])]
@@ -471,28 +479,41 @@ def test_two_processes_equal_one(tiny_model, tmp_path):
     script = tmp_path / "distributed_check.py"
     script.write_text(DISTRIBUTED_CHECK)
     run_script(str(script), str(tiny_model), str(tmp_path / "rollouts.jsonl"), str(tmp_path / "one.json"),
-               str(budget), env=ENV)
-    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613", str(script),
-               str(tiny_model), str(tmp_path / "rollouts.jsonl"), str(tmp_path / "two.json"), str(budget), env=ENV)
+               str(budget), sharding, env=ENV)
+    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script),
+               str(tiny_model), str(tmp_path / "rollouts.jsonl"), str(tmp_path / "two.json"), str(budget), sharding,
+               env=ENV)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
-    start = json.loads(json.dumps(torch.cat([p.flatten() for p in M.load_model(
-        str(tiny_model), torch.device("cpu")).parameters()]).tolist()))
+    start = torch.cat([w.flatten() for w in M.load_model(str(tiny_model), torch.device("cpu")).state_dict().values()])
     for mode in ("token-mean", "seq-mean-token-mean"):
         assert two[mode]["loss"] == pytest.approx(one[mode]["loss"], rel=1e-5, abs=1e-7)
         assert two[mode]["kl"] == pytest.approx(one[mode]["kl"], rel=1e-5)
         assert two[mode]["grad_norm"] == pytest.approx(one[mode]["grad_norm"], rel=1e-5)
-        w1, w2, w0 = (torch.tensor(x) for x in (one[mode]["weights"], two[mode]["weights"], start))
+        w1, w2, w0 = torch.tensor(one[mode]["weights"]), torch.tensor(two[mode]["weights"]), start
         assert torch.allclose(w1, w2, atol=1e-6)
         assert (w1 - w0).abs().max() > 1e-2  # the update did move the weights
 
 
-def test_script_under_torchrun_two_processes(digit_toy, tmp_path):
+def test_script_under_torchrun_two_processes_replicated_and_sharded(digit_toy, tmp_path):
+    """The whole script on 2 processes, DDP and FSDP2 (--fsdp on: sharded weights, resume state gathered, the hf
+    engine on its own copy): the same metrics and the same final checkpoint."""
+    from safetensors.torch import load_file
+
     model_dir, data = digit_toy
-    out = tmp_path / "ckpt"
-    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29614",
-               *toy_flags(model_dir, data, out, 3, "--eval-data", str(data), "--save-every", "2"), env=ENV)
-    lines = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
-    assert [m.get("stage_step") for m in lines] == [None, 1, 2, 3, None]
-    assert lines[1]["response_length"] > 0 and 0 <= lines[-1]["eval"]["data"] <= 1
-    assert json.loads((out / "grpo_train.json").read_text())["world_size"] == 2
-    assert not Path(f"{out}.resume").exists()
+    curves, weights = {}, {}
+    for name, port, extra in (("ddp", 29614, ["--fsdp", "off"]), ("fsdp", 29617, ["--fsdp", "on"])):
+        out = tmp_path / name
+        run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                   *toy_flags(model_dir, data, out, 3, "--eval-data", str(data), "--save-every", "2", *extra), env=ENV)
+        lines = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
+        assert [m.get("stage_step") for m in lines] == [None, 1, 2, 3, None]
+        assert lines[1]["response_length"] > 0 and 0 <= lines[-1]["eval"]["data"] <= 1
+        assert json.loads((out / "grpo_train.json").read_text())["world_size"] == 2
+        assert not Path(f"{out}.resume").exists()
+        curves[name] = [{k: v for k, v in m.items() if not k.endswith(("_s", "tokens_per_s"))} for m in lines]
+        weights[name] = load_file(out / "model.safetensors")
+    assert curves["ddp"][-1]["eval"]["data"] > curves["ddp"][0]["eval"]["data"]  # it learned something
+    for ddp_row, fsdp_row in zip(curves["ddp"], curves["fsdp"]):
+        assert fsdp_row == pytest.approx(ddp_row, rel=1e-5, abs=1e-7) if "eval" not in ddp_row else fsdp_row == ddp_row
+    assert sorted(weights["ddp"]) == sorted(weights["fsdp"])  # tied weights saved once in both
+    assert all(torch.allclose(weights["ddp"][k], weights["fsdp"][k], atol=1e-6) for k in weights["ddp"])

@@ -130,3 +130,14 @@ def test_memory_plan_by_hand():
     with pytest.raises(DataError, match="needs 14.5 GiB per GPU, the card has 10; lower --micro-batch-tokens"):
         M.check_memory_plan(plan, 10, "grpo", "--micro-batch-tokens")
     assert M.count_parameters(config) == 1024 * 64 + 1024 * 64 + 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64
+    # sharded over 4 processes: weights, grads and optimizer state / 4 (0.375 GiB rounds to 0.38); the rest unchanged
+    sharded = M.memory_plan(config, 2 ** 28, "grpo", 2 ** 20, True, vllm_share=0.5, card_gib=10, shards=4)
+    assert (sharded["weights"], sharded["grads"], sharded["optimizer"], sharded["total"]) == (0.38, 0.25, 0.5, 11.13)
+
+
+def test_fsdp_is_chosen_when_the_replicated_state_takes_over_half_a_card():
+    # weights + grads + optimizer state 1.5 + 1 + 2 = 4.5 GiB: over half a card of 8, not of 10
+    plan = {"weights": 1.5, "grads": 1.0, "optimizer": 2.0, "vllm": 5.0, "activations": 4.25, "logits": 0.75}
+    assert M.use_fsdp("auto", 8, plan, card=8) and not M.use_fsdp("auto", 8, plan, card=10)
+    assert not M.use_fsdp("auto", 1, plan, card=8)  # one process: nothing to share the state with
+    assert M.use_fsdp("on", 8, plan, card=80) and not M.use_fsdp("off", 8, plan, card=8)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import make_synthetic_rollouts, run_script
-from common import DataError, pass_rate_histogram
+from common import DataError, pass_rate_histogram, sample_rows
 from machinery import (check_sketches_match, map_sketch_chunks, read_selection_pool, reading_ahead,
                        write_json_rows)
 from select_data import (cosine_to_targets, learnability_order, num_to_select, pass_rate_order, rank_descending,
-                         reciprocal_rank_fusion, sample_rows)
+                         reciprocal_rank_fusion)
 
 SQRT_HALF = math.sqrt(0.5)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_synthetic_rollouts, run_script
+import common
 from common import group_advantages, response_logprobs
 import select_data
 import sketch_grads as sg
@@ -342,7 +343,7 @@ def test_validation_mean_is_the_mean_of_per_prompt_sketches(tiny_model, rollouts
     sg.main(sg.Args(**settings, out=str(per_prompt)))
     meta = sg.main(sg.Args(**settings, out=str(mean), mean_of_rows=4, mean_seed=5))
     mixed = np.array([i for i, row in enumerate(rows) if not sg.is_zero_gradient(row["rewards"])])
-    sample = select_data.sample_rows(mixed, 4, seed=5)  # 4 of the 6 rows with mixed rewards
+    sample = common.sample_rows(mixed, 4, seed=5)  # 4 of the 6 rows with mixed rewards
     assert len(mixed) == 6 and meta["mean_of"]["rows"] == sample.tolist() and meta["mean_of"]["count"] == 4
     assert meta["rows"] == 1 and meta["ids"] == ["mean"] and meta["zero_rows"] == meta["nonfinite_rows"] == []
     assert meta["mean_of"]["ids"] == [rows[i]["id"] for i in sample]
@@ -365,21 +366,25 @@ def test_mean_of_rows_sample_is_select_datas_sample():
     mixed = np.array([i for i in range(40) if i % 3])
     for max_rows, seed in ((5, 0), (5, 1), (26, 2), (100, 0)):
         np.testing.assert_array_equal(sg.mean_of_rows_sample(rows, max_rows, seed),
-                                      select_data.sample_rows(mixed, max_rows, seed))
-    assert len(sg.mean_of_rows_sample([{"rewards": [1, 1]}], 5, 0)) == 0
+                                      common.sample_rows(mixed, max_rows, seed))
+    with pytest.raises(sg.DataError, match="no prompt of r.jsonl has mixed rewards"):
+        sg.mean_of_rows_sample([{"rewards": [1, 1]}], 5, 0, "r.jsonl")
 
 
 def test_gradient_checkpointing_setting(tiny_model, monkeypatch):
     dropout_off = lambda model: all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
-    model = sg.M.load_model_for_gradients(str(tiny_model), CPU, "auto")  # auto on a CPU: off, eval mode
-    assert not model.is_gradient_checkpointing and not model.training
+    load = lambda setting, device: sg.M.load_model_for_gradients(
+        sg.Args(model=str(tiny_model), gradient_checkpointing=setting), device, 0, 1, streamed=True)
+    model, share = load("auto", CPU)  # auto on a CPU: off, eval mode; one process: not sharded
+    assert not model.is_gradient_checkpointing and not model.training and share is None
     for setting, device in (("on", CPU), ("auto", torch.device("cuda"))):
         load_on_cpu = lambda path, device, load=sg.M.load_model: load(path, CPU)  # stand-in for a CUDA load
         monkeypatch.setattr(sg.M, "load_model", load_on_cpu)
-        model = sg.M.load_model_for_gradients(str(tiny_model), device, setting)
+        monkeypatch.setattr(sg.M, "card_gib", lambda device: None)  # no memory plan without a card
+        model, _ = load(setting, device)
         assert model.is_gradient_checkpointing and model.training and dropout_off(model)
         monkeypatch.undo()
-    assert not sg.M.load_model_for_gradients(str(tiny_model), CPU, "off").is_gradient_checkpointing
+    assert not load("off", CPU)[0].is_gradient_checkpointing
 
 
 def test_nonfinite_rows_flagged(tiny_model, rollouts, tmp_path):
@@ -468,3 +473,34 @@ def test_torchrun_validation_mean_sums_the_process_shares(tiny_model, rollouts, 
     np.testing.assert_allclose(np.load(double), one, rtol=1e-5, atol=1e-6 * np.abs(one).max())
     one_meta, two_meta = (json.loads(p.with_suffix(".json").read_text()) for p in (single, double))
     assert one_meta == two_meta and one_meta["mean_of"]["count"] == 5
+
+
+@pytest.mark.parametrize("extra, port", [([], 29534), (["--mean-of-rows", "5", "--mean-seed", "1"], 29535)])
+def test_torchrun_sharded_model_gives_the_sketch_of_one_process(tiny_model, rollouts, tmp_path, extra, port):
+    """--fsdp on: the model sharded over 2 processes (FSDP2), each takes every prompt and half its responses and
+    hashes its own rows of the averaged gradient at their global coordinates; the parts summed (all-reduce) are the
+    sketch of one process, per prompt and as a validation mean, up to float rounding."""
+    path, _ = rollouts
+    common = ["--model", str(tiny_model), "--rollouts", str(path), "--proj-dim", "256", "--chunk-prompts", "2", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    single, double = tmp_path / "one.npy", tmp_path / "two.npy"
+    run_script("sketch_grads.py", *common, "--out", str(single), env={"OMP_NUM_THREADS": "1"})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={port}", "sketch_grads.py", *common, "--fsdp", "on", "--out", str(double)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = np.load(single)
+    assert np.abs(one).max() > 0
+    np.testing.assert_allclose(np.load(double), one, rtol=1e-4, atol=1e-5 * np.abs(one).max())
+    one_meta, two_meta = (json.loads(p.with_suffix(".json").read_text()) for p in (single, double))
+    assert one_meta == two_meta
+
+
+def test_sharding_needs_the_streamed_countsketch_and_a_response_per_process(tiny_model, rollouts, tmp_path):
+    path, rows = rollouts
+    flags = ["--model", str(tiny_model), "--rollouts", str(path), "--out", str(tmp_path / "x.npy"), "--fsdp", "on"]
+    with pytest.raises(sg.DataError, match="--fsdp on hashes each process's gradient shards"):
+        sg.main(sg.M.parse_args(sg.Args, [*flags, "--sparse-ratio", "0.5"]))
+    with pytest.raises(sg.DataError, match=r"has 1 responses, fewer than the 2 processes"):
+        sg.M.check_responses_per_process([{"response_ids": [[1]]}], 2, "r.jsonl", (0, 2))
+    sg.M.check_responses_per_process([{"response_ids": [[1]]}], 2, "r.jsonl", None)  # replicated: whole prompts
