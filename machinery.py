@@ -442,6 +442,7 @@ def memory_plan(config, num_params: int, stage: str, token_budget: int, checkpoi
                   [tokens, hidden] input per layer plus one layer's internals (~(16 hidden + 4 intermediate) values
                   a token) recomputed; without, the internals of every layer
       logits      one LM-head chunk in float32: logit_chunk tokens x vocabulary x ~3 tensors (logits, softmax, grad)
+      hashes      the CountSketch's kept hash draws (sketch): 4 B a coordinate, at most 1 GiB
     shards: processes that share weights, grads and optimizer state (a sharded data-parallel run); 1 = replicated.
     """
     hidden, layers = config.hidden_size, config.num_hidden_layers
@@ -455,7 +456,8 @@ def memory_plan(config, num_params: int, stage: str, token_budget: int, checkpoi
             "vllm": vllm_share * card_gib * GIB if stage in ("collect", "grpo") else 0,
             "activations": (layer_inputs + per_layer_internals if checkpointing else per_layer_internals * layers)
             if training else token_budget * hidden * 2 * 4,
-            "logits": (logit_chunk or max(1, 2 ** 26 // config.vocab_size)) * config.vocab_size * 4 * 3}
+            "logits": (logit_chunk or max(1, 2 ** 26 // config.vocab_size)) * config.vocab_size * 4 * 3,
+            "hashes": min(num_params * 4, GIB) if stage == "sketch" else 0}
     plan = {part: round(value / GIB, 2) for part, value in plan.items()}
     return plan | {"total": round(sum(plan.values()), 2)}
 

@@ -28,17 +28,27 @@ import torch
 
 from machinery import arg, atomic_dir, parse_args, seed_everything, write_json, write_jsonl
 
-SKILLS = ("add", "sub", "mul", "max")
+SKILLS = ("add", "sub", "mul", "max", "min", "mod", "rev", "dsum")
+TARGETED_SKILLS = ("add", "sub")  # run_cropi.sh's validation sets; the other six are untargeted
+LEVELS = (1, 2, 3)  # difficulty: operand digits grow with the level; level 3 is never in the warm-up
+# digits of each operand per level (one operand for rev and dsum)
+OPERAND_DIGITS = {
+    "add": ((2, 1), (2, 2), (3, 3)), "sub": ((2, 1), (2, 2), (3, 3)), "mul": ((2, 1), (3, 1), (2, 2)),
+    "max": ((2, 2), (3, 3), (4, 4)), "min": ((2, 2), (3, 3), (4, 4)), "mod": ((2, 1), (3, 1), (3, 2)),
+    "rev": ((3,), (4,), (5,)), "dsum": ((3,), (4,), (5,)),
+}
+WARMUP_LEVELS = (1, 2)  # the supervised warm-up sees these levels only
 
 
 @dataclasses.dataclass
 class Args:
     out: str = arg("demo", "output folder (data/ and model/ are written inside)")
     seed: int = arg(0, "seed for the problems and the warm-up")
-    pool_per_skill: int = arg(300, "training-pool prompts per skill")
-    val_per_skill: int = arg(50, "validation prompts per skill")
-    test_per_skill: int = arg(100, "test prompts per skill")
-    warmup_per_skill: int = arg(500, "supervised warm-up problems per skill (disjoint from the splits above)")
+    pool_per_skill: int = arg(150, "training-pool prompts per skill (a third per level)")
+    val_per_skill: int = arg(50, "validation prompts per skill (a third per level)")
+    test_per_skill: int = arg(200, "test prompts per skill (a third per level)")
+    warmup_per_skill: int = arg(800, "supervised warm-up problems per skill, half of level 1, half of level 2 "
+                                          "(disjoint from the splits above)")
     warmup_steps: int = arg(1200, "supervised steps; few on purpose, so that pass rates stay between 0 and 1")
     warmup_batch: int = arg(64, "sequences per supervised step")
     warmup_lr: float = arg(1e-3, "AdamW learning rate of the warm-up")
@@ -51,35 +61,77 @@ class Args:
 # The task family
 # ----------------------------------------------------------------------------------------------
 
-def all_problems(skill: str) -> list[tuple[str, int]]:
-    """Every (question, integer answer) of one skill; the splits are disjoint samples of this list."""
+def random_number(rng: random.Random, digits: int) -> int:
+    return rng.randrange(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits)
+
+
+def random_problem(skill: str, level: int, rng: random.Random) -> tuple[str, int]:
+    """One (question, integer answer) of a skill at a difficulty level."""
+    numbers = [random_number(rng, d) for d in OPERAND_DIGITS[skill][level - 1]]
     if skill == "add":
-        return [(f"{a}+{b}", a + b) for a in range(100) for b in range(10)]
-    if skill == "sub":
-        return [(f"{a}-{b}", a - b) for a in range(100) for b in range(min(a, 9) + 1)]
+        a, b = numbers
+        return f"{a}+{b}", a + b
+    if skill == "sub":  # a >= b: answers stay non-negative
+        a, b = max(numbers), min(numbers)
+        return f"{a}-{b}", a - b
     if skill == "mul":
-        return [(f"{a}*{b}", a * b) for a in range(100) for b in range(10)]
-    if skill == "max":
-        return [(f"max({a},{b})", max(a, b)) for a in range(100) for b in range(100) if a != b]
+        a, b = numbers
+        return f"{a}*{b}", a * b
+    if skill in ("max", "min"):
+        a, b = numbers
+        return f"{skill}({a},{b})", max(a, b) if skill == "max" else min(a, b)
+    if skill == "mod":
+        a, b = numbers[0], max(numbers[1], 2)
+        return f"{a}%{b}", a % b
+    if skill == "rev":  # the digits reversed (a last digit of 0 would vanish from the answer: made 1)
+        a = numbers[0] - numbers[0] % 10 + max(numbers[0] % 10, 1)
+        return f"rev({a})", int(str(a)[::-1])
+    if skill == "dsum":
+        return f"dsum({numbers[0]})", sum(int(c) for c in str(numbers[0]))
     raise ValueError(f"unknown skill {skill!r}")
 
 
+def level_counts(total: int, levels: tuple[int, ...]) -> dict[int, int]:
+    """total rows split over the levels as evenly as whole numbers allow (the first levels get the remainder)."""
+    return {level: total // len(levels) + (i < total % len(levels)) for i, level in enumerate(levels)}
+
+
+def distinct_problems(skill: str, level: int, count: int, rng: random.Random) -> list[tuple[str, int]]:
+    """`count` different problems of one skill and level, in the order drawn."""
+    problems: dict[str, int] = {}
+    for _ in range(100 * count):
+        if len(problems) == count:
+            break
+        question, answer = random_problem(skill, level, rng)
+        problems.setdefault(question, answer)
+    if len(problems) < count:
+        raise ValueError(f"skill {skill} level {level} has fewer than {count} different problems: lower "
+                         f"--pool-per-skill, --val-per-skill, --test-per-skill or --warmup-per-skill")
+    return list(problems.items())
+
+
 def make_splits(args: Args) -> dict[str, list[dict]]:
-    """{"train": pool, "val_<skill>": ..., "test_<skill>": ..., "warmup": supervised set}, disjoint per skill."""
+    """{"train": pool, "val_<skill>": ..., "test_<skill>": ..., "warmup": supervised set}, disjoint per skill.
+
+    Pool, validation and test sets hold the three levels in equal shares; the warm-up holds levels 1 and 2 only.
+    """
     rng = random.Random(args.seed)
     splits: dict[str, list[dict]] = {"train": [], "warmup": []}
     for skill in SKILLS:
-        problems = all_problems(skill)
-        rng.shuffle(problems)
         sizes = {"train": args.pool_per_skill, f"val_{skill}": args.val_per_skill,
-                 f"test_{skill}": args.test_per_skill}
-        start = 0
-        for name, size in sizes.items():
-            rows = [{"id": f"{name}-{skill}-{i}", "prompt": q, "answer": str(a), "skill": skill}
-                    for i, (q, a) in enumerate(problems[start:start + size])]
-            splits.setdefault(name, []).extend(rows)
-            start += size
-        splits["warmup"].extend({"prompt": q, "answer": str(a)} for q, a in problems[start:start + args.warmup_per_skill])
+                 f"test_{skill}": args.test_per_skill, "warmup": args.warmup_per_skill}
+        for level in LEVELS:
+            needed = {name: level_counts(size, WARMUP_LEVELS if name == "warmup" else LEVELS).get(level, 0)
+                      for name, size in sizes.items()}
+            problems = iter(distinct_problems(skill, level, sum(needed.values()), rng))
+            for name, count in needed.items():
+                rows = splits.setdefault(name, [])
+                for _ in range(count):
+                    question, answer = next(problems)
+                    row = {"prompt": question, "answer": str(answer)}
+                    if name != "warmup":
+                        row = {"id": f"{name}-{skill}-L{level}-{len(rows)}", **row, "skill": skill, "level": level}
+                    rows.append(row)
     rng.shuffle(splits["train"])
     return splits
 

@@ -9,9 +9,8 @@
       A prompt whose K rewards are all equal has A = 0, so g = 0: no backward, a zero row, listed in zero_rows.
   1b  sparse random projection P S g: S keeps a fixed random fraction --sparse-ratio F of the d coordinates (the same
       for every prompt, file and process given --seed; default F = 1, all of them: see README), P projects to N dims:
-        countsketch            sketch[h(i)] += s(i) g_i, bucket h(i) and sign s(i) drawn from (seed, i) block by block
-                               (no stored index per coordinate); E<Sg, Sh> = <g, h>; O(d) per prompt. At F = 1 each
-                               parameter's .grad is hashed in place, straight into the sketch (no flat copy)
+        countsketch            sketch[h(i)] += s(i) g_i, bucket h(i) and sign s(i) drawn from (seed, i) block by block;
+                               E<Sg, Sh> = <g, h>; O(d) per prompt; at F = 1 each .grad is hashed in place
         gaussian / rademacher  the release's dense d x N matrix (N(0,1)/sqrt(N) or +-1/sqrt(N) entries), generated block
                                by block from seeds, one GEMM per block for a chunk of prompts; O(d F N) per prompt
         none                   the kept coordinates themselves (with F = 1: the exact gradient, for tests and studies)
@@ -19,8 +18,8 @@
       prompts with mixed rewards) as ONE sketch: P S is linear, so (1/m) sum_i P S g(s_i) = P S (1/m) sum_i g(s_i).
 Reads   --model (a transformers checkpoint: the current policy pi_theta(m)) and --rollouts (collect_rollouts.py's file).
 Writes  --out SKETCH.npy   [rows, proj_dim] (float32 or float16), rows in the rollouts file's order (or one: the mean)
-        SKETCH.json        metadata (model, num_params, projector, seed, sparse_ratio, proj_dim, dtype, rows, ids,
-                           zero_rows, nonfinite_rows, ...; "mean_of": the rows averaged); select_data.py checks them
+        SKETCH.json        metadata (model, projector, seed, sparse_ratio, proj_dim, dtype, ids, zero_rows, nonfinite_rows,
+                           "mean_of": the rows averaged, ...); select_data.py checks them
         SKETCH.npy.parts/  finished chunks while running (a killed run resumes from them; not with --mean-of-rows)
 torchrun --nproc_per_node=G sketch_grads.py ... shares the chunks (or the mean's prompts, whose partial sketches are then
 summed) out to the processes (gloo on CPU, nccl on CUDA); rank 0 writes the same file as one process. --fsdp shards the
@@ -30,6 +29,7 @@ model instead: every process takes every prompt and a share of its responses, an
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import torch
@@ -131,7 +131,7 @@ def mean_of_rows_sample(rows: list[dict], max_rows: int, seed: int, path: str = 
 # ----------------------------------------------------------------------------------------------
 
 KEEP_BLOCK = 1 << 20         # coordinates per block of the keep-mask
-HASH_BLOCK = 1 << 21         # coordinates per CountSketch hash block
+HASH_BLOCK = 1 << 21         # coordinates per CountSketch hash block; up to 128 blocks (1 GiB of int32) are kept
 DENSE_BLOCK_FLOATS = 1 << 24  # floats per generated block of a dense matrix (64 MB in float32)
 
 
@@ -150,6 +150,7 @@ def kept_coordinates(num_coordinates: int, sparse_ratio: float, seed: int, devic
     return torch.cat(kept)
 
 
+@functools.lru_cache(maxsize=128)  # the same for every prompt: drawn once (drawing costs ~3 hashings on a CPU)
 def countsketch_draws(seed: int, block: int, proj_dim: int, device: torch.device) -> torch.Tensor:
     """r(i) uniform in [0, 2N) for the HASH_BLOCK coordinates i of hash block `block` of the projected vector:
     bucket h(i) = r // 2 and sign s(i) = +1 if r is odd, -1 if even (independent). The whole block is drawn from
@@ -217,9 +218,8 @@ def project(grads: torch.Tensor, projector: str, proj_dim: int, seed: int) -> to
 # ----------------------------------------------------------------------------------------------
 
 class Sketcher:
-    """The model and how its gradient is projected. CountSketch of all coordinates (F = 1): every .grad is hashed in
-    place, so the memory beyond the model's own gradients is the [prompts, N] sketches (and one hash block).
-    Otherwise the kept coordinates are copied into one preallocated [chunk, d_kept] buffer, projected per chunk."""
+    """The model and how its gradient is projected. F = 1 and CountSketch: every .grad is hashed in place (beyond the
+    grads: the sketches and the hash blocks). Else the kept coordinates go to a [chunk, d_kept] buffer, projected."""
 
     def __init__(self, args: Args, device: torch.device, rank: int, world: int):
         self.args, self.device = args, device
