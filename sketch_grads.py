@@ -221,7 +221,7 @@ class Sketcher:
     """The model and how its gradient is projected. F = 1 and CountSketch: every .grad is hashed in place (beyond the
     grads: the sketches and the hash blocks). Else the kept coordinates go to a [chunk, d_kept] buffer, projected."""
 
-    def __init__(self, args: Args, device: torch.device, rank: int, world: int):
+    def __init__(self, args: Args, device: torch.device, rank: int = 0, world: int = 1):
         self.args, self.device = args, device
         self.streamed = args.projector == "countsketch" and args.sparse_ratio >= 1
         self.model, self.share = M.load_model_for_gradients(args, device, rank, world, self.streamed)  # share: FSDP

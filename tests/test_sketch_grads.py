@@ -504,3 +504,33 @@ def test_sharding_needs_the_streamed_countsketch_and_a_response_per_process(tiny
     with pytest.raises(sg.DataError, match=r"has 1 responses, fewer than the 2 processes"):
         sg.M.check_responses_per_process([{"response_ids": [[1]]}], 2, "r.jsonl", (0, 2))
     sg.M.check_responses_per_process([{"response_ids": [[1]]}], 2, "r.jsonl", None)  # replicated: whole prompts
+
+
+def test_rho_is_one_at_stage_zero_up_to_bf16_batching_noise(tiny_model, rollouts, monkeypatch):
+    """At stage 0 the checkpoint is beta: rho = exp(log pi - log beta) is 1 but for the numerics of two batchings of
+    the same rows (collect: 16,384-token batches across prompts, longest first; sketch: one prompt's responses in
+    file order). Under bf16 autocast (CPU here, as on CUDA) the head is float32 and batch-invariant, the body's bf16
+    matmuls are not: |log rho| stays within 0.01 (in float32 exactly batch-free up to 1e-5)."""
+    import collect_rollouts
+
+    _, rows = rollouts
+    model = sg.M.load_model(str(tiny_model), CPU).eval()
+    flat_prompts = [row["prompt_ids"] for row in rows for _ in row["response_ids"]]
+    flat_responses = [r for row in rows for r in row["response_ids"]]
+    for dtype, bound in ((torch.bfloat16, 0.01), (None, 1e-5)):
+        autocast = lambda device: torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None)
+        monkeypatch.setattr(sg.M, "autocast", autocast)
+        beta = collect_rollouts.behavior_logprobs(model, flat_prompts, flat_responses, 0.7, 0, 16384)
+        worst, flat = 0.0, 0
+        with torch.no_grad():
+            for row in rows:
+                for batch in sg.M.token_budget_batches([len(row["prompt_ids"]) + len(r) for r in row["response_ids"]],
+                                                       8192, longest_first=False):
+                    with autocast(CPU):
+                        current, _ = response_logprobs(model, [row["prompt_ids"]] * len(batch),
+                                                       [row["response_ids"][i] for i in batch], 0.7, 0)
+                    for j, i in enumerate(batch):
+                        n = len(row["response_ids"][i])
+                        worst = max(worst, (current[j, :n] - torch.tensor(beta[flat + i])).abs().max().item())
+                flat += len(row["response_ids"])
+        assert worst < bound, (dtype, worst)
