@@ -5,6 +5,7 @@ Every step (the order of `grpo_train` below):
   1. take B prompts of the subset (epoch-wise without replacement, seeded);
   2. sample G responses per prompt from the current policy (vLLM colocated, fed the trainer's weights; or HF);
   3. score each response 0/1 with common.reward and turn each group's rewards into advantages (common.group_advantages);
+     with --dynamic-sampling (DAPO), groups whose G rewards are all equal are dropped and new prompts sampled instead;
   4. old log-probs pi_old of the sampled tokens, then --ppo-epochs passes over --mini-batches parts of the batch,
      one optimizer update each, of the clipped token-level surrogate with the k3 KL to the frozen reference model
      and an entropy bonus. The release: one epoch of one mini-batch (ratio 1: the clip never acts).
@@ -28,7 +29,6 @@ from tqdm import tqdm
 
 import common
 import machinery as M
-from common import DataError
 from machinery import arg
 
 
@@ -75,6 +75,8 @@ class Args:
                             "auto (on when a model replicated on every GPU does not fit the memory plan)")
     save_every: int = arg(50, "write the resume checkpoint <out>.resume/ every N steps (0: never)")
     seed: int = arg(0, "seed of the data order, the sampling and the update")
+    dynamic_sampling: int = arg(0, "DAPO's dynamic sampling: drop groups whose G rewards are all equal and sample new "
+                                   "prompts instead, in at most N sampling rounds per step (0: off, plain GRPO)")
 
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
@@ -95,6 +97,28 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> l
         permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
         indices.append(int(permutation[offset]))
     return indices
+
+
+def dynamic_sampling(sample_round, batch_size: int, max_rounds: int) -> tuple[list, torch.Tensor, int]:
+    """DAPO's dynamic sampling: keep the groups whose G rewards are not all equal (the others have A = 0, hence no
+    policy gradient) and sample rounds of new prompts until batch_size groups are kept or max_rounds rounds were
+    sampled; then train on fewer (on the last round if none was kept). max_rounds = 0: off, round 0 as sampled.
+
+    sample_round(r) -> (groups, rewards [n, G]) of round r = 0, 1, ...; returns (groups, rewards, rounds sampled).
+    """
+    if max_rounds == 0:
+        return *sample_round(0), 1
+    kept, kept_rewards = [], []
+    for rounds in range(1, max_rounds + 1):
+        groups, rewards = sample_round(rounds - 1)
+        mixed = (rewards != rewards[:, :1]).any(dim=1).tolist()
+        kept += [group for group, keep in zip(groups, mixed) if keep]
+        kept_rewards += [row for row, keep in zip(rewards, mixed) if keep]
+        if len(kept) >= batch_size:
+            break
+    if not kept:
+        return groups, rewards, rounds
+    return kept[:batch_size], torch.stack(kept_rewards[:batch_size]), rounds
 
 
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -224,30 +248,27 @@ def grpo_train(args: Args) -> None:
                     total=args.steps)
     for step in progress:
         step_start = time.perf_counter()
-        # 1. This step's B prompts; this rank takes its contiguous share.
-        indices = batch_indices(len(run.examples), args.batch_prompts, step, args.seed)
-        mine = [run.examples[i] for i in indices[run.rank * local_prompts:(run.rank + 1) * local_prompts]]
-        prompt_ids = [run.encode(r["prompt"]) for r in mine]
-
-        # 2. G responses per prompt from the current policy (the engine first receives the trainer's weights).
+        # 1-2. This step's B prompts (this rank: its contiguous share), G responses each from the current policy, 0/1
+        #      rewards [B, G]. Dynamic sampling's round r >= 1 draws prompts seeded by (seed, step, r) (resumable).
+        def sample_round(r: int):
+            indices = batch_indices(len(run.examples), args.batch_prompts, step, args.seed) if r == 0 else np.resize(
+                np.random.default_rng([args.seed, step, r]).permutation(len(run.examples)), args.batch_prompts)
+            return run.sample_groups(indices[run.rank * local_prompts:(run.rank + 1) * local_prompts], step, r)
         run.sync_engine()
-        groups = run.engine.generate(prompt_ids, args.group_size, args.temperature, args.top_p, args.max_new_tokens,
-                                     seed=run.sampling_seed(step))
-        response_ids = [r for group in groups for r in group]
+        groups, rewards, rounds = dynamic_sampling(sample_round, local_prompts, args.dynamic_sampling)
+        group_prompt_ids = [prompt for prompt, responses in groups for _ in responses]
+        response_ids = [response for _, responses in groups for response in responses]
         rollout_time = time.perf_counter() - step_start
 
-        # 3. 0/1 rewards and group advantages A_k = (r_k - mean(r)) / (std(r) + 1e-4).
-        answers = [r["answer"] for r in mine for _ in range(args.group_size)]
-        rewards = torch.tensor(run.rewards(response_ids, answers)).view(-1, args.group_size)
+        # 3. Group advantages A_k = (r_k - mean(r)) / (std(r) + 1e-4).
         advantages = common.group_advantages(rewards).flatten()
 
         # 4. pi_old, then --ppo-epochs x --mini-batches updates of the clipped surrogate + k3 KL - entropy bonus.
         update_start = time.perf_counter()
         run.engine.release_memory(keep_weights=False)  # vLLM sleeps (CUDA) while the update needs the memory
-        group_prompt_ids = [ids for ids in prompt_ids for _ in range(args.group_size)]
         several_updates = args.ppo_epochs * args.mini_batches > 1
         old = policy_logprobs(run.model, group_prompt_ids, response_ids, args, run.pad) if several_updates else None
-        parts = np.array_split(np.arange(len(mine)), args.mini_batches)  # whole groups per mini-batch
+        parts = np.array_split(np.arange(len(groups)), args.mini_batches)  # whole groups per mini-batch
         updates = []
         for _ in range(args.ppo_epochs):
             for part in parts:
@@ -257,7 +278,7 @@ def grpo_train(args: Args) -> None:
                                            old[seqs] if old else None))
         run.engine_is_stale = True
         row = run.log_step(step, rewards, response_ids, updates, rollout_time, time.perf_counter() - update_start,
-                           time.perf_counter() - step_start)
+                           time.perf_counter() - step_start, rounds)
         progress.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl']:.4f}", s=f"{row['step_time_s']:.1f}")
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             run.log_eval(step + 1)
@@ -266,28 +287,8 @@ def grpo_train(args: Args) -> None:
     run.finish()
 
 
-def check_args(args: Args) -> None:
-    for flag in ("model", "data", "out"):
-        if not getattr(args, flag):
-            raise DataError(f"--{flag.replace('_', '-')} is required")
-    M.check_choices(("--loss-agg", args.loss_agg, LOSS_AGGREGATIONS), ("--fsdp", args.fsdp, M.FSDP),
-                    ("--gradient-checkpointing", args.gradient_checkpointing, M.CHECKPOINTING))
-    if args.group_size < 2:
-        raise DataError("--group-size must be >= 2 (a group of one has no advantage)")
-    if min(args.batch_prompts, args.micro_batch_tokens, args.hf_generation_batch, args.ppo_epochs,
-           args.mini_batches) < 1 or args.steps < 0:
-        raise DataError("--steps must be >= 0; --batch-prompts, --micro-batch-tokens, --hf-generation-batch, "
-                        "--ppo-epochs and --mini-batches >= 1")
-    if args.temperature <= 0:
-        raise DataError(f"--temperature must be > 0 for sampling, got {args.temperature}")
-    M.check_model(args.model)
-    M.check_model(args.ref_model or args.model, "--ref-model")
-    for path in [args.data, *args.eval_data]:  # every data file parsed before any model is loaded
-        common.load_examples(path)
-
-
 def main(args: Args) -> None:
-    check_args(args)
+    M.check_grpo_args(args, LOSS_AGGREGATIONS)
     if M.is_complete_checkpoint(args.out):
         M.ChunkStore(f"{args.out}.resume", {}).remove()
         print(f"{args.out} is already complete; nothing to do")

@@ -842,6 +842,9 @@ def check_sketch_args(args, projectors: tuple[str, ...], dtypes: dict) -> None:
                         "--sparse-ratio 1")
     if not 0 < args.sparse_ratio <= 1:
         raise DataError(f"--sparse-ratio must be in (0, 1], got {args.sparse_ratio}")
+    if args.projector == "kronecker" and (args.sparse_ratio < 1 or args.kronecker_dim < 1):
+        raise DataError("--projector kronecker sketches every coordinate: it needs --sparse-ratio 1 and "
+                        "--kronecker-dim >= 1")
     if args.proj_dim < 1 or args.chunk_prompts < 1 or args.token_budget < 1 or args.mean_of_rows < 0:
         raise DataError("--proj-dim, --chunk-prompts and --token-budget must be >= 1, --mean-of-rows >= 0")
     if args.clip_ratio is not None and not 0 < args.clip_ratio < 1:
@@ -904,7 +907,8 @@ def sketch_settings(args, num_params: int, width: int, num_kept: int, device: to
             "num_params": num_params, "projector": args.projector, "seed": args.seed,
             "sparse_ratio": args.sparse_ratio, "proj_dim": width, "dtype": args.dtype, "rows": rows,
             "chunk_prompts": args.chunk_prompts, "clip_ratio": args.clip_ratio, "rng_device": device.type,
-            "kept_coordinates": num_kept}
+            "kept_coordinates": num_kept,
+            **({"kronecker_dim": args.kronecker_dim} if args.projector == "kronecker" else {})}
 
 
 def write_sketch(path: str, sketch: np.ndarray, meta: dict) -> dict:
@@ -955,8 +959,8 @@ def open_sketch(npy_path: str, flag: str) -> tuple[np.memmap, dict]:
 
 def check_sketches_match(train_meta: dict, train_path: str, val_meta: dict, val_path: str) -> None:
     """Scores are only meaningful when both sketches come from the same projection of the same parameters."""
-    for field in MATCHING_FIELDS:
-        if train_meta[field] != val_meta[field]:
+    for field in MATCHING_FIELDS + ("kronecker_dim",):
+        if train_meta.get(field) != val_meta.get(field):
             raise DataError(f"sketch metadata differ in {field!r}: {train_meta[field]!r} in {train_path} "
                             f"but {val_meta[field]!r} in {val_path}; make both with the same sketch_grads.py settings")
     if val_meta["model"] != train_meta["model"]:
@@ -1163,6 +1167,29 @@ def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
     return (Path(folder) / "grpo_train.json").is_file() and (Path(folder) / "config.json").is_file()
 
 
+def check_grpo_args(args, loss_aggregations: tuple[str, ...]) -> None:
+    """grpo_train.py's flags and input files, checked before any model is loaded."""
+    for flag in ("model", "data", "out"):
+        if not getattr(args, flag):
+            raise DataError(f"--{flag.replace('_', '-')} is required")
+    check_choices(("--loss-agg", args.loss_agg, loss_aggregations), ("--fsdp", args.fsdp, FSDP),
+                  ("--gradient-checkpointing", args.gradient_checkpointing, CHECKPOINTING))
+    if args.group_size < 2:
+        raise DataError("--group-size must be >= 2 (a group of one has no advantage)")
+    if min(args.batch_prompts, args.micro_batch_tokens, args.hf_generation_batch, args.ppo_epochs,
+           args.mini_batches) < 1 or args.steps < 0 or args.dynamic_sampling < 0:
+        raise DataError("--steps and --dynamic-sampling must be >= 0; --batch-prompts, --micro-batch-tokens, "
+                        "--hf-generation-batch, --ppo-epochs and --mini-batches >= 1")
+    if args.dynamic_sampling and args.mini_batches > 1:
+        raise DataError("--dynamic-sampling needs --mini-batches 1: its batch can hold fewer groups than B")
+    if args.temperature <= 0:
+        raise DataError(f"--temperature must be > 0 for sampling, got {args.temperature}")
+    check_model(args.model)
+    check_model(args.ref_model or args.model, "--ref-model")
+    for path in [args.data, *args.eval_data]:  # every data file parsed before any model is loaded
+        common.load_examples(path)
+
+
 class TrainingRun:
     """Everything grpo_train.py's loop uses besides the algorithm: the processes, policy (`trainer`: DDP-wrapped, or
     sharded with FSDP2 by --fsdp), reference model, optimizer, generation engine, data, the resume state and the
@@ -1197,6 +1224,8 @@ class TrainingRun:
             # the frozen reference only gives log-probs: bf16 weights on CUDA (its log-softmax is float32 anyway)
             ref_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             self.ref_model = load_model(args.ref_model or args.model, self.device, ref_dtype).eval().requires_grad_(False)
+        if self.sharded and args.dynamic_sampling:  # its processes may keep different numbers of groups
+            raise DataError("--dynamic-sampling with a sharded model (--fsdp) is not supported: use --fsdp off")
         if self.sharded:
             for model in filter(None, (self.model, self.ref_model)):
                 shard_model(model)
@@ -1229,12 +1258,25 @@ class TrainingRun:
         limit = context_length(self.model.config)
         return min(needed, limit) if limit else needed
 
-    def sampling_seed(self, step: int) -> int | None:
-        """vLLM: one seed per (seed, step, rank), so a resumed run samples as before. transformers: None, continuing
-        the torch RNG stream of this rank (seeded at the start, saved in and restored from the resume state)."""
+    def sampling_seed(self, step: int, round_: int = 0) -> int | None:
+        """vLLM: one seed per (seed, step, rank[, sampling round]), so a resumed run samples as before. transformers:
+        None, continuing the torch RNG stream of this rank (seeded at the start, saved in and restored from the
+        resume state)."""
         if self.backend != "vllm":
             return None
-        return int(np.random.SeedSequence([self.args.seed, step, self.rank]).generate_state(1)[0])
+        entropy = [self.args.seed, step, self.rank] + ([round_] if round_ else [])
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+    def sample_groups(self, indices: list[int], step: int, round_: int = 0) -> tuple[list, torch.Tensor]:
+        """G responses from the current policy to each prompt of `indices` and their 0/1 rewards:
+        ([(prompt ids, [G response ids])] per prompt, rewards [prompts, G])."""
+        rows = [self.examples[i] for i in indices]
+        prompt_ids = [self.encode(r["prompt"]) for r in rows]
+        g = self.args.group_size
+        groups = self.engine.generate(prompt_ids, g, self.args.temperature, self.args.top_p, self.args.max_new_tokens,
+                                      seed=self.sampling_seed(step, round_))
+        rewards = self.rewards([r for group in groups for r in group], [r["answer"] for r in rows for _ in range(g)])
+        return list(zip(prompt_ids, groups)), torch.tensor(rewards).view(-1, g)
 
     def sync_engine(self) -> None:
         if self.engine_is_stale:
@@ -1270,16 +1312,18 @@ class TrainingRun:
         return accuracies
 
     def log_step(self, step: int, rewards: torch.Tensor, response_ids: list[list[int]], updates: list[dict],
-                 rollout_time: float, update_time: float, step_time: float) -> dict:
-        """One metrics line for the whole batch (all ranks); token statistics averaged over the epochs."""
+                 rollout_time: float, update_time: float, step_time: float, sampling_rounds: int = 1) -> dict:
+        """One metrics line for the whole batch (all ranks); token statistics averaged over the epochs;
+        sampling_rounds: rounds of dynamic sampling (1 without), averaged over the ranks."""
         epochs = self.args.ppo_epochs
         stats = {key: sum(u[key] for u in updates) for key in ("kl", "entropy", "clip_fraction", "ratio", "loss")}
         all_equal_groups = float((rewards == rewards[:, :1]).all(dim=1).sum())
         (reward_sum, correct, responses, groups, equal_groups, token_sum, kl_sum, entropy_sum, clip_sum,
-         ratio_sum, loss_sum) = all_sum(
+         ratio_sum, loss_sum, rounds_sum) = all_sum(
             [float(rewards.sum()), float((rewards == 1).sum()), float(rewards.numel()), float(rewards.shape[0]),
              all_equal_groups, float(sum(len(r) for r in response_ids)), stats["kl"] / epochs,
-             stats["entropy"] / epochs, stats["clip_fraction"] / epochs, stats["ratio"] / epochs, stats["loss"]],
+             stats["entropy"] / epochs, stats["clip_fraction"] / epochs, stats["ratio"] / epochs, stats["loss"],
+             float(sampling_rounds)],
             self.device)
         row = {"step": self.args.step_offset + step + 1, "stage_step": step + 1,
                "reward_mean": reward_sum / responses, "accuracy": correct / responses,
@@ -1287,7 +1331,8 @@ class TrainingRun:
                "all_equal_share": equal_groups / groups, "response_length": token_sum / responses,
                "tokens_per_s": token_sum / step_time, "step_time_s": step_time, "rollout_time_s": rollout_time,
                "update_time_s": update_time, "loss": loss_sum / len(updates), "ratio_mean": ratio_sum / token_sum,
-               "grad_norm": sum(u["grad_norm"] for u in updates) / len(updates)}
+               "grad_norm": sum(u["grad_norm"] for u in updates) / len(updates),
+               "sampling_rounds": rounds_sum / self.world}
         if self.rank == 0:
             append_jsonl(self.metrics_path, row)
         return row
@@ -1329,3 +1374,213 @@ class TrainingRun:
             self.store.remove()
             print(f"wrote {self.args.out}")
         finish_distributed()
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched sketch (sketch_grads.py --projector kronecker): hooks that see every layer's inputs and output gradients
+# in ONE forward+backward of many prompts, and add up each group's (prompt's) share of every parameter's sketch
+# ----------------------------------------------------------------------------------------------
+
+def pair_batches(pairs: list[tuple], token_budget: int) -> list[list[tuple]]:
+    """Micro-batches of (group, row, k, weight) response pairs by token budget, in input order; one sampling
+    temperature per micro-batch (response_logprobs takes one)."""
+    batches = []
+    for temperature in dict.fromkeys(row["temperature"] for _, row, _, _ in pairs):
+        mine = [pair for pair in pairs if pair[1]["temperature"] == temperature]
+        lengths = [len(row["prompt_ids"]) + len(row["response_ids"][k]) for _, row, k, _ in mine]
+        batches += [[mine[i] for i in batch] for batch in token_budget_batches(lengths, token_budget, False)]
+    return batches
+
+
+def pair_inputs(batch: list[tuple]) -> tuple[list, list, float]:
+    """response_logprobs' prompts, responses and temperature of a micro-batch of response pairs."""
+    return ([row["prompt_ids"] for _, row, _, _ in batch], [row["response_ids"][k] for _, row, k, _ in batch],
+            batch[0][1]["temperature"])
+
+
+def pair_targets(batch: list[tuple], logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The behaviour log-probs [B, Lr] (0 on padding) and the pairs' weights [B] of a micro-batch, on its device."""
+    behavior = torch.zeros_like(logprobs)
+    for j, (_, row, k, _) in enumerate(batch):
+        behavior[j, :len(row["behavior_logprobs"][k])] = torch.tensor(row["behavior_logprobs"][k])
+    return behavior, torch.tensor([weight for *_, weight in batch], device=logprobs.device)
+
+
+class KroneckerHooks:
+    """Per-group sketches of every trainable parameter's gradient, from one forward+backward of many rows.
+
+    The backward of the sum of the groups' losses gives each token's delta_t = dL/d(a layer's output); a group's
+    gradient is the sum over its tokens, so each group's share is summed with the row -> group map:
+      W [out, in] of a Linear / Conv1D (y = W x + b) or the LM head:  P_out G P_in^T = sum_t (P_out delta_t)(P_in x_t)^T
+      an embedding E [V, H] (token v_t, output gradient g_t):        sum_t (P_out e_{v_t})(P_in g_t)^T
+        (a tied LM head and its embedding are one parameter: one P_out, P_in, both parts added)
+      the bias of a Linear / Conv1D: sum_t delta_t, exactly
+      norm weights and biases (LayerNorm, RMSNorm: each token alone): exactly, by re-running the module on the rows
+    factor(index, side, dim) gives P_out / P_in of parameter `index`; outer_sums(a, b, row_group, groups) the sums.
+    The parameters are frozen while hooked: the backward then computes the activations' gradients only, not the
+    dW = delta^T x of every layer summed over all rows (a third of a usual backward), which no sketch reads.
+    """
+
+    def __init__(self, model, factor, outer_sums):
+        from transformers.pytorch_utils import Conv1D
+
+        self.model, self.outer_sums, self.active = model, outer_sums, False
+        self.parameters = [p for _, p in trainable_parameters(model)]
+        self.index = {id(p): i for i, p in enumerate(self.parameters)}
+        self.head = model.get_output_embeddings()
+        self.factors, self.exact, self.handles = {}, set(), []  # factors: id(weight) -> (P_out, P_in)
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if module is self.head or not own:
+                continue
+            if isinstance(module, (torch.nn.Linear, Conv1D)):  # Conv1D (GPT-2) stores W^T: [in, out]
+                shape = module.weight.shape if isinstance(module, torch.nn.Linear) else module.weight.shape[::-1]
+                self.add_factors(module.weight, *shape, factor)
+                self.exact.update(id(p) for p in own if p is not module.weight)
+                self.handles.append(module.register_forward_hook(self.linear_hook))
+            elif isinstance(module, torch.nn.Embedding):
+                self.add_factors(module.weight, *module.weight.shape, factor)
+                self.handles.append(module.register_forward_hook(self.embedding_hook))
+            elif type(module).__name__.endswith("Norm"):
+                self.exact.update(id(p) for p in own)
+                self.handles.append(module.register_forward_hook(self.norm_hook))
+            else:
+                raise DataError(f"--projector kronecker has no rule for {name} ({type(module).__name__})")
+        if getattr(self.head, "bias", None) is not None:
+            raise DataError("--projector kronecker: an LM head with a bias is not supported")
+        if id(self.head.weight) not in self.factors:  # an untied head
+            self.add_factors(self.head.weight, *self.head.weight.shape, factor)
+        self.handles.append(model.register_forward_hook(self.model_hook))
+        missed = [n for n, p in trainable_parameters(model) if id(p) not in self.factors and id(p) not in self.exact]
+        if missed:
+            raise DataError(f"--projector kronecker has no rule for the parameters {missed}")
+        for p in self.parameters:
+            p.requires_grad_(False)
+        self.sums: dict[int, torch.Tensor] = {}
+
+    def add_factors(self, weight, out_dim: int, in_dim: int, factor) -> None:
+        index = self.index[id(weight)]
+        self.factors[id(weight)] = (factor(index, "out", out_dim), factor(index, "in", in_dim))
+
+    def width(self, p) -> int:
+        """Columns of p's sketch: k_out x k_in for a matrix, its own size when exact."""
+        if id(p) in self.factors:
+            return self.factors[id(p)][0].shape[0] * self.factors[id(p)][1].shape[0]
+        return p.numel()
+
+    def start(self, groups: int) -> None:
+        """Zero sketches for `groups` groups; the micro-batches recorded next add into them."""
+        device = self.parameters[0].device
+        self.groups = groups
+        self.sums = {id(p): torch.zeros(groups, self.width(p), device=device) for p in self.parameters}
+
+    def rows(self) -> torch.Tensor:
+        """[groups, sum of widths]: every parameter's sketch, in parameter order."""
+        return torch.cat([self.sums[id(p)] for p in self.parameters], dim=1)
+
+    @contextlib.contextmanager
+    def recording(self, batch: list[tuple]):
+        """Within it: the forward of a micro-batch of response pairs (group, row, k, weight), one sequence each."""
+        device = self.parameters[0].device
+        self.row_group = torch.tensor([group for group, *_ in batch], device=device)
+        lengths = torch.tensor([len(row["response_ids"][k]) for _, row, k, _ in batch], device=device)
+        self.head_group = torch.repeat_interleave(self.row_group, lengths)  # response tokens, row by row
+        self.head_seen, self.active, self.head_tap = 0, True, None
+        try:
+            yield
+        finally:
+            self.active = False
+            if self.head_tap is not None:
+                self.head_tap.__exit__(None, None, None)
+        if self.head_seen < len(self.head_group):
+            raise RuntimeError(f"--projector kronecker saw {self.head_seen} of the {len(self.head_group)} response "
+                               "tokens go through the LM head (common.head_logprobs)")
+
+    def add_matrix(self, weight, outs: torch.Tensor, ins: torch.Tensor, row_group: torch.Tensor) -> None:
+        self.sums[id(weight)] += self.outer_sums(outs, ins, row_group, self.groups).reshape(self.groups, -1)
+
+    def linear_hook(self, module, args, output):
+        if not self.active:  # gradient checkpointing re-runs the forward in the backward: seen already
+            return
+        p_out, p_in = self.factors[id(module.weight)]
+        row_group = self.row_group
+        with torch.autocast(output.device.type, enabled=False):
+            ins = args[0].detach().float() @ p_in.T  # P_in x_t  [rows, T, k_in]
+
+        def backward(delta):
+            self.add_matrix(module.weight, delta.float() @ p_out.T, ins, row_group)  # P_out delta_t
+            if module.bias is not None:  # sum_t delta_t, per group
+                self.sums[id(module.bias)].index_add_(0, row_group, delta.float().sum(1))
+        output.register_hook(backward)
+
+    def embedding_hook(self, module, args, output):
+        if not self.active:
+            return None
+        ids, row_group = args[0], self.row_group
+        if not output.requires_grad:  # frozen: the backward starts from the embeddings
+            output.requires_grad_()
+        if ids.shape[0] != len(row_group):  # looked up once for all rows (GPT-2's positions): a copy per row
+            ids, output = ids.expand(len(row_group), -1), output.expand(len(row_group), -1, -1)
+        p_out, p_in = self.factors[id(module.weight)]
+        outs = p_out.T[ids]  # P_out e_v = column v of P_out  [rows, T, k_out]
+        if module.padding_idx is not None:  # torch leaves the padding token's row without a gradient
+            outs = outs * (ids != module.padding_idx)[..., None]
+        output.register_hook(lambda grad: self.add_matrix(module.weight, outs, grad.float() @ p_in.T, row_group))
+        return output
+
+    def norm_hook(self, module, args, output):
+        if not self.active:
+            return
+        x, row_group = args[0].detach(), self.row_group
+        output.register_hook(lambda grad: self.add_norm(module, x, grad, row_group))
+
+    def add_norm(self, module, x: torch.Tensor, grad: torch.Tensor, row_group: torch.Tensor) -> None:
+        """The module's own parameters' gradient for each group, exactly: the vjp of the module re-run on its rows."""
+        names, params = zip(*module.named_parameters(recurse=False))
+        copies = {name: p.detach().requires_grad_() for name, p in zip(names, params)}
+        for group in row_group.unique().tolist():
+            rows = row_group == group
+            with torch.enable_grad():
+                out = torch.func.functional_call(module, copies, (x[rows],))
+                grads = torch.autograd.grad(out, list(copies.values()), grad[rows])
+            for p, g in zip(params, grads):
+                self.sums[id(p)][group] += g.float().reshape(-1)
+
+    def model_hook(self, module, args, output):
+        """After the model's own forward: the LM head is applied next as a function (common.head_logprobs), not
+        called as a module; a TorchFunctionMode sees those calls until the end of the recording."""
+        if self.active and self.head_tap is None:
+            self.head_tap = HeadTap(self)
+            self.head_tap.__enter__()
+
+    def head_hook(self, ins: torch.Tensor, logits: torch.Tensor) -> None:
+        """One chunk of response tokens through the head: ins = h_t / T [n, H], logits z_t [n, V] (the head's
+        output, whose gradient is delta_t); tokens past the last one (a chunk's padding) get no gradient."""
+        p_out, p_in = self.factors[id(self.head.weight)]
+        count = len(ins)
+        token_group = self.head_group[self.head_seen:self.head_seen + count]
+        token_group = torch.nn.functional.pad(token_group, (0, count - len(token_group)))
+        self.head_seen += min(count, len(self.head_group) - self.head_seen)
+        ins = (ins.detach().float() @ p_in.T)[:, None]
+        logits.register_hook(lambda delta: self.add_matrix(self.head.weight, (delta.float() @ p_out.T)[:, None],
+                                                           ins, token_group))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for p in self.parameters:
+            p.requires_grad_(True)
+
+
+class HeadTap(torch.overrides.TorchFunctionMode):
+    """Calls of F.linear with the LM head's weight (common.head_logprobs) go to KroneckerHooks.head_hook."""
+
+    def __init__(self, hooks: KroneckerHooks):
+        super().__init__()
+        self.hooks = hooks
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.nn.functional.linear and args[1] is self.hooks.head.weight:
+            self.hooks.head_hook(args[0], out)
+        return out

@@ -97,10 +97,12 @@ def marker_seconds(marker: Path) -> float:
 
 
 def stage_seconds(out_dir: Path, stage: int) -> dict[str, float]:
-    """Wall-clock seconds of the finished steps of one stage, read from the .done markers of run_cropi.sh."""
+    """Wall-clock seconds of the finished steps of one stage, read from the .done markers of run_cropi.sh; an
+    on-policy run's fresh rollouts (stage_<m>/rollouts/) count as sketching: they are the cost of its estimate."""
     seconds = {"sketch": 0.0, "select": 0.0, "train": 0.0}
-    for marker in (out_dir / f"stage_{stage}").glob("*.done"):
-        kind = "sketch" if marker.stem.startswith("sketch") else marker.stem
+    stage_dir = out_dir / f"stage_{stage}"
+    for marker in [*stage_dir.glob("*.done"), *stage_dir.glob("rollouts/*.done")]:
+        kind = "sketch" if marker.stem.startswith("sketch") or marker.parent.name == "rollouts" else marker.stem
         if kind in seconds:
             seconds[kind] += marker_seconds(marker)
     return seconds
@@ -245,17 +247,21 @@ def main(args: Args) -> None:
     print(f"wrote {out_dir}/report.md")
 
 
+# Methods that read the offline rollouts of step 0 (scores or pass rates): their wall-clock time includes them.
+OFFLINE_ROLLOUT_METHODS = ("cropi", "cropi_onpolicy", "influence_once", "learnability", "pass_rate")
+
+
 def compare_methods(args: Args, out_dir: Path, curves: dict, targeted: list[str], times: list[dict],
                     offline: float, plt) -> list[str]:
     """This run against the --compare runs: targeted curves overlaid, final accuracies, area under the targeted
     curve, the step-level and wall-clock speed-ups against full data (first step reaching full's final targeted
     accuracy), counting the offline rollouts, sketching and selection as this method's time."""
-    runs = {args.method: (curves, times, offline if args.method in ("cropi", "influence_once") else 0.0)}
+    runs = {args.method: (curves, times, offline if args.method in OFFLINE_ROLLOUT_METHODS else 0.0)}
     for folder in [Path(p) for p in args.compare.split(",") if p]:
         method = folder.name.removeprefix("compare_")
         other = accuracy_curves(load_metrics(folder, args.stages), targeted)
         runs[method] = (other, [stage_seconds(folder, m) for m in range(args.stages)],
-                        offline if method in ("cropi", "influence_once") else 0.0)
+                        offline if method in OFFLINE_ROLLOUT_METHODS else 0.0)
     steps_per_stage = max(s for s, _ in curves["targeted"]) // args.stages
     fig, ax = plt.subplots(figsize=(7, 4))
     for color, (method, (run_curves, _, _)) in enumerate(runs.items()):  # one colour per method

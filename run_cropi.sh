@@ -6,6 +6,9 @@
 #   1a-b. POPI gradients of the training and validation prompts, sketched                    sketch_grads.py
 #   1c-f. score, fuse the validation sets by reciprocal rank, keep the top RATIO              select_data.py
 #   1g.   GRPO on the selected subset for STEPS_PER_STAGE steps -> pi_theta(m+1)             grpo_train.py
+# METHOD=cropi_onpolicy collects fresh rollouts of pi_theta(m) before each stage's sketch (step 0 again, stages >= 1);
+# the baselines select by their own rule instead of 1a-f; full_dynamic trains on the whole pool with DAPO's dynamic
+# sampling (grpo_train.py --dynamic-sampling DYNAMIC_ROUNDS).
 #   then a report with plots                                                                  report.py
 #
 # Configuration is by environment variables, all in the table below (printed at start). With no MODEL it runs the
@@ -31,16 +34,17 @@ setting() {
   local value=$2; [[ $kind != real ]] && value=$3; [[ $kind == smoke && $# -ge 4 ]] && value=$4
   [[ -n "${!1+set}" ]] || printf -v "$1" '%s' "$value"
 }
+demo_files() { local IFS=,; set -- "${@/#/$DEMO_DIR/data/}"; echo "${*/%/.jsonl}"; }  # a,b -> DIR/data/a.jsonl,...
 #       name             real model                demo                     smoke
 setting OUT_DIR          runs/cropi                runs/demo                runs/smoke
 setting DEMO_DIR         ""                        "$OUT_DIR/demo"
 setting MODEL            ""                        "$DEMO_DIR/model"
 setting TRAIN_DATA       ""                        "$DEMO_DIR/data/train.jsonl"
-setting VAL_DATA         ""                        "$DEMO_DIR/data/val_add.jsonl,$DEMO_DIR/data/val_sub.jsonl"
-setting TEST_DATA        ""                        "$DEMO_DIR/data/test_add.jsonl,$DEMO_DIR/data/test_sub.jsonl,$DEMO_DIR/data/test_mul.jsonl,$DEMO_DIR/data/test_max.jsonl"
+setting VAL_DATA         ""                        "$(demo_files val_add val_sub)"
+setting TEST_DATA        ""                        "$(demo_files test_add test_sub test_mul test_max test_min test_mod test_rev test_dsum)"
 setting TARGETED         ""                        test_add,test_sub      # test sets (file stems) the validation aims at
 setting SYSTEM_PROMPT    "Please reason step by step, and put your final answer within \\boxed{}." ""
-setting METHOD           cropi                     cropi                    # or full, random, learnability, pass_rate, influence_once
+setting METHOD           cropi                     cropi                    # or full, full_dynamic, random, learnability, pass_rate, influence_once, cropi_onpolicy
 setting COMPARE          ""                        full                     # other methods trained on the same budget, overlaid in the report
 setting STAGES           10                        4                        2
 setting STEPS_PER_STAGE  100                       40                       3
@@ -59,31 +63,33 @@ setting BATCH_PROMPTS    128                       16                       # GR
 setting GROUP_SIZE       8                         8                        # GRPO responses per prompt
 setting LR               1e-6                      2e-4
 setting KL_COEF          0.001                     0.001
+setting DYNAMIC_ROUNDS   10                        10                       # full_dynamic: most sampling rounds per GRPO step (DAPO)
 setting ENTROPY_COEF     0.001                     0.0
 setting EVAL_EVERY       50                        10
 setting MICRO_BATCH      16384                     65536                    # padded tokens per forward/backward in GRPO
 setting SAVE_EVERY       50                        20                       1
-setting DEMO_ARGS        ""                        ""                       "--pool-per-skill 30 --val-per-skill 16 --test-per-skill 8 --warmup-steps 300"
+setting DEMO_ARGS        ""                        ""                       "--pool-per-skill 15 --val-per-skill 16 --test-per-skill 8 --warmup-per-skill 100 --warmup-steps 300"
 setting NGPU             1                         1                        # processes (GPUs) per node
 setting NNODES           1                         1                        # nodes: run this script on each, same settings
 setting NODE_RANK        0                         0                        # this node's index, 0 .. NNODES-1
 setting MASTER_ADDR      127.0.0.1                 127.0.0.1                # node 0's address (NNODES > 1)
 setting MASTER_PORT      29500                     29500                    # a free port on node 0 (NNODES > 1)
 setting SEED             0                         0
+setting DEMO_SEED        ""                        "$SEED"                  # make_demo.py --seed (bench/accel_bench.py: one demo for all seeds)
 PYTHON=${PYTHON:-.venv/bin/python}
 
 # ------------------------------------------------------------------------------------------ checks
 is_int()   { [[ "$2" =~ ^[0-9]+$ ]] || fail "$1=$2 is not a whole number"; }
 is_float() { [[ "$2" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || fail "$1=$2 is not a number"; }
-for v in STAGES STEPS_PER_STAGE K VAL_K VAL_MIN_MIXED VAL_MEAN_OF MAX_NEW_TOKENS BATCH_PROMPTS GROUP_SIZE EVAL_EVERY MICRO_BATCH SAVE_EVERY NGPU NNODES NODE_RANK MASTER_PORT SEED; do
+for v in STAGES STEPS_PER_STAGE K VAL_K VAL_MIN_MIXED VAL_MEAN_OF MAX_NEW_TOKENS BATCH_PROMPTS GROUP_SIZE EVAL_EVERY MICRO_BATCH SAVE_EVERY DYNAMIC_ROUNDS NGPU NNODES NODE_RANK MASTER_PORT SEED; do
   is_int "$v" "${!v}"
 done
 for v in RATIO TEMPERATURE ROLLOUT_TEMPERATURE LR KL_COEF ENTROPY_COEF; do is_float "$v" "${!v}"; done
 (( STAGES >= 1 )) || fail "STAGES must be >= 1"
 (( NGPU >= 1 && NNODES >= 1 && NODE_RANK < NNODES )) || fail "NGPU and NNODES must be >= 1, NODE_RANK < NNODES"
 for method in $METHOD ${COMPARE//,/ }; do
-  case "$method" in cropi|full|random|learnability|pass_rate|influence_once) ;;
-    *) fail "METHOD=$METHOD COMPARE=$COMPARE: $method is not one of cropi, full, random, learnability, pass_rate, influence_once" ;; esac
+  case "$method" in cropi|full|full_dynamic|random|learnability|pass_rate|influence_once|cropi_onpolicy) ;;
+    *) fail "METHOD=$METHOD COMPARE=$COMPARE: $method is not one of cropi, full, full_dynamic, random, learnability, pass_rate, influence_once, cropi_onpolicy" ;; esac
 done
 [[ -n "$TRAIN_DATA" && -n "$VAL_DATA" ]] || fail "set TRAIN_DATA and VAL_DATA (comma-separated files) with MODEL"
 [[ -x "$PYTHON" ]] || fail "PYTHON=$PYTHON not found: run 'bash install.sh' first"
@@ -98,7 +104,7 @@ CROPI run ($kind; edit by environment variables)
   STAGES=$STAGES STEPS_PER_STAGE=$STEPS_PER_STAGE RATIO=$RATIO
   K=$K VAL_K=$VAL_K VAL_MIN_MIXED=$VAL_MIN_MIXED TEMPERATURE=$TEMPERATURE (offline) ROLLOUT_TEMPERATURE=$ROLLOUT_TEMPERATURE (GRPO) MAX_NEW_TOKENS=$MAX_NEW_TOKENS
   PROJECTOR=${PROJECTOR:-<default>} PROJ_DIM=${PROJ_DIM:-<default>} SPARSE_RATIO=${SPARSE_RATIO:-<default>} VAL_MEAN_OF=$VAL_MEAN_OF
-  BATCH_PROMPTS=$BATCH_PROMPTS GROUP_SIZE=$GROUP_SIZE LR=$LR KL_COEF=$KL_COEF ENTROPY_COEF=$ENTROPY_COEF
+  BATCH_PROMPTS=$BATCH_PROMPTS GROUP_SIZE=$GROUP_SIZE LR=$LR KL_COEF=$KL_COEF ENTROPY_COEF=$ENTROPY_COEF DYNAMIC_ROUNDS=$DYNAMIC_ROUNDS
   EVAL_EVERY=$EVAL_EVERY MICRO_BATCH=$MICRO_BATCH SAVE_EVERY=$SAVE_EVERY
 EOF
 # ------------------------------------------------------------------------------------------ helpers
@@ -137,9 +143,10 @@ stem() { local b; b=$(basename "$1"); echo "${b%.*}"; }
 files_to_flags() { local flag=$1 f; IFS=, read -ra files <<< "$2"; for f in "${files[@]}"; do printf '%s\n%s\n' "$flag" "$f"; done; }
 
 if [[ $kind != real ]]; then
+  is_int DEMO_SEED "$DEMO_SEED"
   read -ra demo_args <<< "$DEMO_ARGS"
   run_step "build the demo task and model" "$DEMO_DIR/demo.done" "$DEMO_DIR/model $DEMO_DIR/data $DEMO_DIR/demo.json" \
-    "$PYTHON" make_demo.py --out "$DEMO_DIR" --seed "$SEED" "${demo_args[@]}"
+    "$PYTHON" make_demo.py --out "$DEMO_DIR" --seed "$DEMO_SEED" "${demo_args[@]}"
 fi
 # Every input checked before the first expensive step: the model folder (or a hub name), every data file parsed.
 if [[ ! -d "$MODEL" ]]; then
@@ -168,41 +175,53 @@ sketch_flags=()
 R=$OUT_DIR/rollouts
 
 # The steps, one function each; rollouts and sketches are named after their data file (train, or a VAL_DATA stem).
-collect() {  # collect NAME K MIN_MIXED data-flags...
-  local name=$1 k=$2 min_mixed=$3; shift 3
-  run_step "collect rollouts: $name" "$R/$name.done" "$R/$name.jsonl $R/$name.summary.json $R/$name.jsonl.parts" \
-    launch collect_rollouts.py --model "$MODEL" "$@" --out "$R/$name.jsonl" --k "$k" --temperature "$TEMPERATURE" \
-      --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --system-prompt "$SYSTEM_PROMPT" --min-mixed "$min_mixed"
+collect() {  # collect ROLLOUT_DIR CHECKPOINT SEED NAME K MIN_MIXED data-flags...
+  local dir=$1 checkpoint=$2 seed=$3 name=$4 k=$5 min_mixed=$6; shift 6
+  run_step "collect rollouts: $name" "$dir/$name.done" "$dir/$name.jsonl $dir/$name.summary.json $dir/$name.jsonl.parts" \
+    launch collect_rollouts.py --model "$checkpoint" "$@" --out "$dir/$name.jsonl" --k "$k" --temperature "$TEMPERATURE" \
+      --max-new-tokens "$MAX_NEW_TOKENS" --seed "$seed" --system-prompt "$SYSTEM_PROMPT" --min-mixed "$min_mixed"
 }
-sketch() {  # sketch STAGE_DIR CHECKPOINT NAME extra-flags...
-  local dir=$1 checkpoint=$2 name=$3; shift 3
+collect_all() {  # collect_all ROLLOUT_DIR CHECKPOINT SEED: K responses per training prompt, VAL_K per validation prompt
+  local dir=$1 checkpoint=$2 seed=$3 i
+  collect "$dir" "$checkpoint" "$seed" train "$K" 0 "${train_flags[@]}"
+  for i in "${!val_files[@]}"; do
+    collect "$dir" "$checkpoint" "$seed" "${val_sets[i]}" "$VAL_K" "$VAL_MIN_MIXED" --data "${val_files[i]}"
+  done
+}
+sketch() {  # sketch STAGE_DIR CHECKPOINT ROLLOUT_DIR NAME extra-flags...
+  local dir=$1 checkpoint=$2 rollouts=$3 name=$4; shift 4
   run_step "sketch gradients: $name" "$dir/sketch_$name.done" "$dir/${name}_sketch.npy $dir/${name}_sketch.json $dir/${name}_sketch.npy.parts" \
-    launch sketch_grads.py --model "$checkpoint" --rollouts "$R/$name.jsonl" --out "$dir/${name}_sketch.npy" --seed "$SEED" \
+    launch sketch_grads.py --model "$checkpoint" --rollouts "$rollouts/$name.jsonl" --out "$dir/${name}_sketch.npy" --seed "$SEED" \
       "${sketch_flags[@]}" "$@"
 }
-select_top() {  # select_top STAGE_DIR STAGE METHOD extra-flags...
-  local dir=$1 m=$2 method=$3; shift 3
+select_top() {  # select_top STAGE_DIR STAGE METHOD ROLLOUT_DIR extra-flags...
+  local dir=$1 m=$2 method=$3 rollouts=$4; shift 4
   run_step "select data ($method)" "$dir/select.done" "$dir/subset.jsonl $dir/scores.npy $dir/selection.json" \
-    "$PYTHON" select_data.py --train-rollouts "$R/train.jsonl" "$@" --ratio "$RATIO" --method "$method" \
+    "$PYTHON" select_data.py --train-rollouts "$rollouts/train.jsonl" "$@" --ratio "$RATIO" --method "$method" \
       --seed "$((SEED + m))" --out "$dir"
   [[ -s "$dir/subset.jsonl" ]] || fail "stage $m selected nothing ($dir/subset.jsonl is empty)"
 }
 select_stage() {  # select_stage METHOD STAGE_DIR STAGE CHECKPOINT: steps 1a-f for cropi; a baseline's own rule otherwise
-  local method=$1 dir=$2 m=$3 checkpoint=$4 v flags=()
-  if [[ $method == cropi || ( $method == influence_once && $m == 0 ) ]]; then
-    sketch "$dir" "$checkpoint" train                                           # 1a-b
+  local method=$1 dir=$2 m=$3 checkpoint=$4 rollouts=$R v flags=()
+  if [[ $method == cropi_onpolicy && $m -gt 0 ]]; then  # on-policy: fresh rollouts of pi_theta(m) (at stage 0, beta's)
+    rollouts=$dir/rollouts
+    collect_all "$rollouts" "$checkpoint" "$((SEED + m))"
+  fi
+  if [[ $method == cropi || $method == cropi_onpolicy || ( $method == influence_once && $m == 0 ) ]]; then
+    sketch "$dir" "$checkpoint" "$rollouts" train                                           # 1a-b
     for v in "${val_sets[@]}"; do  # 1c's mean over VAL_MEAN_OF sampled prompts, sketched in one pass (linear)
-      sketch "$dir" "$checkpoint" "$v" --mean-of-rows "$VAL_MEAN_OF" --mean-seed "$((SEED + m))"
+      sketch "$dir" "$checkpoint" "$rollouts" "$v" --mean-of-rows "$VAL_MEAN_OF" --mean-seed "$((SEED + m))"
       flags+=(--val-sketch "$dir/${v}_sketch.npy")
     done
-    select_top "$dir" "$m" cropi --train-sketch "$dir/train_sketch.npy" "${flags[@]}"   # 1c-f
+    select_top "$dir" "$m" cropi "$rollouts" --train-sketch "$dir/train_sketch.npy" "${flags[@]}"   # 1c-f
   elif [[ $method == influence_once ]]; then
-    select_top "$dir" "$m" influence_once --reuse-selection "$(dirname "$dir")/stage_0"
+    select_top "$dir" "$m" influence_once "$R" --reuse-selection "$(dirname "$dir")/stage_0"
   else
-    select_top "$dir" "$m" "$method"
+    select_top "$dir" "$m" "${method%_dynamic}" "$R"   # full_dynamic: the whole pool, sampled dynamically by GRPO
   fi
 }
-grpo() {  # grpo STAGE_DIR STAGE CHECKPOINT
+grpo() {  # grpo STAGE_DIR STAGE CHECKPOINT METHOD
+  local dynamic=(); [[ $4 == full_dynamic ]] && dynamic=(--dynamic-sampling "$DYNAMIC_ROUNDS")
   run_step "GRPO: $STEPS_PER_STAGE steps" "$1/train.done" "$1/checkpoint $1/checkpoint.resume $1/metrics.jsonl" \
     launch grpo_train.py --model "$3" --ref-model "$MODEL" --data "$1/subset.jsonl" --steps "$STEPS_PER_STAGE" \
       --step-offset "$(($2 * STEPS_PER_STAGE))" --out "$1/checkpoint" --metrics "$1/metrics.jsonl" \
@@ -210,7 +229,7 @@ grpo() {  # grpo STAGE_DIR STAGE CHECKPOINT
       --group-size "$GROUP_SIZE" --lr "$LR" --kl-coef "$KL_COEF" --entropy-coef "$ENTROPY_COEF" \
       --temperature "$ROLLOUT_TEMPERATURE" --max-new-tokens "$MAX_NEW_TOKENS" \
       --eval-max-new-tokens "$MAX_NEW_TOKENS" --micro-batch-tokens "$MICRO_BATCH" --save-every "$SAVE_EVERY" \
-      --system-prompt "$SYSTEM_PROMPT"
+      --system-prompt "$SYSTEM_PROMPT" "${dynamic[@]}"
 }
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -219,14 +238,13 @@ run_stages() {  # run_stages METHOD RUN_DIR: stages 0 .. STAGES-1 of one method,
   for ((m = 0; m < STAGES; m++)); do
     echo "=== $method: stage $m / $STAGES (checkpoint $checkpoint)"
     select_stage "$method" "$run_dir/stage_$m" "$m" "$checkpoint"   # 1a-f. D(m) = the top RATIO of the pool
-    grpo "$run_dir/stage_$m" "$m" "$checkpoint"                      # 1g.   GRPO on D(m): pi_theta(m) -> pi_theta(m+1)
+    grpo "$run_dir/stage_$m" "$m" "$checkpoint" "$method"            # 1g.   GRPO on D(m): pi_theta(m) -> pi_theta(m+1)
     checkpoint=$run_dir/stage_$m/checkpoint
   done
 }
 
 # 0. Offline rollouts of beta = the initial model, once: K per training prompt, VAL_K per validation prompt.
-collect train "$K" 0 "${train_flags[@]}"
-for i in "${!val_files[@]}"; do collect "${val_sets[i]}" "$VAL_K" "$VAL_MIN_MIXED" --data "${val_files[i]}"; done
+collect_all "$R" "$MODEL" "$SEED"
 # 1. The stages; then the methods to compare with, on the same budget (same stages, steps and batch).
 run_stages "$METHOD" "$OUT_DIR"
 compare_dirs=()

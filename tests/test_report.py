@@ -35,6 +35,9 @@ def test_stage_seconds_reads_done_markers(tmp_path):
     (stage / "select.done").write_text("2\n")
     (stage / "train.done").write_text("63\n0123abcd\n")  # line 2: the settings key
     assert stage_seconds(tmp_path, 0) == {"sketch": 35.0, "select": 2.0, "train": 63.0}
+    (stage / "rollouts").mkdir()  # an on-policy run's fresh rollouts: part of the cost of its estimate
+    (stage / "rollouts" / "train.done").write_text("40\nkey\n")
+    assert stage_seconds(tmp_path, 0) == {"sketch": 75.0, "select": 2.0, "train": 63.0}
     (tmp_path / "rollouts").mkdir()
     for name, seconds in (("train", "100"), ("val_add", "20"), ("val_sub", "25")):
         (tmp_path / "rollouts" / f"{name}.done").write_text(f"{seconds}\nkey\n")

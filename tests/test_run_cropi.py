@@ -137,3 +137,24 @@ def test_changed_settings_redo_the_affected_steps_and_those_after(smoke_run, tmp
     assert "[redo] report" in result.stdout and "Done:" in result.stdout
     again = run_loop(out, LR="1e-4")
     assert "Already finished" in again.stdout and "[run ]" not in again.stdout
+
+
+def test_onpolicy_collects_per_stage_rollouts_and_full_dynamic_samples_dynamically(tmp_path):
+    """METHOD=cropi_onpolicy re-collects rollouts of the current checkpoint for stage 1 (stage 0's policy is beta:
+    the offline ones serve) and sketches from them; COMPARE=full_dynamic trains on the whole pool with
+    --dynamic-sampling, and the report compares the two."""
+    out = tmp_path / "onpolicy"
+    result = run_loop(out, METHOD="cropi_onpolicy", COMPARE="full_dynamic")
+    assert "Done:" in result.stdout
+    assert not (out / "stage_0" / "rollouts").exists()
+    for name in ("train", "val_add", "val_sub"):
+        assert (out / "stage_1" / "rollouts" / f"{name}.jsonl").is_file(), name
+    sketch_meta = json.loads((out / "stage_1" / "train_sketch.json").read_text())
+    assert sketch_meta["rollouts"].endswith("stage_1/rollouts/train.jsonl")
+    dynamic = [json.loads(l) for l in (out / "compare_full_dynamic" / "stage_0" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert all(row["sampling_rounds"] >= 1 for row in dynamic if "eval" not in row)
+    settings = json.loads((out / "compare_full_dynamic" / "stage_0" / "checkpoint" / "grpo_train.json").read_text())
+    assert settings["dynamic_sampling"] == 10  # DYNAMIC_ROUNDS
+    report = (out / "report.md").read_text()
+    assert "| cropi_onpolicy |" in report and "| full_dynamic |" in report
