@@ -2,8 +2,9 @@
 
 Each piece is a small function with a unit test in tests/test_common.py (numbers worked by hand):
 data loading (GSM8K, MATH and generic rows; the rollouts schema), the verifiable 0/1 reward, prompt formatting,
-per-token log-probs of responses, and GRPO group advantages. The plumbing (files, processes, engines) is in
-machinery.py.
+per-token log-probs of responses, and GRPO group advantages; the Kronecker-factored projection of a layer's gradient
+(sketch_grads.py --projector kronecker and machinery.py's hooks; tested in tests/test_common.py too). The plumbing
+(files, processes, engines) is in machinery.py.
 """
 
 from __future__ import annotations
@@ -419,3 +420,23 @@ def pass_rate_histogram(pass_rates: np.ndarray) -> dict[str, int]:
     p = np.asarray(pass_rates, dtype=np.float64)
     masks = (p == 0, (p > 0) & (p <= .25), (p > .25) & (p <= .5), (p > .5) & (p <= .75), (p > .75) & (p < 1), p == 1)
     return {name: int(mask.sum()) for name, mask in zip(PASS_RATE_BINS, masks)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Kronecker-factored projection of a layer's gradient (sketch_grads.py --projector kronecker, machinery's hooks)
+# ----------------------------------------------------------------------------------------------
+
+def kronecker_factor(k: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """P_out or P_in [k, dim] with N(0, 1/k) entries, so E[P^T P] = I and E<P_out G P_in^T, P_out H P_in^T> = <G, H>
+    (vec(P_out G P_in^T) = (P_in kron P_out) vec(G)). A side of dim <= k is kept as it is: the identity."""
+    if dim <= k:
+        return torch.eye(dim, device=generator.device)
+    return torch.randn(k, dim, generator=generator, device=generator.device).div_(k ** 0.5)
+
+
+def group_outer_sums(outs: torch.Tensor, ins: torch.Tensor, row_group: torch.Tensor, groups: int) -> torch.Tensor:
+    """[groups, k_out, k_in]: sum_t outs_t ins_t^T over the tokens t of each group's rows (outs [rows, T, k_out],
+    ins [rows, T, k_in], row_group [rows]). With outs = P_out delta_t and ins = P_in x_t: P_out G P_in^T of each
+    group's gradient G = sum_t delta_t x_t^T, never formed (one batched product per row, rows added to groups)."""
+    per_row = torch.bmm(outs.transpose(1, 2), ins)
+    return torch.zeros(groups, *per_row.shape[1:], device=outs.device).index_add_(0, row_group, per_row)

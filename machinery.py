@@ -1377,9 +1377,35 @@ class TrainingRun:
 
 
 # ----------------------------------------------------------------------------------------------
-# Batched sketch (sketch_grads.py --projector kronecker): hooks that see every layer's inputs and output gradients
-# in ONE forward+backward of many prompts, and add up each group's (prompt's) share of every parameter's sketch
+# The sketch stage, continued: its resumable loop over chunks, the validation sample, and the batched sketch
+# (--projector kronecker): hooks that see every layer's inputs and output gradients in ONE forward+backward of
+# many prompts and add up each group's (prompt's) share of every parameter's sketch
 # ----------------------------------------------------------------------------------------------
+
+def sketch_in_chunks(store: ChunkStore, rows: list[dict], chunk_prompts: int, sketch_rows, split, share,
+                     rank: int, device: torch.device, dtype: torch.dtype) -> np.ndarray | None:
+    """sketch_rows([[row] for each prompt of the chunk]) of every unfinished chunk of chunk_prompts prompts, saved to
+    the store: this process's share of the chunks (split), or with a sharded model (share) every chunk, its parts
+    summed over the processes. Rank 0 returns all chunks' rows in order, the other ranks None."""
+    num_chunks = -(-len(rows) // chunk_prompts)
+    finished = open_chunk_store(store, rank)
+    todo = split([c for c in range(num_chunks) if c not in finished])
+    for c in tqdm(todo, desc=f"sketching {len(rows)} prompts, {chunk_prompts} per chunk", disable=rank > 0):
+        part = sketch_rows([[row] for row in rows[c * chunk_prompts:(c + 1) * chunk_prompts]])
+        chunk = all_sum(part, device) if share else part
+        if rank == 0 or not share:
+            store.save(c, chunk.to(dtype).cpu().numpy())
+    barrier()
+    return np.concatenate([store.load(c) for c in range(num_chunks)]) if rank == 0 else None
+
+
+def mean_of_rows_sample(candidates: list[int], max_rows: int, seed: int, path: str = "") -> np.ndarray:
+    """1c: up to max_rows of the candidates (the rows with mixed rewards), the seeded draw select_data.py makes among
+    the usable rows of a per-prompt sketch (common.sample_rows), so that averaging there with --seed gives these."""
+    if len(candidates) == 0:
+        raise DataError(f"--mean-of-rows: no prompt of {path} has mixed rewards (every gradient is 0)")
+    return common.sample_rows(np.array(candidates, dtype=np.int64), max_rows, seed)
+
 
 def pair_batches(pairs: list[tuple], token_budget: int) -> list[list[tuple]]:
     """Micro-batches of (group, row, k, weight) response pairs by token budget, in input order; one sampling
@@ -1416,30 +1442,34 @@ class KroneckerHooks:
         (a tied LM head and its embedding are one parameter: one P_out, P_in, both parts added)
       the bias of a Linear / Conv1D: sum_t delta_t, exactly
       norm weights and biases (LayerNorm, RMSNorm: each token alone): exactly, by re-running the module on the rows
-    factor(index, side, dim) gives P_out / P_in of parameter `index`; outer_sums(a, b, row_group, groups) the sums.
+    P_out [k, out] and P_in [k, in] of the parameter numbered i (common.kronecker_factor) are drawn from
+    (seed, "kronecker-out" or "kronecker-in", i); the sums are common.group_outer_sums.
     The parameters are frozen while hooked: the backward then computes the activations' gradients only, not the
     dW = delta^T x of every layer summed over all rows (a third of a usual backward), which no sketch reads.
     """
 
-    def __init__(self, model, factor, outer_sums):
+    def __init__(self, model, seed: int, k: int):
         from transformers.pytorch_utils import Conv1D
 
-        self.model, self.outer_sums, self.active = model, outer_sums, False
+        self.model, self.seed, self.k, self.active = model, seed, k, False
         self.parameters = [p for _, p in trainable_parameters(model)]
         self.index = {id(p): i for i, p in enumerate(self.parameters)}
         self.head = model.get_output_embeddings()
         self.factors, self.exact, self.handles = {}, set(), []  # factors: id(weight) -> (P_out, P_in)
+        self.transposed = set()  # weights stored as [in, out]
         for name, module in model.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if module is self.head or not own:
                 continue
             if isinstance(module, (torch.nn.Linear, Conv1D)):  # Conv1D (GPT-2) stores W^T: [in, out]
                 shape = module.weight.shape if isinstance(module, torch.nn.Linear) else module.weight.shape[::-1]
-                self.add_factors(module.weight, *shape, factor)
+                self.add_factors(module.weight, *shape)
+                if isinstance(module, Conv1D):
+                    self.transposed.add(id(module.weight))
                 self.exact.update(id(p) for p in own if p is not module.weight)
                 self.handles.append(module.register_forward_hook(self.linear_hook))
             elif isinstance(module, torch.nn.Embedding):
-                self.add_factors(module.weight, *module.weight.shape, factor)
+                self.add_factors(module.weight, *module.weight.shape)
                 self.handles.append(module.register_forward_hook(self.embedding_hook))
             elif type(module).__name__.endswith("Norm"):
                 self.exact.update(id(p) for p in own)
@@ -1449,7 +1479,7 @@ class KroneckerHooks:
         if getattr(self.head, "bias", None) is not None:
             raise DataError("--projector kronecker: an LM head with a bias is not supported")
         if id(self.head.weight) not in self.factors:  # an untied head
-            self.add_factors(self.head.weight, *self.head.weight.shape, factor)
+            self.add_factors(self.head.weight, *self.head.weight.shape)
         self.handles.append(model.register_forward_hook(self.model_hook))
         missed = [n for n, p in trainable_parameters(model) if id(p) not in self.factors and id(p) not in self.exact]
         if missed:
@@ -1458,9 +1488,11 @@ class KroneckerHooks:
             p.requires_grad_(False)
         self.sums: dict[int, torch.Tensor] = {}
 
-    def add_factors(self, weight, out_dim: int, in_dim: int, factor) -> None:
-        index = self.index[id(weight)]
-        self.factors[id(weight)] = (factor(index, "out", out_dim), factor(index, "in", in_dim))
+    def add_factors(self, weight, out_dim: int, in_dim: int) -> None:
+        index, device = self.index[id(weight)], weight.device
+        self.factors[id(weight)] = tuple(
+            common.kronecker_factor(self.k, dim, block_generator(self.seed, f"kronecker-{side}", index, device))
+            for side, dim in (("out", out_dim), ("in", in_dim)))
 
     def width(self, p) -> int:
         """Columns of p's sketch: k_out x k_in for a matrix, its own size when exact."""
@@ -1497,7 +1529,7 @@ class KroneckerHooks:
                                "tokens go through the LM head (common.head_logprobs)")
 
     def add_matrix(self, weight, outs: torch.Tensor, ins: torch.Tensor, row_group: torch.Tensor) -> None:
-        self.sums[id(weight)] += self.outer_sums(outs, ins, row_group, self.groups).reshape(self.groups, -1)
+        self.sums[id(weight)] += common.group_outer_sums(outs, ins, row_group, self.groups).reshape(self.groups, -1)
 
     def linear_hook(self, module, args, output):
         if not self.active:  # gradient checkpointing re-runs the forward in the backward: seen already

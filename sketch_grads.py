@@ -14,6 +14,8 @@
         gaussian / rademacher  the release's dense d x N matrix (N(0,1)/sqrt(N) or +-1/sqrt(N) entries), generated block
                                by block from seeds, one GEMM per block for a chunk of prompts; O(d F N) per prompt
         none                   the kept coordinates themselves (with F = 1: the exact gradient, for tests and studies)
+        kronecker              many prompts per forward+backward (F = 1): a weight matrix's G = sum_t delta_t x_t^T as
+                               P_out G P_in^T = sum_t (P_out delta_t)(P_in x_t)^T, k x k (the rest exact), CountSketched
   1c  (validation sets, --mean-of-rows MAX) the release's target, the mean of up to MAX sketches (seeded sample of the
       prompts with mixed rewards) as ONE sketch: P S is linear, so (1/m) sum_i P S g(s_i) = P S (1/m) sum_i g(s_i).
 Reads   --model (a transformers checkpoint: the current policy pi_theta(m)) and --rollouts (collect_rollouts.py's file).
@@ -28,18 +30,17 @@ model instead: every process takes every prompt and a share of its responses, an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 import machinery as M
-from common import DataError, group_advantages, read_rollouts, response_logprobs, sample_rows
+from common import DataError, group_advantages, read_rollouts, response_logprobs  # noqa: F401 (sg.DataError)
 from machinery import arg
 
-PROJECTORS = ("countsketch", "gaussian", "rademacher", "none")
+PROJECTORS = ("countsketch", "gaussian", "rademacher", "none", "kronecker")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -48,8 +49,9 @@ class Args:
     model: str = arg("", "checkpoint of the current policy pi_theta(m) (a transformers folder)")
     rollouts: str = arg("", "offline rollouts of the behaviour policy (collect_rollouts.py's .jsonl)")
     out: str = arg("", "output SKETCH.npy; the metadata goes to SKETCH.json beside it")
-    projector: str = arg("countsketch", "countsketch (fast, O(d)) | gaussian | rademacher (the release's dense "
-                                        "projections, O(d*N)) | none (the kept coordinates themselves)")
+    projector: str = arg("countsketch", "countsketch (fast, O(d)) | gaussian | rademacher (the release's, O(d*N)) | "
+                                        "none (the kept coordinates themselves) | kronecker (many prompts a backward)")
+    kronecker_dim: int = arg(64, "k of --projector kronecker: P_out [k, out], P_in [k, in] (a side of <= k kept whole)")
     proj_dim: int = arg(8192, "N, the sketch width (the release: 32768); ignored by --projector none")
     sparse_ratio: float = arg(1.0, "F, the fraction of gradient coordinates kept before the projection (1 = all; "
                                    "the release: 0.1, which ranks far worse, see README)")
@@ -99,31 +101,24 @@ def is_zero_gradient(rewards: list[float]) -> bool:
     return len(set(rewards)) <= 1
 
 
+def surrogate_backward(model, batch: list[tuple], pad_token_id: int, clip_ratio: float | None = None,
+                       recording=contextlib.nullcontext()) -> None:
+    """Backward of sum_k w_k (1/|y_k|) sum_t rho_{k,t} over a micro-batch of responses (group, row, k, w_k = weight
+    A_k / K) of one prompt or of several (a sum of surrogates); `recording` wraps the forward (the batched hooks)."""
+    with recording, M.autocast(next(model.parameters()).device):
+        logprobs, mask = response_logprobs(model, *M.pair_inputs(batch), pad_token_id)
+    behavior, weights = M.pair_targets(batch, logprobs)
+    popi_surrogate(logprobs.float(), behavior, mask, weights, 1, clip_ratio).backward()
+
+
 def accumulate_prompt_gradient(model, row: dict, advantages: torch.Tensor, token_budget: int, pad_token_id: int,
                                clip_ratio: float | None = None, weight: float = 1.0, share: tuple | None = None) -> None:
     """Add weight * grad L(s0), the gradient of one prompt's POPI surrogate, into the parameters' .grad.
     share = (rank, world) of a sharded model: this process's share of the K responses (L is a sum over them)."""
-    device = next(model.parameters()).device
-    prompt, responses = row["prompt_ids"], row["response_ids"]
-    for batch in M.response_batches([len(prompt) + len(r) for r in responses], token_budget, share):
-        with M.autocast(device):
-            logprobs, mask = response_logprobs(model, [prompt] * len(batch), [responses[i] for i in batch],
-                                               row["temperature"], pad_token_id)
-        behavior = torch.zeros_like(logprobs)
-        for j, i in enumerate(batch):
-            behavior[j, :len(row["behavior_logprobs"][i])] = torch.tensor(row["behavior_logprobs"][i])
-        loss = popi_surrogate(logprobs.float(), behavior, mask, advantages[batch].to(device), len(responses),
-                              clip_ratio)
-        (loss * weight).backward()
-
-
-def mean_of_rows_sample(rows: list[dict], max_rows: int, seed: int, path: str = "") -> np.ndarray:
-    """1c: up to max_rows of the rows with mixed rewards, the seeded draw select_data.py makes among the usable rows
-    of a per-prompt sketch (common.sample_rows), so that averaging there with --seed gives these rows."""
-    candidates = np.array([i for i, row in enumerate(rows) if not is_zero_gradient(row["rewards"])], dtype=np.int64)
-    if len(candidates) == 0:
-        raise DataError(f"--mean-of-rows: no prompt of {path} has mixed rewards (every gradient is 0)")
-    return sample_rows(candidates, max_rows, seed)
+    pairs = [(0, row, k, weight * a / len(advantages)) for k, a in enumerate(advantages.tolist())]
+    lengths = [len(row["prompt_ids"]) + len(r) for r in row["response_ids"]]
+    for batch in M.response_batches(lengths, token_budget, share):
+        surrogate_backward(model, [pairs[i] for i in batch], pad_token_id, clip_ratio)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,9 +132,7 @@ DENSE_BLOCK_FLOATS = 1 << 24  # floats per generated block of a dense matrix (64
 
 def kept_coordinates(num_coordinates: int, sparse_ratio: float, seed: int, device: torch.device) -> torch.Tensor:
     """Sorted positions of the kept coordinates: coordinate i is kept when u_i < F, u_i uniform, drawn per block.
-
-    Depends on (d, F, seed) only, so train and validation sketches and all processes keep the same subset.
-    """
+    Depends on (d, F, seed) only, so train and validation sketches and all processes keep the same subset."""
     if sparse_ratio >= 1:
         return torch.arange(num_coordinates, device=device)
     kept = []
@@ -187,10 +180,8 @@ def dense_block(kind: str, seed: int, block: int, rows: int, proj_dim: int, devi
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rows [block*B, block*B + rows) of the dense d_kept x N matrix: N(0,1)/sqrt(N) or +-1/sqrt(N) entries."""
     generator = M.block_generator(seed, kind, block, device)
-    if kind == "gaussian":
-        matrix = torch.randn(rows, proj_dim, generator=generator, device=device)
-    else:  # rademacher
-        matrix = torch.randint(0, 2, (rows, proj_dim), generator=generator, device=device).float().mul_(2).sub_(1)
+    matrix = (torch.randn(rows, proj_dim, generator=generator, device=device) if kind == "gaussian" else  # rademacher:
+              torch.randint(0, 2, (rows, proj_dim), generator=generator, device=device).float().mul_(2).sub_(1))
     return matrix.div_(proj_dim ** 0.5).to(dtype)
 
 
@@ -219,7 +210,7 @@ def project(grads: torch.Tensor, projector: str, proj_dim: int, seed: int) -> to
 
 class Sketcher:
     """The model and how its gradient is projected. F = 1 and CountSketch: every .grad is hashed in place (beyond the
-    grads: the sketches and the hash blocks). Else the kept coordinates go to a [chunk, d_kept] buffer, projected."""
+    grads: the sketches and the hash blocks). kronecker: hooks, no .grad. Else the kept coordinates go to a buffer."""
 
     def __init__(self, args: Args, device: torch.device, rank: int = 0, world: int = 1):
         self.args, self.device = args, device
@@ -227,8 +218,10 @@ class Sketcher:
         self.model, self.share = M.load_model_for_gradients(args, device, rank, world, self.streamed)  # share: FSDP
         self.parameters = [p for _, p in M.trainable_parameters(self.model)]
         self.num_params = sum(p.numel() for p in self.parameters)
-        self.num_kept, self.local_kept, self.buffer = self.num_params, None, None
-        if not self.streamed:
+        self.num_kept, self.local_kept, self.buffer, self.hooks = self.num_params, None, None, None
+        if args.projector == "kronecker":  # the hooks sum each prompt's sketch in the backward; parameters frozen
+            self.hooks = M.KroneckerHooks(self.model, args.seed, args.kronecker_dim)
+        elif not self.streamed:
             kept = kept_coordinates(self.num_params, args.sparse_ratio, args.seed, device)
             self.num_kept = len(kept)
             self.local_kept = M.split_kept_by_parameter(kept, [p.numel() for p in self.parameters])
@@ -239,7 +232,19 @@ class Sketcher:
     def sketch_rows(self, groups: list[list[dict]], weight: float = 1.0) -> torch.Tensor:
         """[len(groups), width]: row b = P S (weight * the sum of g(s0) over the prompts s0 of groups[b]); one
         prompt per group gives P S g(s0) per prompt (a zero row when its K rewards are all equal). Sharded: this
-        process's part, from its shards of the gradient (averaged over the processes, hence weight x world)."""
+        process's part, from its shards of the gradient (averaged over the processes, hence weight x world).
+        kronecker: the responses of all the groups' prompts in one forward+backward per token budget, of the sum of
+        their terms (1/|y_k|) sum_t rho_{k,t} A_k / K; the hooks add up each group's share of every layer's
+        P_out G P_in^T; the layers' sketches, concatenated, are CountSketched to N."""
+        if self.hooks:  # (group, row, response k, weight A_k / K) of every response of every prompt with mixed rewards
+            pairs = [(b, row, k, weight * a / len(row["rewards"])) for b, group in enumerate(groups) for row in group
+                     if not is_zero_gradient(row["rewards"]) for k, a in enumerate(group_advantages(
+                         torch.tensor(row["rewards"], dtype=torch.float32)).tolist())]
+            self.hooks.start(len(groups))
+            for batch in M.pair_batches(pairs, self.args.token_budget):
+                surrogate_backward(self.model, batch, self.pad_token_id, self.args.clip_ratio,
+                                   self.hooks.recording(batch))
+            return countsketch_project(self.hooks.rows(), self.args.proj_dim, self.args.seed)
         weight = weight * self.share[1] if self.share else weight
         sketches = torch.zeros(len(groups), self.width, device=self.device) if self.streamed else None
         flat = None if self.streamed else self.buffer[:len(groups)].zero_()
@@ -267,21 +272,14 @@ def sketch_grads(args: Args) -> dict | None:
     settings = M.sketch_settings(args, sketcher.num_params, sketcher.width, sketcher.num_kept, device, len(rows))
     store = M.ChunkStore(f"{args.out}.parts", settings)
     if args.mean_of_rows:  # 1c: (1/m) sum_i P S g(s_i) = P S (1/m) sum_i g(s_i), the processes' shares summed
-        sample = mean_of_rows_sample(rows, args.mean_of_rows, args.mean_seed, args.rollouts)
+        mixed = [i for i, row in enumerate(rows) if not is_zero_gradient(row["rewards"])]  # g = 0 for the rest
+        sample = M.mean_of_rows_sample(mixed, args.mean_of_rows, args.mean_seed, args.rollouts)
         mean = sketcher.sketch_rows([[rows[i] for i in split(sample.tolist())]], weight=1 / len(sample))
         sketch = M.all_sum(mean, device).to(DTYPES[args.dtype]).cpu().numpy()  # the processes' parts summed
         meta = M.mean_sketch_meta(settings, rows, sample, args.mean_of_rows, args.mean_seed)
-    else:
-        num_chunks = -(-len(rows) // args.chunk_prompts)
-        finished = M.open_chunk_store(store, rank)
-        todo = split([c for c in range(num_chunks) if c not in finished])
-        for c in tqdm(todo, desc=f"sketching {len(rows)} prompts, {args.chunk_prompts} per chunk", disable=rank > 0):
-            part = sketcher.sketch_rows([[row] for row in rows[c * args.chunk_prompts:(c + 1) * args.chunk_prompts]])
-            chunk = M.all_sum(part, device) if sketcher.share else part  # 1a + 1b (sharded: the parts summed)
-            if rank == 0 or not sketcher.share:
-                store.save(c, chunk.to(DTYPES[args.dtype]).cpu().numpy())
-        M.barrier()
-        sketch = np.concatenate([store.load(c) for c in range(num_chunks)]) if rank == 0 else None
+    else:  # 1a + 1b, sketcher.sketch_rows of each chunk of prompts (each process its share), resumable
+        sketch = M.sketch_in_chunks(store, rows, args.chunk_prompts, sketcher.sketch_rows, split, sketcher.share,
+                                    rank, device, DTYPES[args.dtype])
         meta = {**settings, "ids": [row["id"] for row in rows],
                 "zero_rows": [i for i, row in enumerate(rows) if is_zero_gradient(row["rewards"])]}
     if rank == 0:

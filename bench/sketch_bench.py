@@ -13,6 +13,13 @@
      Projector "none" ranks by the kept coordinates themselves: what dropping coordinates costs on its own.
   3. Concentration: the share of the exact gradient's squared norm carried by its largest coordinates.
   4. Peak memory: the real sketch_grads.py command, run as a subprocess, with its high-water resident set size.
+  5. Batched (--parts batched, not run by default): --projector kronecker (many prompts in one forward+backward,
+     Kronecker-factored per layer) against the default (one backward per prompt, every .grad hashed in place),
+     side by side: seconds per prompt in CPU time (time.process_time; run it with OMP_NUM_THREADS=1, since wall
+     time on a shared machine is noisy) and wall time, interleaved batch by batch, each against a bare
+     forward+backward; and precision@10% of both against the exact ranking, with the number of prompts in the top
+     10%. Kronecker sketches come from sketch_grads.py's own batched path (hooks, at the first --kronecker-dims) and,
+     for every k of --kronecker-dims, from the same linear map applied to the exact per-prompt gradients.
 
 Models: --quick uses the embedded demo model (made by make_demo.py into /tmp/demo_sketch if missing) and finishes in
 under a minute; the full run uses SmolLM2-135M-Instruct (bench/install_bench.sh; converted once from its GGUF file
@@ -73,7 +80,13 @@ class Args:
     overhead_ratios: list[float] = arg([0.1, 1.0], "kept fractions F at which the default projector's overhead is "
                                                    "timed (full run; its default F always)")
     parts: list[str] = arg(["overhead", "fidelity", "concentration", "memory"],
-                           "measurements to run (the rollouts are cached, so a later run can add the others)")
+                           "measurements to run (the rollouts are cached, so a later run can add the others; "
+                           "'batched' only when named)")
+    kronecker_dims: list[int] = arg([DEFAULTS.kronecker_dim], "--parts batched: k of --projector kronecker (the "
+                                    "first also through sketch_grads.py's batched hooks)")
+    batch_prompts: int = arg(DEFAULTS.chunk_prompts, "--parts batched: prompts per batched forward+backward "
+                                                     "(sketch_grads.py's --chunk-prompts)")
+    timed_batches: int = arg(3, "--parts batched: batches of --batch-prompts prompts timed side by side")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,6 +207,35 @@ def time_overhead(model_path: str, rows: list[dict], args: Args, projector: str,
             "kept_coordinates": sketcher.num_kept, "num_params": sketcher.num_params}
 
 
+def time_batched(model_path: str, rows: list[dict], args: Args) -> dict:
+    """Seconds per prompt, side by side: the default sketch (a backward per prompt, hashed in place), --projector
+    kronecker (args.batch_prompts prompts per forward+backward) and a bare per-prompt forward+backward, the three
+    interleaved batch by batch (in a rotating order), in CPU time (process_time) and wall time."""
+    settings = dict(model=model_path, proj_dim=args.proj_dim, chunk_prompts=args.batch_prompts)
+    default = sg.Sketcher(dataclasses.replace(DEFAULTS, **settings), get_device())
+    batched = sg.Sketcher(dataclasses.replace(DEFAULTS, **settings, projector="kronecker",
+                                              kronecker_dim=args.kronecker_dims[0]), get_device())
+    runs = {"default": lambda chunk: default.sketch_rows([[row] for row in chunk]),
+            "kronecker": lambda chunk: batched.sketch_rows([[row] for row in chunk]),
+            "bare": lambda chunk: bare_forward_backward(default, chunk)}
+    for run in runs.values():  # warm-up
+        run(rows[:1])
+    cpu, wall = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
+    timed = [rows[i:i + args.batch_prompts] for i in range(0, len(rows), args.batch_prompts)][:args.timed_batches]
+    for b, chunk in enumerate(timed):
+        names = list(runs)[b % 3:] + list(runs)[:b % 3]
+        for name in names:
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
+            runs[name](chunk)
+            cpu[name] += time.process_time() - cpu_start
+            wall[name] += time.perf_counter() - wall_start
+    n = sum(map(len, timed))
+    return {"prompts": n, "batch_prompts": args.batch_prompts, "kronecker_dim": args.kronecker_dims[0],
+            "threads": torch.get_num_threads(), "cpu_seconds_per_prompt": {k: v / n for k, v in cpu.items()},
+            "wall_seconds_per_prompt": {k: v / n for k, v in wall.items()},
+            "sketch_width_before_countsketch": int(sum(batched.hooks.width(p) for p in batched.hooks.parameters))}
+
+
 def time_dense_projectors(sketcher: sg.Sketcher, rows: list[dict], args: Args) -> list[dict]:
     """Our blockwise gaussian and TRAK's BasicProjector on a slice of the same kept gradients, extrapolated."""
     grads = sketcher.buffer[:len(rows)]
@@ -266,6 +308,10 @@ class FidelityStudy:
         self.sketches: dict[tuple, dict[str, list]] = {c: {} for c in configs}
         self.dense_ratios = {c[1] for c in configs if c[0] in ("gaussian", "rademacher")}
         self.held: dict[float, list[tuple[str, torch.Tensor]]] = {f: [] for f in self.dense_ratios}
+        self.layouts = {}  # "kronecker k=K": the factors of each weight matrix (hooks made and removed at once)
+        for projector in {c[0] for c in configs if c[0].startswith("kronecker k=") and c[0][12:].isdigit()}:
+            self.layouts[projector] = machinery.KroneckerHooks(sketcher.model, seed, int(projector[12:]))
+            self.layouts[projector].remove()
 
     def gradients(self, rows: list[dict]) -> torch.Tensor:
         grads = torch.zeros(len(rows), self.sketcher.num_params)
@@ -287,7 +333,12 @@ class FidelityStudy:
             self.held[ratio].append((set_name, grads[:, self.kept[ratio]] if ratio < 1 else grads))
         for config in self.configs:
             projector, ratio, precision = config
-            if projector in ("gaussian", "rademacher"):
+            if projector in ("gaussian", "rademacher") or projector.endswith("(batched)"):
+                continue
+            if projector in self.layouts:
+                sketch = kronecker_project(grads, self.sketcher.parameters, self.layouts[projector], self.proj_dim,
+                                           self.seed)
+                self.sketches[config].setdefault(set_name, []).append(sketch)
                 continue
             if projector == "none":
                 if exact is not None:
@@ -333,12 +384,38 @@ class FidelityStudy:
         return torch.cat(self.sketches[config][set_name]).double().numpy()
 
 
-def run_fidelity(sketcher, train, val_sets, configs, args) -> dict:
-    """Validation sets first (their exact mean gradient in float64), then the training prompts in chunks."""
+def kronecker_project(grads: torch.Tensor, parameters: list, layout, proj_dim: int, seed: int) -> torch.Tensor:
+    """--projector kronecker's linear map applied to flat exact gradients [B, d]: P_out G P_in^T for each weight
+    matrix (layout.factors; layout.transposed: stored as [in, out]), the other parameters as they are, then the
+    CountSketch of it all to N: what the batched hooks compute, up to float rounding (a test checks it)."""
+    pieces, offset = [], 0
+    for p in parameters:
+        g = grads[:, offset:offset + p.numel()]
+        offset += p.numel()
+        if id(p) in layout.factors:
+            p_out, p_in = layout.factors[id(p)]
+            g = g.reshape(len(grads), *p.shape)
+            g = p_out @ (g.transpose(1, 2) if id(p) in layout.transposed else g) @ p_in.T
+        pieces.append(g.reshape(len(grads), -1))
+    return sg.countsketch_project(torch.cat(pieces, dim=1), proj_dim, seed)
+
+
+def batched_sketches(sketcher: sg.Sketcher, rows: list[dict], batch_prompts: int) -> np.ndarray:
+    """[rows, N]: sketch_grads.py's own sketches, batch_prompts prompts per sketch_rows call."""
+    return torch.cat([sketcher.sketch_rows([[row] for row in rows[i:i + batch_prompts]])
+                      for i in range(0, len(rows), batch_prompts)]).double().numpy()
+
+
+def run_fidelity(sketcher, train, val_sets, configs, args, batched: dict | None = None) -> dict:
+    """Validation sets first (their exact mean gradient in float64), then the training prompts in chunks.
+    batched: {projector name: a Sketcher} whose sketches come from its own sketch_rows, not from the exact
+    gradients (the batched --projector kronecker)."""
+    batched = batched or {}
     study = FidelityStudy(sketcher, configs, args.proj_dim, args.seed)
+    val_rows = {}
     val_exact: dict[str, torch.Tensor] = {}
     for name, rows in list(val_sets.items()):
-        rows = [r for r in rows if not sg.is_zero_gradient(r["rewards"])]
+        rows = val_rows[name] = [r for r in rows if not sg.is_zero_gradient(r["rewards"])]
         if len(rows) < 2:
             print(f"  validation set {name}: {len(rows)} prompts with a non-zero gradient, left out")
             del val_sets[name]
@@ -369,12 +446,18 @@ def run_fidelity(sketcher, train, val_sets, configs, args) -> dict:
         if config[0] == "none":
             cosines = np.concatenate(study.sketches[config]["train"])
             scores = {name: cosines[:, i] for i, name in enumerate(val_sets)}
+        elif config[0] in batched:
+            train_sketch = batched_sketches(batched[config[0]], train, args.batch_prompts)
+            scores = {name: cosine_rows(train_sketch, batched_sketches(batched[config[0]], val_rows[name],
+                                                                       args.batch_prompts).mean(0))
+                      for name in val_sets}
         else:  # the release's score: cosine to the mean of the validation prompts' sketches
             train_sketch = study.sketch_matrix(config, "train")
             scores = {name: cosine_rows(train_sketch, study.sketch_matrix(config, name).mean(0)) for name in val_sets}
         precisions = [precision_at(exact[:, i], scores[name]) for i, name in enumerate(val_sets)]
         results.append({"projector": config[0], "sparse_ratio": config[1], "precision": config[2],
-                        "precision_at_10": float(np.mean(precisions)), "per_val_set": precisions})
+                        "precision_at_10": float(np.mean(precisions)), "per_val_set": precisions,
+                        "top_count": math.ceil(0.1 * len(train))})
     return {"train_prompts_nonzero": len(train), "results": results}
 
 
@@ -423,6 +506,26 @@ def peak_memory(model_path: str, rollouts: Path, out: Path, extra: list[str]) ->
             "wall_seconds": float(seconds)}
 
 
+def run_batched(model_path: str, train: list[dict], val_sets: dict, mixed: list[dict], args: Args) -> dict:
+    """Part 5: time per prompt side by side, then precision@10% of the default and of --projector kronecker."""
+    timing = time_batched(model_path, mixed, args)
+    cpu, wall = timing["cpu_seconds_per_prompt"], timing["wall_seconds_per_prompt"]
+    print(f"batched timing ({timing['prompts']} prompts, {timing['threads']} thread(s), CPU / wall s per prompt): "
+          + ", ".join(f"{name} {cpu[name]:.3f} / {wall[name]:.3f}" for name in cpu))
+    full_args = dataclasses.replace(DEFAULTS, model=model_path, sparse_ratio=1.0, projector="none", chunk_prompts=1)
+    sketch_args = dataclasses.replace(DEFAULTS, model=model_path, proj_dim=args.proj_dim, projector="kronecker",
+                                      kronecker_dim=args.kronecker_dims[0], chunk_prompts=args.batch_prompts)
+    name = f"kronecker k={args.kronecker_dims[0]} (batched)"
+    configs = [(DEFAULTS.projector, 1.0, "float32"), (name, 1.0, "float32")]
+    configs += [(f"kronecker k={k}", 1.0, "float32") for k in args.kronecker_dims]
+    fidelity = run_fidelity(sg.Sketcher(full_args, get_device()), train, dict(val_sets), configs, args,
+                            {name: sg.Sketcher(sketch_args, get_device())})
+    for item in fidelity["results"]:
+        print(f"batched fidelity {item['projector']}: precision@10% = {item['precision_at_10']:.3f} (top 10% = "
+              f"{item['top_count']} prompts) per validation set {item['per_val_set']}")
+    return {"timing": timing, "fidelity": fidelity}
+
+
 def markdown_report(results: dict, command: str) -> str:
     """The figures of one run as markdown: overhead, dense projector timings, the fidelity grid, peak memory."""
     lines = ["# sketch_grads.py benchmark", "", f"Command: `{command}`", "",
@@ -456,6 +559,24 @@ def markdown_report(results: dict, command: str) -> str:
                   "| share of the squared norm | " + " | ".join(f"{v:.3f}" for v in c["top_share"].values()) + " |",
                   "", "Tensor with the largest share, per prompt: "
                   + ", ".join(f"`{name}` {share:.2f}" for name, share in c["largest_tensor"]) + "."]
+    if "batched" in results:
+        t, f = results["batched"]["timing"], results["batched"]["fidelity"]
+        cpu, wall = t["cpu_seconds_per_prompt"], t["wall_seconds_per_prompt"]
+        lines += ["", "## Batched sketch (`--projector kronecker`) against the default, side by side", "",
+                  f"{t['prompts']} training prompts timed, {t['batch_prompts']} per batched forward+backward, "
+                  f"{t['threads']} thread(s); k = {t['kronecker_dim']} ({t['sketch_width_before_countsketch']} "
+                  "numbers per prompt before the CountSketch to N).", "",
+                  "| per prompt | CPU s | wall s | CPU time / bare forward+backward |", "|---|---|---|---|"]
+        labels = {"default": "default: countsketch F = 1, a backward per prompt",
+                  "kronecker": "kronecker, batched", "bare": "bare forward+backward, a backward per prompt"}
+        lines += [f"| {labels[k]} | {cpu[k]:.3f} | {wall[k]:.3f} | {cpu[k] / cpu['bare']:.2f} |" for k in cpu]
+        lines += ["", f"Precision@10% against the exact ranking ({f['train_prompts_nonzero']} training prompts with "
+                      f"a non-zero gradient; the top 10% = {f['results'][0]['top_count']} prompts):", "",
+                  "| projector | precision@10% | per validation set |", "|---|---|---|"]
+        lines += [f"| {r['projector']} | {r['precision_at_10']:.3f} | "
+                  + ", ".join(f"{v:.2f}" for v in r["per_val_set"]) + " |" for r in f["results"]]
+        lines += ["", "`(batched)`: sketch_grads.py's own batched hooks; the other kronecker rows: the same linear "
+                      "map applied to the exact per-prompt gradients."]
     if "memory" in results:
         lines += ["", "## Peak memory of `sketch_grads.py` (VmHWM, 8 prompts)", "",
                   "| command | MB | s |", "|---|---|---|"]
@@ -463,7 +584,7 @@ def markdown_report(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = ("overhead", "fidelity", "concentration", "memory")
+PARTS = ("overhead", "fidelity", "concentration", "memory", "batched")
 
 
 def main(args: Args) -> None:
@@ -556,6 +677,10 @@ def main(args: Args) -> None:
         print(f"  ({results['fidelity']['train_prompts_nonzero']} training prompts with a non-zero gradient, "
               f"{time.perf_counter() - start:.0f}s)")
 
+    # 5. Batched: --projector kronecker against the default, per prompt and in precision@10% (only when named)
+    if "batched" in args.parts:
+        results["batched"] = run_batched(str(model_path), train, val_sets, mixed, args)
+
     # Why coordinates cannot be dropped at random: how concentrated the exact gradients are (full run only)
     if "concentration" in args.parts and not args.quick:
         full_args = dataclasses.replace(DEFAULTS, model=str(model_path), sparse_ratio=1.0, projector="none")
@@ -587,6 +712,12 @@ def main(args: Args) -> None:
         default = next(r for r in results["fidelity"]["results"] if r["projector"] == DEFAULTS.projector
                        and r["sparse_ratio"] == DEFAULTS.sparse_ratio and r["precision"] == "float32")
         summary.append(f"precision_at_10={default['precision_at_10']:.2f}")
+    if "batched" in results:
+        cpu = results["batched"]["timing"]["cpu_seconds_per_prompt"]
+        by_name = {r["projector"]: r["precision_at_10"] for r in results["batched"]["fidelity"]["results"]}
+        summary.append(f"kronecker_cpu_speedup={cpu['default'] / cpu['kronecker']:.2f} "
+                       f"precision_at_10_default={by_name[DEFAULTS.projector]:.2f} precision_at_10_kronecker="
+                       f"{by_name[f'kronecker k={args.kronecker_dims[0]} (batched)']:.2f}")
     print(" ".join(summary))
 
 

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+import common
 from common import (DataError, chunked_head_logprobs, extract_final_answer, format_prompt, group_advantages,
                     head_logprobs, last_boxed_content, load_examples, logit_chunk_tokens, read_rollouts,
                     response_logprobs, reward)
@@ -298,3 +299,62 @@ def test_format_prompt_with_and_without_chat_template():
     plain = build_char_tokenizer(chat_template=None)
     assert format_prompt(plain, "2+3", system_prompt="Be brief.") == "Be brief.\n\nQuestion: 2+3\nAnswer:"
     assert format_prompt(plain, "2+3", system_prompt="") == "Question: 2+3\nAnswer:"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kronecker-factored projection (sketch_grads.py --projector kronecker)
+# ----------------------------------------------------------------------------------------------
+
+def test_kronecker_identity_by_hand():
+    # G [out 2, in 3]; vec stacks the columns. vec(P_out G P_in^T) = (P_in kron P_out) vec(G)
+    g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    p_out = torch.tensor([[1.0, 0.0], [1.0, 1.0]])  # [k_out 2, out 2]
+    p_in = torch.tensor([[1.0, 0.0, -1.0]])  # [k_in 1, in 3]
+    # P_out G = [[1, 2, 3], [5, 7, 9]];  (P_out G) P_in^T = [[1 - 3], [5 - 9]] = [[-2], [-4]]
+    assert torch.equal(p_out @ g @ p_in.T, torch.tensor([[-2.0], [-4.0]]))
+    vec = torch.tensor([1.0, 4.0, 2.0, 5.0, 3.0, 6.0])
+    assert torch.equal(g.T.reshape(-1), vec)
+    # P_in kron P_out = [[1 0 0 0 -1 0], [1 1 0 0 -1 -1]]
+    assert torch.equal(torch.kron(p_in, p_out) @ vec, torch.tensor([-2.0, -4.0]))
+    # the same from G's tokens, G never formed: delta_1 x_1^T + delta_2 x_2^T = [[1, 2, 3], [0, 0, 0]] + [[0, 0, 0],
+    # [4, 5, 6]]
+    deltas, xs = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[1.0, 2.0, 3.0], [2.0, 2.5, 3.0]])
+    assert torch.equal(deltas.T @ xs, g)
+    # P_out delta_1 = [1, 1], P_in x_1 = -2; P_out delta_2 = [0, 2], P_in x_2 = -1: [[-2], [-2]] + [[0], [-2]]
+    sums = common.group_outer_sums((deltas @ p_out.T)[None], (xs @ p_in.T)[None], torch.tensor([0]), 1)
+    assert torch.equal(sums, torch.tensor([[[-2.0], [-4.0]]]))
+
+
+def test_group_outer_sums_by_hand():
+    # 3 rows of 2 tokens; rows 0 and 2 are group 1, row 1 group 0; token 2 of rows 1 and 2 is padding (outs 0)
+    outs = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 0.0]]])  # k_out 2
+    ins = torch.tensor([[[1.0], [2.0]], [[3.0], [5.0]], [[4.0], [7.0]]])  # k_in 1
+    # row 0: [1, 0] 1 + [0, 1] 2 = [[1], [2]];  row 1: [2, 0] 3 = [[6], [0]];  row 2: [1, 1] 4 = [[4], [4]]
+    sums = common.group_outer_sums(outs, ins, torch.tensor([1, 0, 1]), 2)
+    assert torch.equal(sums, torch.tensor([[[6.0], [0.0]], [[5.0], [6.0]]]))  # group 1 = row 0 + row 2
+
+
+def test_group_outer_sums_are_each_groups_projected_gradient():
+    generator = torch.Generator().manual_seed(0)
+    deltas, xs = torch.randn(5, 4, 6, generator=generator), torch.randn(5, 4, 3, generator=generator)
+    row_group = torch.tensor([2, 0, 2, 1, 0])
+    p_out, p_in = common.kronecker_factor(4, 6, generator), common.kronecker_factor(4, 3, generator)
+    assert p_out.shape == (4, 6) and torch.equal(p_in, torch.eye(3))  # a side of <= k dims is kept whole
+    sums = common.group_outer_sums(deltas @ p_out.T, xs @ p_in.T, row_group, 3)
+    for group in range(3):
+        mine = row_group == group
+        gradient = torch.einsum("rto,rti->oi", deltas[mine], xs[mine])  # sum_t delta_t x_t^T of the group's tokens
+        torch.testing.assert_close(sums[group], p_out @ gradient @ p_in.T)
+
+
+def test_kronecker_factor_is_seeded_and_unbiased():
+    assert torch.equal(common.kronecker_factor(64, 50, torch.Generator().manual_seed(1)), torch.eye(50))  # 50 <= k
+    factor = common.kronecker_factor(16, 50, torch.Generator().manual_seed(1))
+    assert factor.shape == (16, 50)
+    assert torch.equal(factor, common.kronecker_factor(16, 50, torch.Generator().manual_seed(1)))
+    assert not torch.equal(factor, common.kronecker_factor(16, 50, torch.Generator().manual_seed(2)))
+    # E[P^T P] = I (so E<P_out G P_in^T, P_out H P_in^T> = <G, H>): the mean over 400 draws
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([common.kronecker_factor(16, 50, generator) for _ in range(400)])
+    mean = (draws.transpose(1, 2) @ draws).mean(0)
+    assert (mean - torch.eye(50)).abs().max() < 0.1  # each entry's standard deviation is about 0.02

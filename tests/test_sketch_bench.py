@@ -16,6 +16,8 @@ import sketch_bench as sb  # noqa: E402
 import sketch_grads as sg  # noqa: E402
 from conftest import make_synthetic_rollouts  # noqa: E402
 
+CPU = torch.device("cpu")
+
 
 def test_precision_at_by_hand():
     # 20 rows, so the top 10% is 2 rows. Exact top 2: rows 0 and 3. Sketch top 2: rows 0 and 7. Overlap 1 of 2.
@@ -99,3 +101,19 @@ def test_gradient_concentration_matches_a_full_sort(study_inputs):
         assert result["top_share"][key] == pytest.approx(by_sort, rel=1e-9)
     assert result["top_share"]["0.1%"] < result["top_share"]["1%"] <= 1
     assert [name for name, _ in result["largest_tensor"]][0] in dict(sketcher.model.named_parameters())
+
+
+def test_kronecker_project_of_exact_gradients_is_the_batched_sketch(tiny_model, study_inputs):
+    """The fidelity study's "kronecker k=K" (the linear map applied to exact per-prompt gradients) equals what
+    sketch_grads.py's batched hooks compute from one forward+backward per token budget, on random factors."""
+    sketcher, rows = study_inputs
+    config = ("kronecker k=8", 1.0, "float32")
+    study = sb.FidelityStudy(sketcher, [config], proj_dim=64, seed=3)
+    study.add("train", study.gradients(rows))
+    assert all(p.requires_grad for p in sketcher.parameters)  # the study's hooks were removed at once
+    batched = sg.Sketcher(dataclasses.replace(sg.Args(), model=str(sketcher.args.model), projector="kronecker",
+                                              kronecker_dim=8, proj_dim=64, seed=3, token_budget=100), CPU)
+    expected = sb.batched_sketches(batched, rows, 4)
+    got = study.sketch_matrix(config, "train")
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())

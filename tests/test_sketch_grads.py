@@ -332,7 +332,8 @@ def test_projected_sketch_matches_projection_of_full_gradient(tiny_model, rollou
                                rtol=2e-3, atol=2e-3 * np.abs(by_hand).max())
 
 
-@pytest.mark.parametrize("projector, sparse_ratio", [("countsketch", 1.0), ("gaussian", 0.5), ("none", 0.3)])
+@pytest.mark.parametrize("projector, sparse_ratio", [("countsketch", 1.0), ("gaussian", 0.5), ("none", 0.3),
+                                                    ("kronecker", 1.0)])
 def test_validation_mean_is_the_mean_of_per_prompt_sketches(tiny_model, rollouts, tmp_path, projector, sparse_ratio):
     """--mean-of-rows: one backward pass over the sampled prompts (each weighted 1/m), one projection = the mean
     of their per-prompt sketches; select_data.validation_target takes it as g_v, as it would average the rows."""
@@ -364,11 +365,12 @@ def test_validation_mean_is_the_mean_of_per_prompt_sketches(tiny_model, rollouts
 def test_mean_of_rows_sample_is_select_datas_sample():
     rows = [{"rewards": [0, 1] if i % 3 else [1, 1]} for i in range(40)]  # rows 0, 3, 6, ... have no gradient
     mixed = np.array([i for i in range(40) if i % 3])
+    candidates = [i for i, row in enumerate(rows) if not sg.is_zero_gradient(row["rewards"])]  # as sketch_grads
     for max_rows, seed in ((5, 0), (5, 1), (26, 2), (100, 0)):
-        np.testing.assert_array_equal(sg.mean_of_rows_sample(rows, max_rows, seed),
+        np.testing.assert_array_equal(sg.M.mean_of_rows_sample(candidates, max_rows, seed),
                                       common.sample_rows(mixed, max_rows, seed))
     with pytest.raises(sg.DataError, match="no prompt of r.jsonl has mixed rewards"):
-        sg.mean_of_rows_sample([{"rewards": [1, 1]}], 5, 0, "r.jsonl")
+        sg.M.mean_of_rows_sample([], 5, 0, "r.jsonl")
 
 
 def test_gradient_checkpointing_setting(tiny_model, monkeypatch):
@@ -428,7 +430,8 @@ def test_bad_flags_are_refused(tiny_model, rollouts, tmp_path):
                         str(tmp_path / "x.npy"), "--projector", "fjlt", check=False)
     assert result.returncode != 0 and "--projector must be one of" in result.stderr
     for flags, message in ((["--gradient-checkpointing", "yes"], "--gradient-checkpointing must be one of auto"),
-                           (["--mean-of-rows", "-1"], "--mean-of-rows >= 0")):
+                           (["--mean-of-rows", "-1"], "--mean-of-rows >= 0"),
+                           (["--projector", "kronecker", "--sparse-ratio", "0.5"], "kronecker sketches every")):
         with pytest.raises(sg.DataError, match=message):
             sg.main(sg.M.parse_args(sg.Args, ["--model", str(tiny_model), "--rollouts", str(path), "--out",
                                               str(tmp_path / "x.npy"), *flags]))
@@ -534,3 +537,63 @@ def test_rho_is_one_at_stage_zero_up_to_bf16_batching_noise(tiny_model, rollouts
                         worst = max(worst, (current[j, :n] - torch.tensor(beta[flat + i])).abs().max().item())
                 flat += len(row["response_ids"])
         assert worst < bound, (dtype, worst)
+
+
+# ----------------------------------------------------------------------------------------------
+# The batched sketch (--projector kronecker): each weight matrix Kronecker-factored, many prompts per backward
+# ----------------------------------------------------------------------------------------------
+
+def per_prompt_gradients(model_dir, rows) -> list[dict]:
+    """{parameter name: exact gradient} per prompt, one backward each (None for a zero-gradient prompt)."""
+    sketcher = sg.Sketcher(sg.Args(model=str(model_dir), projector="none"), CPU)
+    out = []
+    for row in rows:
+        if sg.is_zero_gradient(row["rewards"]):
+            out.append(None)
+            continue
+        sketcher.model.zero_grad(set_to_none=True)
+        advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))
+        sg.accumulate_prompt_gradient(sketcher.model, row, advantages, 8192, sketcher.pad_token_id)
+        out.append({name: p.grad.clone() for name, p in sg.M.trainable_parameters(sketcher.model)})
+    return out
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "on"])
+def test_batched_sketch_with_identity_factors_is_each_prompts_exact_gradient(tiny_model, rollouts, checkpointing):
+    """k above every dimension: P_out and P_in are identities, so what the hooks sum per prompt from one
+    forward+backward of many prompts (micro-batches of 100 tokens mix prompts) is each prompt's exact gradient, for
+    every parameter: the tied embedding + LM head, the position embedding, the Conv1D weights and biases, the
+    layer norms; zero for the prompts whose rewards are all equal."""
+    _, rows = rollouts
+    sketcher = sg.Sketcher(sg.Args(model=str(tiny_model), projector="kronecker", kronecker_dim=10 ** 6, proj_dim=64,
+                                   token_budget=100, gradient_checkpointing=checkpointing), CPU)
+    sketch = sketcher.sketch_rows([[row] for row in rows])
+    hooks, names = sketcher.hooks, [name for name, _ in sg.M.trainable_parameters(sg.M.load_model(str(tiny_model),
+                                                                                                   CPU))]
+    assert hooks.transposed and len(names) == len(hooks.parameters)  # GPT-2's Conv1D stores W^T
+    widths = [hooks.width(p) for p in hooks.parameters]
+    assert sum(widths) == sketcher.num_params  # identities: every coordinate as it is
+    for b, exact in enumerate(per_prompt_gradients(tiny_model, rows)):
+        if exact is None:
+            assert not sketch[b].any() and not hooks.sums[id(hooks.parameters[0])][b].any()
+            continue
+        for name, p in zip(names, hooks.parameters):
+            expected = exact[name].T if id(p) in hooks.transposed else exact[name]
+            got = hooks.sums[id(p)][b].reshape(expected.shape)
+            torch.testing.assert_close(got, expected, atol=1e-6 * exact[name].abs().max().item() + 1e-12, rtol=1e-4)
+    assert not any(p.requires_grad for p in hooks.parameters)  # frozen: the backward skips every dW
+    torch.testing.assert_close(sketch, sg.countsketch_project(hooks.rows(), 64, 0))
+
+
+def test_kronecker_sketch_from_the_command_line(tiny_model, rollouts, tmp_path):
+    path, rows = rollouts
+    out = tmp_path / "kron.npy"
+    run_script("sketch_grads.py", "--model", str(tiny_model), "--rollouts", str(path), "--out", str(out),
+               "--projector", "kronecker", "--kronecker-dim", "16", "--proj-dim", "128", "--chunk-prompts", "3",
+               env={"OMP_NUM_THREADS": "1"})
+    sketch, meta = np.load(out), json.loads(out.with_suffix(".json").read_text())
+    assert sketch.shape == (8, 128) and meta["projector"] == "kronecker" and meta["kronecker_dim"] == 16
+    assert meta["zero_rows"] == [3, 7] and not sketch[[3, 7]].any() and np.abs(sketch[[0, 1, 2]]).sum(1).min() > 0
+    other = {**meta, "kronecker_dim": 32}
+    with pytest.raises(sg.DataError, match="kronecker_dim"):
+        sg.M.check_sketches_match(meta, "train.npy", other, "val.npy")
