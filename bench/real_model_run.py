@@ -74,10 +74,10 @@ def run_loop(env: dict[str, str]) -> dict:
     result = subprocess.run(["bash", "run_cropi.sh"], cwd=ROOT, env=full_env, capture_output=True, text=True)
     steps = [line for line in result.stdout.splitlines()  # each stage ends with its "peak memory" line
              if line.startswith(("[run ]", "[skip]", "[redo]")) or ": peak memory" in line]
-    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]  # the stage's, then run_cropi.sh's
     return {"env": {k: v for k, v in env.items() if k in ("VAL_K", "MODEL", "TEST_DATA")},
             "exit_code": result.returncode, "seconds": round(time.perf_counter() - start, 1), "steps": steps,
-            "error": errors[-1] if errors else None}
+            "error": "\n".join(errors) if errors else None}
 
 
 def main(args: Args) -> None:
