@@ -877,8 +877,10 @@ def mean_sketch_meta(settings: dict, rows: list[dict], sample, max_rows: int, se
 
 def check_responses_per_process(rows: list[dict], world: int, path: str, share) -> None:
     """A sharded sketch splits each prompt's responses over the processes: every process needs one at least."""
+    if not share:  # replicated: each process takes whole prompts
+        return
     fewest = min(len(row["response_ids"]) for row in rows)
-    if share and fewest < world:
+    if fewest < world:
         raise DataError(f"{path}: a prompt has {fewest} responses, fewer than the {world} processes sharing the "
                         "model (--fsdp); collect more responses per prompt or use --fsdp off")
 
