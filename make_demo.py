@@ -1,18 +1,24 @@
-"""The embedded CPU demo: an arithmetic task family built like the paper's pool, and a tiny GPT-2 warm-started on it.
+"""The embedded CPU demo: a task family built like the paper's pool, and a tiny GPT-2 warm-started on it.
 
 Nothing can be downloaded on every machine, and a random model never earns a reward, so the demo brings its own.
 
 The design (issue 14), chosen from these properties of the paper's setting (GSM8K + MATH + DeepScaleR for a 1.5B
 model, validation sets aimed at two of the sources) and not from any CROPI result:
-  * several sources, the targeted ones a minority: eight skills, integer answers checked by common.reward:
-      add "47+8", sub "71-5", mul "47*6", max "max(23,45)", min "min(23,45)", mod "47%6", rev "rev(473)" = 374,
-      dsum "dsum(473)" = 14.
+  * several sources, the targeted ones a minority: eight skills on numbers of digits 1-9 (RULES), integer answers
+    checked by common.reward: rev "rev(473)" = 374, sort "sort(473)" = 347, rot "rot(473)" = 734 (rotated left),
+    swap "swap(473)" = 374 (first and last digits), shift "shift(473)" = 584 (each digit + 1, 9 -> 1),
+    skip "skip(4735)" = 43 (every other digit), max "max(23,45)" = 45, min "min(23,45)" = 23.
     run_cropi.sh aims its validation sets at two of them (TARGETED_SKILLS: a quarter of the pool);
-  * a spread of difficulty inside every skill: three levels in equal shares of the pool, validation and test sets,
-    with operands of growing length (OPERAND_DIGITS). The supervised warm-up sees levels 1 and 2 only, so level 3
-    (longer numbers than any seen) is the share the warm-started model never solves, like competition problems
-    beyond a small model; the warm-up is stopped early (--warmup-steps), so that the easier levels of the easier
-    skills are always solved and the rest sits between;
+  * what RL does to a pretrained model: it mostly makes likely what the model can already sample. So the warm-up
+    teaches every skill its right rule and, at one level, also a typical wrong rule (the skill's misconception:
+    rev leaves the number unchanged, sort sorts descending, rot rotates right, swap swaps the first two digits,
+    shift shifts down, skip keeps the other digits, max and min give the other number): a share of those labels
+    (--misconception-rate) follows the wrong rule. The model then samples both answers, the wrong one more often:
+    GRPO has a reward to climb, and greedy accuracy rises when the right rule becomes the more likely one;
+  * a spread of difficulty inside every skill, three levels in equal shares of the pool, validation and test sets,
+    by number length (DIGITS): level 1 (3 digits; 2 for max and min) taught with the misconception, so it is
+    solved sometimes (0 < pass rate < 1); level 2 (one digit longer) taught right, mostly always solved; level 3
+    (longer than any number in the warm-up) never solved, like competition problems beyond a small model;
   * splits disjoint per skill: a training pool, one validation and one test set per skill (the bench passes
     --test-per-skill 500: binomial noise <= +-0.022), and a supervised warm-up set;
   * a character-level tokenizer with a tiny chat template ("{question}=") made locally, and a 4-layer GPT-2.
@@ -39,17 +45,6 @@ import torch
 
 from machinery import arg, atomic_dir, parse_args, seed_everything, write_json, write_jsonl
 
-SKILLS = ("add", "sub", "mul", "max", "min", "mod", "rev", "dsum")
-TARGETED_SKILLS = ("add", "sub")  # run_cropi.sh's validation sets; the other six are untargeted
-LEVELS = (1, 2, 3)  # difficulty: operand digits grow with the level; level 3 is never in the warm-up
-# digits of each operand per level (one operand for rev and dsum)
-OPERAND_DIGITS = {
-    "add": ((2, 1), (2, 2), (3, 3)), "sub": ((2, 1), (2, 2), (3, 3)), "mul": ((2, 1), (3, 1), (2, 2)),
-    "max": ((2, 2), (3, 3), (4, 4)), "min": ((2, 2), (3, 3), (4, 4)), "mod": ((2, 1), (3, 1), (3, 2)),
-    "rev": ((3,), (4,), (5,)), "dsum": ((3,), (4,), (5,)),
-}
-WARMUP_LEVELS = (1, 2)  # the supervised warm-up sees these levels only
-
 
 @dataclasses.dataclass
 class Args:
@@ -60,7 +55,9 @@ class Args:
     test_per_skill: int = arg(200, "test prompts per skill (a third per level)")
     warmup_per_skill: int = arg(800, "supervised warm-up problems per skill, half of level 1, half of level 2 "
                                           "(disjoint from the splits above)")
-    warmup_steps: int = arg(1200, "supervised steps; few on purpose, so that pass rates stay between 0 and 1")
+    misconception_rate: float = arg(0.6, "share of the level-1 warm-up labels that follow the skill's typical "
+                                         "wrong rule (RULES)")
+    warmup_steps: int = arg(1200, "supervised steps")
     warmup_batch: int = arg(64, "sequences per supervised step")
     warmup_lr: float = arg(1e-3, "AdamW learning rate of the warm-up")
     n_layer: int = arg(4, "GPT-2 layers")
@@ -72,34 +69,37 @@ class Args:
 # The task family
 # ----------------------------------------------------------------------------------------------
 
-def random_number(rng: random.Random, digits: int) -> int:
-    return rng.randrange(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits)
+SKILLS = ("rev", "sort", "rot", "swap", "shift", "skip", "max", "min")
+TARGETED_SKILLS = ("rot", "swap")  # run_cropi.sh's validation sets; the other six are untargeted
+LEVELS = (1, 2, 3)  # numbers grow longer with the level; level 3 is never in the warm-up
+DIGITS = {skill: (3, 4, 5) for skill in SKILLS} | {"max": (2, 3, 4), "min": (2, 3, 4)}  # digits per number, per level
+WARMUP_LEVELS = (1, 2)  # the supervised warm-up sees these levels only
+MISCONCEPTION_LEVELS = (1,)  # levels whose warm-up labels follow the typical wrong rule at --misconception-rate
+# skill: (right rule, typical wrong rule), each from the number's digits (or the two numbers') to the answer's
+RULES = {
+    "rev": (lambda d: d[::-1], lambda d: d),                                  # 4735 -> 5374; wrong: unchanged
+    "sort": (lambda d: "".join(sorted(d)), lambda d: "".join(sorted(d))[::-1]),  # -> 3457; wrong: descending
+    "rot": (lambda d: d[1:] + d[0], lambda d: d[-1] + d[:-1]),                 # -> 7354; wrong: rotated right
+    "swap": (lambda d: d[-1] + d[1:-1] + d[0], lambda d: d[1] + d[0] + d[2:]),  # -> 5734; wrong: first two swapped
+    "shift": (lambda d: "".join(str(int(c) % 9 + 1) for c in d),             # -> 5846 (9 -> 1);
+              lambda d: "".join(str((int(c) - 2) % 9 + 1) for c in d)),       #    wrong: shifted down (3624)
+    "skip": (lambda d: d[::2], lambda d: d[1::2]),                            # -> 43; wrong: the other digits (75)
+    "max": (lambda a, b: max(a, b, key=int), lambda a, b: min(a, b, key=int)),  # wrong: the other number
+    "min": (lambda a, b: min(a, b, key=int), lambda a, b: max(a, b, key=int)),
+}
 
 
-def random_problem(skill: str, level: int, rng: random.Random) -> tuple[str, int]:
-    """One (question, integer answer) of a skill at a difficulty level."""
-    numbers = [random_number(rng, d) for d in OPERAND_DIGITS[skill][level - 1]]
-    if skill == "add":
-        a, b = numbers
-        return f"{a}+{b}", a + b
-    if skill == "sub":  # a >= b: answers stay non-negative
-        a, b = max(numbers), min(numbers)
-        return f"{a}-{b}", a - b
-    if skill == "mul":
-        a, b = numbers
-        return f"{a}*{b}", a * b
-    if skill in ("max", "min"):
-        a, b = numbers
-        return f"{skill}({a},{b})", max(a, b) if skill == "max" else min(a, b)
-    if skill == "mod":
-        a, b = numbers[0], max(numbers[1], 2)
-        return f"{a}%{b}", a % b
-    if skill == "rev":  # the digits reversed (a last digit of 0 would vanish from the answer: made 1)
-        a = numbers[0] - numbers[0] % 10 + max(numbers[0] % 10, 1)
-        return f"rev({a})", int(str(a)[::-1])
-    if skill == "dsum":
-        return f"dsum({numbers[0]})", sum(int(c) for c in str(numbers[0]))
-    raise ValueError(f"unknown skill {skill!r}")
+def random_digits(rng: random.Random, length: int) -> str:
+    """A number of `length` digits 1-9 (no 0: no answer ever starts with a 0)."""
+    return "".join(rng.choice("123456789") for _ in range(length))
+
+
+def random_problem(skill: str, level: int, rng: random.Random) -> tuple[str, int, int]:
+    """One (question, answer, the skill's typical wrong answer) of a skill at a difficulty level, e.g.
+    ("rev(4735)", 5374, 4735) or ("max(23,45)", 45, 23)."""
+    right, wrong = RULES[skill]
+    numbers = [random_digits(rng, DIGITS[skill][level - 1]) for _ in range(2 if skill in ("max", "min") else 1)]
+    return f"{skill}({','.join(numbers)})", int(right(*numbers)), int(wrong(*numbers))
 
 
 def level_counts(total: int, levels: tuple[int, ...]) -> dict[int, int]:
@@ -107,14 +107,15 @@ def level_counts(total: int, levels: tuple[int, ...]) -> dict[int, int]:
     return {level: total // len(levels) + (i < total % len(levels)) for i, level in enumerate(levels)}
 
 
-def distinct_problems(skill: str, level: int, count: int, rng: random.Random) -> list[tuple[str, int]]:
-    """`count` different problems of one skill and level, in the order drawn."""
-    problems: dict[str, int] = {}
+def distinct_problems(skill: str, level: int, count: int, rng: random.Random) -> list[tuple[str, tuple[int, int]]]:
+    """`count` different problems (question, (answer, typical wrong answer)) of one skill and level, in the order
+    drawn."""
+    problems: dict[str, tuple[int, int]] = {}
     for _ in range(100 * count):
         if len(problems) == count:
             break
-        question, answer = random_problem(skill, level, rng)
-        problems.setdefault(question, answer)
+        question, answer, wrong = random_problem(skill, level, rng)
+        problems.setdefault(question, (answer, wrong))
     if len(problems) < count:
         raise ValueError(f"skill {skill} level {level} has fewer than {count} different problems: lower "
                          f"--pool-per-skill, --val-per-skill, --test-per-skill or --warmup-per-skill")
@@ -125,25 +126,31 @@ def make_splits(args: Args) -> dict[str, list[dict]]:
     """{"train": pool, "val_<skill>": ..., "test_<skill>": ..., "warmup": supervised set}, disjoint per skill.
 
     Pool, validation and test sets hold the three levels in equal shares; the warm-up holds levels 1 and 2 only.
+    Every (skill, level) draws from its own seeded stream, the test problems last, so a larger --test-per-skill
+    only adds test problems: the pool, the validation sets, the warm-up set and hence the model stay the same.
     """
-    rng = random.Random(args.seed)
     splits: dict[str, list[dict]] = {"train": [], "warmup": []}
     for skill in SKILLS:
         sizes = {"train": args.pool_per_skill, f"val_{skill}": args.val_per_skill,
-                 f"test_{skill}": args.test_per_skill, "warmup": args.warmup_per_skill}
+                 "warmup": args.warmup_per_skill, f"test_{skill}": args.test_per_skill}
         for level in LEVELS:
+            problems_rng = random.Random(f"{args.seed}-{skill}-{level}")
+            labels_rng = random.Random(f"{args.seed}-{skill}-{level}-labels")  # which warm-up labels are wrong
             needed = {name: level_counts(size, WARMUP_LEVELS if name == "warmup" else LEVELS).get(level, 0)
                       for name, size in sizes.items()}
-            problems = iter(distinct_problems(skill, level, sum(needed.values()), rng))
+            problems = iter(distinct_problems(skill, level, sum(needed.values()), problems_rng))
             for name, count in needed.items():
                 rows = splits.setdefault(name, [])
                 for _ in range(count):
-                    question, answer = next(problems)
+                    question, (answer, wrong) = next(problems)
                     row = {"prompt": question, "answer": str(answer)}
+                    if name == "warmup" and level in MISCONCEPTION_LEVELS and \
+                            labels_rng.random() < args.misconception_rate:
+                        row["answer"] = str(wrong)
                     if name != "warmup":
                         row = {"id": f"{name}-{skill}-L{level}-{len(rows)}", **row, "skill": skill, "level": level}
                     rows.append(row)
-    rng.shuffle(splits["train"])
+    random.Random(args.seed).shuffle(splits["train"])
     return splits
 
 

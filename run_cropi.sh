@@ -12,8 +12,8 @@
 #   then a report with plots                                                                  report.py
 #
 # Configuration is by environment variables, all in the table below (printed at start). With no MODEL it runs the
-# embedded CPU demo: a tiny GPT-2 warm-started on an arithmetic task (make_demo.py), validation sets aimed at two of
-# its four skills.
+# embedded CPU demo: a tiny GPT-2 warm-started on a family of digit-string tasks (make_demo.py), validation sets aimed
+# at two of its eight skills.
 #   PRESET=smoke bash run_cropi.sh      the demo loop in a couple of minutes (the tests use it)
 #   NGPU=8 MODEL=... TRAIN_DATA=... VAL_DATA=... TEST_DATA=... bash run_cropi.sh     a GPU node (see README)
 # Every finished step leaves OUT_DIR/.../<step>.done (its wall-clock seconds and a key of its settings); a rerun
@@ -40,9 +40,9 @@ setting OUT_DIR          runs/cropi                runs/demo                runs
 setting DEMO_DIR         ""                        "$OUT_DIR/demo"
 setting MODEL            ""                        "$DEMO_DIR/model"
 setting TRAIN_DATA       ""                        "$DEMO_DIR/data/train.jsonl"
-setting VAL_DATA         ""                        "$(demo_files val_add val_sub)"
-setting TEST_DATA        ""                        "$(demo_files test_add test_sub test_mul test_max test_min test_mod test_rev test_dsum)"
-setting TARGETED         ""                        test_add,test_sub      # test sets (file stems) the validation aims at
+setting VAL_DATA         ""                        "$(demo_files val_rot val_swap)"
+setting TEST_DATA        ""                        "$(demo_files test_rev test_sort test_rot test_swap test_shift test_skip test_max test_min)"
+setting TARGETED         ""                        test_rot,test_swap     # test sets (file stems) the validation aims at
 setting SYSTEM_PROMPT    "Please reason step by step, and put your final answer within \\boxed{}." ""
 setting METHOD           cropi                     cropi                    # or full, full_dynamic, random, learnability, pass_rate, influence_once, cropi_onpolicy
 setting COMPARE          ""                        full                     # other methods trained on the same budget, overlaid in the report
@@ -61,7 +61,7 @@ setting SPARSE_RATIO     ""                        ""                       # em
 setting VAL_MEAN_OF      100                       100                      # validation prompts averaged into one sketch (0: a sketch per prompt)
 setting BATCH_PROMPTS    128                       16                       # GRPO prompts per step
 setting GROUP_SIZE       8                         8                        # GRPO responses per prompt
-setting LR               1e-6                      2e-4
+setting LR               1e-6                      1e-4
 setting KL_COEF          0.001                     0.001
 setting DYNAMIC_ROUNDS   10                        10                       # full_dynamic: most sampling rounds per GRPO step (DAPO)
 setting ENTROPY_COEF     0.001                     0.0

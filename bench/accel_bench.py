@@ -1,14 +1,15 @@
 """The acceleration experiment on the embedded demo task (the project's headline figure).
 
-DESIGN TO PRE-REGISTER (issue 14), written before any CROPI result of it was seen. DRAFT: it becomes the
-pre-registration when committed as such, once the demo meets issue 14's learnability property (full data gains
->= 0.15 targeted accuracy within the budget; not yet, see the README's demo section) and the time fits.
-  Task: make_demo.py's eight-skill arithmetic pool (its docstring), one demo for every seed: the build of
-      `make_demo.py --seed 0 --test-per-skill 500` (its demo.json records the hashes). Validation sets aim at add and
-      sub (2 of 8 skills, a quarter of the pool): targeted accuracy = mean greedy accuracy over test_add and test_sub,
-      untargeted = mean over the six other test sets, 500 prompts per skill (binomial noise <= +-0.022 at p = 0.5).
+PRE-REGISTERED DESIGN (issue 14), committed before any result of this experiment was seen. Checked beforehand on
+full data alone (its learnability, which the design requires): see the README's demo section.
+  Task: make_demo.py's eight-skill pool (its docstring: digit-string skills, each taught with a typical wrong rule
+      at level 1, right at level 2, never at level 3), one demo for every seed: the build of
+      `make_demo.py --seed 0 --test-per-skill 500` (its demo.json records the hashes; the model is the default
+      build's). Validation sets aim at rot and swap (TARGETED_SKILLS, 2 of 8 skills, a quarter of the pool):
+      targeted accuracy = mean greedy accuracy over test_rot and test_swap, untargeted = mean over the six other
+      test sets, 500 prompts per skill (binomial noise <= +-0.022 at p = 0.5).
   Budget: every method trains 4 stages x 40 GRPO steps (160) of B = 16 prompts x G = 8 responses, run_cropi.sh's
-      demo settings otherwise (RATIO 0.1, K 8, lr 2e-4); evaluated at step 0 and every 20 steps (9 points).
+      demo settings otherwise (RATIO 0.1, K 8, VAL_K 8, lr 1e-4); evaluated at step 0 and every 20 steps (9 points).
   Seeds: 0-4 (5). A seed sets the offline rollouts (shared by the methods of that seed), the random and baseline
       draws and the GRPO sampling and data order; the task and the warm-started model are the same for all seeds.
   Methods (run_cropi.sh METHOD values, same budget): cropi, full, random, learnability, pass_rate, influence_once,
@@ -30,23 +31,24 @@ pre-registration when committed as such, once the demo meets issue 14's learnabi
 Resumable per (method, seed): a finished run leaves OUT/seed<S>/<method>/bench.done (its wall seconds) and is never
 rerun; an interrupted run resumes inside run_cropi.sh, which skips its finished steps. Results are rewritten after
 every finished seed. Writes bench/results/accel.md and accel.png.
-Time, estimated from timed pieces on the 2-core development machine while another job loaded it (load 4-5): a GRPO
-step 0.75 s (grpo_train.py's step_time_s over 140 full-data steps), one evaluation of 8 x 500 prompts about 15 s,
-process start-up about 10 s per stage script, a stage's sketch and selection about 45 s (the previous accel.md:
-cropi 246 s vs full 60 s per run of 4 stages on a 1,200-prompt pool), fresh rollouts of the pool about 30 s, DAPO's
-extra rounds about 0.5 s per step (71% of full-data groups all-equal). Per seed: 8 runs x ~315 s + cropi 180 s +
-cropi_onpolicy 270 s + influence_once 45 s + full_dynamic 80 s + the seed's rollouts 35 s = about 52 min, so 5 seeds
-take about 260 min at that load (about half on an idle machine): over the 120-minute target, still open.
+Runs go --jobs (2) at a time, one torch thread each (results do not depend on it: every run is seeded and single-
+threaded). Time, estimated from a full-data run of this budget on the 2-core machine beside another job: 40 GRPO
+steps about 20 s, an evaluation of 8 x 500 prompts about 5 s, the offline rollouts 40 s, a stage's sketch of the
+~500 pool prompts with mixed rewards about 30 s; per seed about 26 CPU-minutes (full 130 s, cropi 290 s,
+cropi_onpolicy 380 s, full_dynamic 200 s, the four others about 145 s each), so 5 seeds take about 65-70 minutes
+with two jobs on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,10 +58,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from machinery import arg, atomic_path, parse_args  # noqa: E402
+from make_demo import TARGETED_SKILLS  # noqa: E402
 from report import (OFFLINE_ROLLOUT_METHODS, accuracy_curves, area_under_curve, first_step_reaching,  # noqa: E402
                     rollout_seconds, seconds_at_step, speedup, stage_seconds)
 
-TARGETED = ["test_add", "test_sub"]
+TARGETED = [f"test_{skill}" for skill in TARGETED_SKILLS]
 METHODS = "cropi,full,random,learnability,pass_rate,influence_once,full_dynamic,cropi_onpolicy"
 
 
@@ -73,6 +76,7 @@ class Args:
     demo_seed: int = arg(0, "make_demo.py --seed of the one demo all seeds share")
     demo_args: str = arg("--test-per-skill 500", "more make_demo.py flags (run_cropi.sh's DEMO_ARGS)")
     resamples: int = arg(10000, "bootstrap resamples of the seeds")
+    jobs: int = arg(2, "runs at once, one torch thread each (results do not depend on it)")
     out: str = arg("runs/accel", "folder for the runs")
     results: str = arg("bench/results", "folder for accel.md and accel.png")
 
@@ -118,7 +122,7 @@ def run_one(args: Args, method: str, seed: int, runner=subprocess.run) -> Path:
     source = next((s / "rollouts" for s in siblings if (s / "bench.done").exists()), None)
     if source is not None and not (out_dir / "rollouts").exists():
         shutil.copytree(source, out_dir / "rollouts")
-    env = {**os.environ, "METHOD": method, "COMPARE": "", "SEED": str(seed), "OUT_DIR": str(out_dir),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "METHOD": method, "COMPARE": "", "SEED": str(seed), "OUT_DIR": str(out_dir),
            "DEMO_DIR": str(Path(args.out) / "demo"), "DEMO_SEED": str(args.demo_seed), "DEMO_ARGS": args.demo_args,
            "STAGES": str(args.stages), "STEPS_PER_STAGE": str(args.steps_per_stage),
            "EVAL_EVERY": str(args.eval_every)}
@@ -129,6 +133,33 @@ def run_one(args: Args, method: str, seed: int, runner=subprocess.run) -> Path:
     marker.write_text(f"{time.time() - start:.1f}\n")
     print(f"  {method} seed {seed}: {time.time() - start:.0f}s", flush=True)
     return out_dir
+
+
+def run_order(methods: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """The order the runs start in: every seed's cropi first (the other methods of a seed copy its offline
+    rollouts), then the other methods seed by seed."""
+    return [("cropi", s) for s in seeds] + [(m, s) for s in seeds for m in methods if m != "cropi"]
+
+
+def run_all(args: Args, methods: list[str], seeds: list[int], runner=subprocess.run):
+    """Yields (method, seed, folder) of every run as it finishes, --jobs at a time. A method that reads the offline
+    rollouts waits for its seed's cropi run, whose rollouts it copies (run_one); the cropi runs start first, so a
+    waiting run never holds up the one it waits for."""
+    rollouts_ready = {seed: threading.Event() for seed in seeds}
+
+    def one(method: str, seed: int) -> tuple[str, int, Path]:
+        if method != "cropi" and method in OFFLINE_ROLLOUT_METHODS:
+            rollouts_ready[seed].wait()
+        try:
+            return method, seed, run_one(args, method, seed, runner)
+        finally:
+            if method == "cropi":  # finished or failed: the others go on (and collect their own if it failed)
+                rollouts_ready[seed].set()
+
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(one, m, s) for m, s in run_order(methods, seeds)]
+        for future in concurrent.futures.as_completed(futures):
+            yield future.result()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,10 +263,12 @@ def main(args: Args) -> None:
     methods = args.methods.split(",")
     if "full" not in methods or "cropi" not in methods:
         raise SystemExit(f"--methods {args.methods}: must include cropi and full")
-    start, runs = time.time(), {}
-    for n, seed in enumerate(seeds):  # seed by seed, so that the results so far are written after each
-        runs.update({(m, seed): run_one(args, m, seed) for m in methods})
-        cropi = write_results(args, runs, methods, seeds[:n + 1], time.time() - start)
+    start, runs, done = time.time(), {}, []
+    for method, seed, folder in run_all(args, methods, seeds):  # as they finish; a finished seed's results written
+        runs[(method, seed)] = folder
+        if all((m, seed) in runs for m in methods):
+            done.append(seed)
+            cropi = write_results(args, runs, methods, sorted(done), time.time() - start)
     low, high = bootstrap_interval(cropi["step_speedup"], args.resamples)
     delta_low, delta_high = bootstrap_interval(cropi["untargeted_delta"], args.resamples)
     print(f"speedup={np.median(cropi['step_speedup']):.2f} "

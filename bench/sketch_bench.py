@@ -21,10 +21,10 @@
      10%. Kronecker sketches come from sketch_grads.py's own batched path (hooks, at the first --kronecker-dims) and,
      for every k of --kronecker-dims, from the same linear map applied to the exact per-prompt gradients.
 
-Models: --quick uses the embedded demo model (made by make_demo.py into /tmp/demo_sketch if missing) and finishes in
-under a minute; the full run uses SmolLM2-135M-Instruct (bench/install_bench.sh; converted once from its GGUF file
-to bench/.cache/smollm2). Rollouts are sampled here with transformers generate (temperature 0.7, top_k off):
-demo arithmetic for the demo model, "What is a + b? Answer with a number only." (single digits) for SmolLM2, both
+Models: --quick uses the embedded demo model (made by make_demo.py into /tmp/demo_sketch/<hash of make_demo.py> if
+missing) and finishes in under a minute; the full run uses SmolLM2-135M-Instruct (bench/install_bench.sh; converted
+once from its GGUF file to bench/.cache/smollm2). Rollouts are sampled here with transformers generate (temperature
+0.7, top_k off): the demo's task for the demo model, "What is a + b? Answer with a number only." (single digits) for SmolLM2, both
 graded by the pipeline's reward (common.reward, math-verify).
 Prints one line per measurement; the LAST line is `overhead=<sketch/bare> precision_at_10=<fraction>` for the
 default projector at its defaults. Writes --out (a .json of every figure) and the same figures as a .md beside it.
@@ -33,6 +33,7 @@ default projector at its defaults. Writes --out (a .json of every figure) and th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -52,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import machinery  # noqa: E402
+import make_demo  # noqa: E402
 import sketch_grads as sg  # noqa: E402
 from common import (encode_prompt, format_prompt, group_advantages, read_jsonl, response_logprobs,  # noqa: E402
                     reward)
@@ -64,7 +66,7 @@ DEFAULTS = sg.Args()
 @dataclasses.dataclass
 class Args:
     quick: bool = arg(False, "demo model, few prompts, default projector only: under a minute")
-    model: str = arg("", "checkpoint (default: /tmp/demo_sketch/model with --quick, else bench/.cache/smollm2)")
+    model: str = arg("", "checkpoint (default: the demo build in /tmp/demo_sketch with --quick, else bench/.cache/smollm2)")
     out: str = arg("", "results .json (default: bench/results/sketch_bench[_quick].json)")
     train_prompts: int = arg(0, "training prompts (0: 64 quick, 200 full)")
     val_prompts: int = arg(0, "prompts per validation set (0: 12 quick, 24 full); sets of < 2 mixed prompts are left out")
@@ -118,7 +120,9 @@ def smollm2_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def demo_checkpoint(folder: Path) -> Path:
+def demo_checkpoint(cache: Path) -> Path:
+    """The default demo build, cached under the hash of make_demo.py (the build is byte-identical for one source)."""
+    folder = cache / hashlib.sha256((ROOT / "make_demo.py").read_bytes()).hexdigest()[:12]
     if not (folder / "model" / "config.json").exists():
         subprocess.run([sys.executable, str(ROOT / "make_demo.py"), "--out", str(folder)], check=True)
     return folder / "model"
@@ -139,7 +143,7 @@ def smollm2_tasks(n_train: int, n_val: int, rng: random.Random) -> tuple[list[di
 def demo_tasks(demo: Path, n_train: int, n_val: int, rng: random.Random):
     train = read_jsonl(demo / "data" / "train.jsonl")
     rng.shuffle(train)
-    skills = ("add", "sub", "mul", "max")
+    skills = make_demo.SKILLS[:4]
     return train[:n_train], {s: read_jsonl(demo / "data" / f"val_{s}.jsonl")[:n_val] for s in skills}
 
 

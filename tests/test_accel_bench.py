@@ -1,6 +1,9 @@
 """bench/accel_bench.py: the bootstrap interval by hand, and a finished (method, seed) run is never rerun."""
 
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +54,29 @@ def test_a_failed_run_leaves_no_marker(tmp_path):
     with pytest.raises(RuntimeError):
         accel_bench.run_one(args, "cropi", 1, runner=failing)
     assert not (tmp_path / "seed1" / "cropi" / "bench.done").exists()
+
+
+def test_runs_in_parallel_wait_for_their_seeds_rollouts(tmp_path):
+    args = accel_bench.Args(out=str(tmp_path), methods="cropi,full,learnability", jobs=2)
+    events, lock = [], threading.Lock()
+
+    def runner(command, **kwargs):
+        env = kwargs["env"]
+        with lock:
+            events.append(("start", env["METHOD"], env["SEED"]))
+        assert env["OMP_NUM_THREADS"] == "1"
+        if env["METHOD"] == "cropi":  # makes the seed's offline rollouts
+            time.sleep(0.2)
+            (Path(env["OUT_DIR"]) / "rollouts").mkdir(parents=True)
+            (Path(env["OUT_DIR"]) / "rollouts" / "train.done").write_text(f"seed {env['SEED']}\n")
+        with lock:
+            events.append(("end", env["METHOD"], env["SEED"]))
+
+    finished = list(accel_bench.run_all(args, ["cropi", "full", "learnability"], [0, 1], runner=runner))
+    assert sorted((m, s) for m, s, _ in finished) == sorted((m, s) for m in ("cropi", "full", "learnability")
+                                                             for s in (0, 1))
+    assert events[:2] == [("start", "cropi", "0"), ("start", "cropi", "1")]  # both jobs busy at once
+    for seed in ("0", "1"):  # learnability reads the rollouts: it starts after its seed's cropi run ended
+        assert events.index(("end", "cropi", seed)) < events.index(("start", "learnability", seed))
+        copied = tmp_path / f"seed{seed}" / "learnability" / "rollouts" / "train.done"
+        assert copied.read_text() == f"seed {seed}\n"

@@ -59,11 +59,11 @@ def smoke_run(tmp_path_factory) -> Path:
 
 def test_smoke_run_produces_the_layout(smoke_run):
     out = smoke_run
-    for path in ["rollouts/train.jsonl", "rollouts/val_add.jsonl", "rollouts/val_sub.jsonl", "metrics.jsonl",
+    for path in ["rollouts/train.jsonl", "rollouts/val_rot.jsonl", "rollouts/val_swap.jsonl", "metrics.jsonl",
                  "report.md", "accuracy.png", "selection.png", "time.png"]:
         assert (out / path).is_file(), path
     for m in range(2):
-        for path in ["train_sketch.npy", "val_add_sketch.npy", "subset.jsonl", "selection.json",
+        for path in ["train_sketch.npy", "val_rot_sketch.npy", "subset.jsonl", "selection.json",
                      "checkpoint/config.json"]:
             assert (out / f"stage_{m}" / path).exists(), f"stage_{m}/{path}"
     pool = len((out / "rollouts" / "train.jsonl").read_text().splitlines())
@@ -147,7 +147,7 @@ def test_onpolicy_collects_per_stage_rollouts_and_full_dynamic_samples_dynamical
     result = run_loop(out, METHOD="cropi_onpolicy", COMPARE="full_dynamic")
     assert "Done:" in result.stdout
     assert not (out / "stage_0" / "rollouts").exists()
-    for name in ("train", "val_add", "val_sub"):
+    for name in ("train", "val_rot", "val_swap"):
         assert (out / "stage_1" / "rollouts" / f"{name}.jsonl").is_file(), name
     sketch_meta = json.loads((out / "stage_1" / "train_sketch.json").read_text())
     assert sketch_meta["rollouts"].endswith("stage_1/rollouts/train.jsonl")
