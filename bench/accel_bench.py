@@ -142,9 +142,9 @@ def run_order(methods: list[str], seeds: list[int]) -> list[tuple[str, int]]:
 
 
 def run_all(args: Args, methods: list[str], seeds: list[int], runner=subprocess.run):
-    """Yields (method, seed, folder) of every run as it finishes, --jobs at a time. A method that reads the offline
-    rollouts waits for its seed's cropi run, whose rollouts it copies (run_one); the cropi runs start first, so a
-    waiting run never holds up the one it waits for."""
+    """Yields (method, seed, folder) of every run as it finishes, --jobs at a time after the first. A method that
+    reads the offline rollouts waits for its seed's cropi run, whose rollouts it copies (run_one); the cropi runs
+    start first, so a waiting run never holds up the one it waits for."""
     rollouts_ready = {seed: threading.Event() for seed in seeds}
 
     def one(method: str, seed: int) -> tuple[str, int, Path]:
@@ -156,8 +156,10 @@ def run_all(args: Args, methods: list[str], seeds: list[int], runner=subprocess.
             if method == "cropi":  # finished or failed: the others go on (and collect their own if it failed)
                 rollouts_ready[seed].set()
 
+    first, *rest = run_order(methods, seeds)
+    yield one(*first)  # alone: it builds the demo that every run shares, and two runs must not build it at once
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(one, m, s) for m, s in run_order(methods, seeds)]
+        futures = [pool.submit(one, m, s) for m, s in rest]
         for future in concurrent.futures.as_completed(futures):
             yield future.result()
 

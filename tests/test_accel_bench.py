@@ -75,7 +75,8 @@ def test_runs_in_parallel_wait_for_their_seeds_rollouts(tmp_path):
     finished = list(accel_bench.run_all(args, ["cropi", "full", "learnability"], [0, 1], runner=runner))
     assert sorted((m, s) for m, s, _ in finished) == sorted((m, s) for m in ("cropi", "full", "learnability")
                                                              for s in (0, 1))
-    assert events[:2] == [("start", "cropi", "0"), ("start", "cropi", "1")]  # both jobs busy at once
+    assert events[:3] == [("start", "cropi", "0"), ("end", "cropi", "0"), ("start", "cropi", "1")]  # builds the demo
+    assert ("start", "full", "0") in events[3:5]  # then two at once: cropi 1 and the next run
     for seed in ("0", "1"):  # learnability reads the rollouts: it starts after its seed's cropi run ended
         assert events.index(("end", "cropi", seed)) < events.index(("start", "learnability", seed))
         copied = tmp_path / f"seed{seed}" / "learnability" / "rollouts" / "train.done"
