@@ -605,7 +605,7 @@ def main(args: Args) -> None:
         model_path = Path(args.model)
     else:
         model_path = demo_checkpoint(Path("/tmp/demo_sketch")) if args.quick else smollm2_checkpoint(cache / "smollm2")
-    if (model_path.parent / "data" / "train.jsonl").exists():  # a make_demo.py folder: its arithmetic task
+    if (model_path.parent / "data" / "train.jsonl").exists():  # a make_demo.py folder: its task family
         train, val_sets = demo_tasks(model_path.parent, n_train, n_val, rng)
         max_new = 8
     else:

@@ -129,13 +129,13 @@ def test_changed_settings_redo_the_affected_steps_and_those_after(smoke_run, tmp
     kept, every GRPO segment and what follows it (stage 1, the report) is redone; the same settings again skip all."""
     out = tmp_path / "rerun"
     shutil.copytree(smoke_run, out, symlinks=True)
-    result = run_loop(out, LR="1e-4")
+    result = run_loop(out, LR="5e-5")
     assert "[skip] collect rollouts: train (done)" in result.stdout
     assert "[skip] select data (cropi) (done)" in result.stdout  # stage 0's selection does not depend on LR
     assert "[redo] GRPO: 3 steps: made with other settings or inputs" in result.stdout
     assert "[redo] sketch gradients: train" in result.stdout  # stage 1 sketches the new checkpoint
     assert "[redo] report" in result.stdout and "Done:" in result.stdout
-    again = run_loop(out, LR="1e-4")
+    again = run_loop(out, LR="5e-5")
     assert "Already finished" in again.stdout and "[run ]" not in again.stdout
 
 
