@@ -68,7 +68,7 @@ class Args:
     quick: bool = arg(False, "demo model, few prompts, default projector only: under a minute")
     model: str = arg("", "checkpoint (default: the demo build in /tmp/demo_sketch with --quick, else bench/.cache/smollm2)")
     out: str = arg("", "results .json (default: bench/results/sketch_bench[_quick].json)")
-    train_prompts: int = arg(0, "training prompts (0: 64 quick, 200 full)")
+    train_prompts: int = arg(0, "training prompts (0: 240 quick, about 70 with mixed rewards on the demo; 200 full)")
     val_prompts: int = arg(0, "prompts per validation set (0: 12 quick, 24 full); sets of < 2 mixed prompts are left out")
     k: int = arg(8, "responses per prompt")
     proj_dim: int = arg(DEFAULTS.proj_dim, "N")
@@ -597,7 +597,7 @@ def main(args: Args) -> None:
         raise SystemExit(f"sketch_bench.py: error: --parts {unknown[0]!r} is not one of {', '.join(PARTS)}")
     seed_everything(args.seed)
     rng = random.Random(args.seed)
-    n_train = args.train_prompts or (64 if args.quick else 200)
+    n_train = args.train_prompts or (240 if args.quick else 200)
     n_val = args.val_prompts or (12 if args.quick else 24)
     k = args.k
     cache = ROOT / "bench" / ".cache"
