@@ -122,7 +122,8 @@ def run_one(args: Args, method: str, seed: int, runner=subprocess.run) -> Path:
     source = next((s / "rollouts" for s in siblings if (s / "bench.done").exists()), None)
     if source is not None and not (out_dir / "rollouts").exists():
         shutil.copytree(source, out_dir / "rollouts")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "METHOD": method, "COMPARE": "", "SEED": str(seed), "OUT_DIR": str(out_dir),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "METHOD": method, "COMPARE": "", "SEED": str(seed), "OUT_DIR": str(out_dir),
            "DEMO_DIR": str(Path(args.out) / "demo"), "DEMO_SEED": str(args.demo_seed), "DEMO_ARGS": args.demo_args,
            "STAGES": str(args.stages), "STEPS_PER_STAGE": str(args.steps_per_stage),
            "EVAL_EVERY": str(args.eval_every)}

@@ -24,8 +24,8 @@
 Models: --quick uses the embedded demo model (made by make_demo.py into /tmp/demo_sketch/<hash of make_demo.py> if
 missing) and finishes in under a minute; the full run uses SmolLM2-135M-Instruct (bench/install_bench.sh; converted
 once from its GGUF file to bench/.cache/smollm2). Rollouts are sampled here with transformers generate (temperature
-0.7, top_k off): the demo's task for the demo model, "What is a + b? Answer with a number only." (single digits) for SmolLM2, both
-graded by the pipeline's reward (common.reward, math-verify).
+0.7, top_k off): the demo's task for the demo model, "What is a + b? Answer with a number only." (single digits)
+for SmolLM2, both graded by the pipeline's reward (common.reward, math-verify).
 Prints one line per measurement; the LAST line is `overhead=<sketch/bare> precision_at_10=<fraction>` for the
 default projector at its defaults. Writes --out (a .json of every figure) and the same figures as a .md beside it.
 """
@@ -66,10 +66,12 @@ DEFAULTS = sg.Args()
 @dataclasses.dataclass
 class Args:
     quick: bool = arg(False, "demo model, few prompts, default projector only: under a minute")
-    model: str = arg("", "checkpoint (default: the demo build in /tmp/demo_sketch with --quick, else bench/.cache/smollm2)")
+    model: str = arg("", "checkpoint (default: the demo build in /tmp/demo_sketch with --quick, else "
+                         "bench/.cache/smollm2)")
     out: str = arg("", "results .json (default: bench/results/sketch_bench[_quick].json)")
     train_prompts: int = arg(0, "training prompts (0: 240 quick, about 70 with mixed rewards on the demo; 200 full)")
-    val_prompts: int = arg(0, "prompts per validation set (0: 12 quick, 24 full); sets of < 2 mixed prompts are left out")
+    val_prompts: int = arg(0, "prompts per validation set (0: 12 quick, 24 full); sets of < 2 mixed prompts are "
+                              "left out")
     k: int = arg(8, "responses per prompt")
     proj_dim: int = arg(DEFAULTS.proj_dim, "N")
     sparse_ratios: list[float] = arg([1.0, 0.5, 0.15, 0.1, 0.01], "kept fractions F of the fidelity study")
