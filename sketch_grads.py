@@ -37,7 +37,7 @@ import functools
 import torch
 
 import machinery as M
-from common import DataError, group_advantages, read_rollouts, response_logprobs  # noqa: F401 (sg.DataError)
+from common import group_advantages, read_rollouts, response_logprobs
 from machinery import arg
 
 PROJECTORS = ("countsketch", "gaussian", "rademacher", "none", "kronecker")

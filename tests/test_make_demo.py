@@ -5,9 +5,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from conftest import run_script
 import pytest
 
+from conftest import run_script
 from make_demo import DIGITS, RULES, SKILLS, WARMUP_LEVELS, Args, make_splits
 
 SMALL_BUILD = ("--warmup-steps", "20", "--warmup-per-skill", "100", "--pool-per-skill", "30", "--val-per-skill", "16",

@@ -14,7 +14,7 @@ import torch
 
 from conftest import ROOT, make_synthetic_rollouts, run_script
 import common
-from common import group_advantages, response_logprobs
+from common import DataError, group_advantages, response_logprobs
 import select_data
 import sketch_grads as sg
 
@@ -369,7 +369,7 @@ def test_mean_of_rows_sample_is_select_datas_sample():
     for max_rows, seed in ((5, 0), (5, 1), (26, 2), (100, 0)):
         np.testing.assert_array_equal(sg.M.mean_of_rows_sample(candidates, max_rows, seed),
                                       common.sample_rows(mixed, max_rows, seed))
-    with pytest.raises(sg.DataError, match="no prompt of r.jsonl has mixed rewards"):
+    with pytest.raises(DataError, match="no prompt of r.jsonl has mixed rewards"):
         sg.M.mean_of_rows_sample([], 5, 0, "r.jsonl")
 
 
@@ -420,7 +420,7 @@ def test_resume_uses_finished_chunks_and_refuses_other_settings(tiny_model, roll
     assert not parts.exists()
     parts.mkdir()
     (parts / "settings.json").write_text(json.dumps({**settings, "seed": 99}))
-    with pytest.raises(sg.DataError, match="seed"):
+    with pytest.raises(DataError, match="seed"):
         sg.main(args)
 
 
@@ -432,13 +432,13 @@ def test_bad_flags_are_refused(tiny_model, rollouts, tmp_path):
     for flags, message in ((["--gradient-checkpointing", "yes"], "--gradient-checkpointing must be one of auto"),
                            (["--mean-of-rows", "-1"], "--mean-of-rows >= 0"),
                            (["--projector", "kronecker", "--sparse-ratio", "0.5"], "kronecker sketches every")):
-        with pytest.raises(sg.DataError, match=message):
+        with pytest.raises(DataError, match=message):
             sg.main(sg.M.parse_args(sg.Args, ["--model", str(tiny_model), "--rollouts", str(path), "--out",
                                               str(tmp_path / "x.npy"), *flags]))
     all_equal = tmp_path / "all_equal.jsonl"  # no prompt with mixed rewards: no validation mean to make
     all_equal.write_text(json.dumps(rows[3]) + "\n")
     assert sg.is_zero_gradient(rows[3]["rewards"])
-    with pytest.raises(sg.DataError, match="no prompt .* has mixed rewards"):
+    with pytest.raises(DataError, match="no prompt .* has mixed rewards"):
         sg.main(sg.Args(model=str(tiny_model), rollouts=str(all_equal), out=str(tmp_path / "m.npy"), mean_of_rows=5))
 
 
@@ -502,9 +502,9 @@ def test_torchrun_sharded_model_gives_the_sketch_of_one_process(tiny_model, roll
 def test_sharding_needs_the_streamed_countsketch_and_a_response_per_process(tiny_model, rollouts, tmp_path):
     path, rows = rollouts
     flags = ["--model", str(tiny_model), "--rollouts", str(path), "--out", str(tmp_path / "x.npy"), "--fsdp", "on"]
-    with pytest.raises(sg.DataError, match="--fsdp on hashes each process's gradient shards"):
+    with pytest.raises(DataError, match="--fsdp on hashes each process's gradient shards"):
         sg.main(sg.M.parse_args(sg.Args, [*flags, "--sparse-ratio", "0.5"]))
-    with pytest.raises(sg.DataError, match=r"has 1 responses, fewer than the 2 processes"):
+    with pytest.raises(DataError, match=r"has 1 responses, fewer than the 2 processes"):
         sg.M.check_responses_per_process([{"response_ids": [[1]]}], 2, "r.jsonl", (0, 2))
     sg.M.check_responses_per_process([{"response_ids": [[1]]}], 2, "r.jsonl", None)  # replicated: whole prompts
 
@@ -595,5 +595,5 @@ def test_kronecker_sketch_from_the_command_line(tiny_model, rollouts, tmp_path):
     assert sketch.shape == (8, 128) and meta["projector"] == "kronecker" and meta["kronecker_dim"] == 16
     assert meta["zero_rows"] == [3, 7] and not sketch[[3, 7]].any() and np.abs(sketch[[0, 1, 2]]).sum(1).min() > 0
     other = {**meta, "kronecker_dim": 32}
-    with pytest.raises(sg.DataError, match="kronecker_dim"):
+    with pytest.raises(DataError, match="kronecker_dim"):
         sg.M.check_sketches_match(meta, "train.npy", other, "val.npy")
