@@ -43,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from machinery import arg, atomic_dir, parse_args, seed_everything, write_json, write_jsonl
+from common import DataError
+from machinery import arg, atomic_dir, run_main, seed_everything, write_json, write_jsonl
 
 
 @dataclasses.dataclass
@@ -117,7 +118,7 @@ def distinct_problems(skill: str, level: int, count: int, rng: random.Random) ->
         question, answer, wrong = random_problem(skill, level, rng)
         problems.setdefault(question, (answer, wrong))
     if len(problems) < count:
-        raise ValueError(f"skill {skill} level {level} has fewer than {count} different problems: lower "
+        raise DataError(f"skill {skill} level {level} has fewer than {count} different problems: lower "
                          f"--pool-per-skill, --val-per-skill, --test-per-skill or --warmup-per-skill")
     return list(problems.items())
 
@@ -248,6 +249,8 @@ def file_sha256(path: Path) -> str:
 
 
 def main(args: Args) -> None:
+    if not 0 <= args.misconception_rate <= 1:
+        raise DataError(f"--misconception-rate {args.misconception_rate}: a share of the labels, from 0 to 1")
     make_deterministic()
     seed_everything(args.seed)
     out = Path(args.out)
@@ -269,4 +272,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run_main(main, Args)

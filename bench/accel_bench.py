@@ -266,6 +266,8 @@ def main(args: Args) -> None:
     methods = args.methods.split(",")
     if "full" not in methods or "cropi" not in methods:
         raise SystemExit(f"--methods {args.methods}: must include cropi and full")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: at least 1")
     start, runs, done = time.time(), {}, []
     for method, seed, folder in run_all(args, methods, seeds):  # as they finish; a finished seed's results written
         runs[(method, seed)] = folder

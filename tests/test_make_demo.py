@@ -85,3 +85,13 @@ def test_more_test_problems_change_nothing_else():
             assert len(large[name]) == 5 * len(small[name])
         else:
             assert large[name] == small[name], name  # the warm-up set too, hence the model
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--misconception-rate", "1.5"), "--misconception-rate 1.5: a share of the labels, from 0 to 1"),
+    (("--test-per-skill", "100000"), "skill rev level 1 has fewer than 33801 different problems: lower"),
+])
+def test_bad_flags_end_in_one_line_and_write_nothing(tmp_path, flags, message):
+    result = run_script("make_demo.py", "--out", str(tmp_path / "demo"), *flags, check=False)
+    assert result.returncode != 0 and f"make_demo.py: error: {message}" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "demo").exists()
