@@ -835,13 +835,23 @@ def gradient_pieces(parameters: list[torch.nn.Parameter], block_size: int) -> It
 def check_sketch_args(args, projectors: tuple[str, ...], dtypes: dict) -> None:
     if not (args.model and args.rollouts and args.out):
         raise DataError("--model, --rollouts and --out are required")
+    if len(args.val_rollouts) != len(args.val_out):
+        raise DataError(f"{len(args.val_rollouts)} --val-rollouts but {len(args.val_out)} --val-out: give one "
+                        "output per validation set")
+    outs = [args.out, *args.val_out]
+    if len(set(outs)) < len(outs):
+        raise DataError(f"--out and --val-out name the same file twice: {outs}")
     check_choices(("--projector", args.projector, projectors), ("--dtype", args.dtype, tuple(dtypes)),
-                  ("--gradient-checkpointing", args.gradient_checkpointing, CHECKPOINTING), ("--fsdp", args.fsdp, FSDP))
+                  ("--gradient-checkpointing", args.gradient_checkpointing, CHECKPOINTING), ("--fsdp", args.fsdp, FSDP),
+                  ("--batched-backward", args.batched_backward, CHECKPOINTING))
     if args.fsdp == "on" and not (args.projector == "countsketch" and args.sparse_ratio >= 1):
         raise DataError("--fsdp on hashes each process's gradient shards: it needs --projector countsketch and "
                         "--sparse-ratio 1")
     if not 0 < args.sparse_ratio <= 1:
         raise DataError(f"--sparse-ratio must be in (0, 1], got {args.sparse_ratio}")
+    if args.batched_backward == "on" and (args.projector != "countsketch" or args.sparse_ratio < 1 or args.fsdp == "on"):
+        raise DataError("--batched-backward on hashes each prompt's exact gradient: it needs --projector countsketch, "
+                        "--sparse-ratio 1 and no --fsdp (kronecker batches by itself)")
     if args.projector == "kronecker" and (args.sparse_ratio < 1 or args.kronecker_dim < 1):
         raise DataError("--projector kronecker sketches every coordinate: it needs --sparse-ratio 1 and "
                         "--kronecker-dim >= 1")
@@ -857,6 +867,25 @@ CHECKPOINTING = ("auto", "on", "off")
 def use_checkpointing(setting: str, device: torch.device) -> bool:
     """--gradient-checkpointing: "on", or "auto" on CUDA (memory; on a CPU the recomputation costs speed only)."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def use_batched_backward(setting: str, share) -> bool:
+    """Many prompts per forward+backward (CountSketchHooks): auto = unless the model is sharded (FSDP)."""
+    if setting == "on" and share:
+        raise DataError("--batched-backward on: not with a sharded model (FSDP); use --fsdp off or "
+                        "--batched-backward off")
+    return setting != "off" and not share
+
+
+def batched_hooks(model, draws, proj_dim: int, setting: str):
+    """CountSketchHooks on the model; with auto, None (one backward per prompt) for a module without a rule."""
+    try:
+        return CountSketchHooks(model, draws, proj_dim)
+    except DataError as error:
+        if setting == "on":
+            raise
+        print(f"sketch_grads.py: one backward per prompt: {error}")
+        return None
 
 
 def response_batches(lengths: list[int], token_budget: int, share: tuple[int, int] | None) -> list[list[int]]:
@@ -903,9 +932,10 @@ def load_model_for_gradients(args, device: torch.device, rank: int, world: int, 
     return model, (rank, world) if sharded else None
 
 
-def sketch_settings(args, num_params: int, width: int, num_kept: int, device: torch.device, rows: int) -> dict:
-    """What a sketch depends on: SKETCH.json's fields, and the settings of its resumable chunks."""
-    return {"model": str(Path(args.model).resolve()), "rollouts": str(Path(args.rollouts).resolve()),
+def sketch_settings(args, rollouts: str, num_params: int, width: int, num_kept: int, device: torch.device,
+                    rows: int) -> dict:
+    """What a sketch of the rollouts file depends on: SKETCH.json's fields, and the settings of its resumable chunks."""
+    return {"model": str(Path(args.model).resolve()), "rollouts": str(Path(rollouts).resolve()),
             "num_params": num_params, "projector": args.projector, "seed": args.seed,
             "sparse_ratio": args.sparse_ratio, "proj_dim": width, "dtype": args.dtype, "rows": rows,
             "chunk_prompts": args.chunk_prompts, "clip_ratio": args.clip_ratio, "rng_device": device.type,
@@ -1449,6 +1479,7 @@ class KroneckerHooks:
     The parameters are frozen while hooked: the backward then computes the activations' gradients only, not the
     dW = delta^T x of every layer summed over all rows (a third of a usual backward), which no sketch reads.
     """
+    flag = "--projector kronecker"  # the flag that uses these hooks, for error messages
 
     def __init__(self, model, seed: int, k: int):
         from transformers.pytorch_utils import Conv1D
@@ -1477,15 +1508,15 @@ class KroneckerHooks:
                 self.exact.update(id(p) for p in own)
                 self.handles.append(module.register_forward_hook(self.norm_hook))
             else:
-                raise DataError(f"--projector kronecker has no rule for {name} ({type(module).__name__})")
+                raise DataError(f"{self.flag} has no rule for {name} ({type(module).__name__})")
         if getattr(self.head, "bias", None) is not None:
-            raise DataError("--projector kronecker: an LM head with a bias is not supported")
+            raise DataError(f"{self.flag}: an LM head with a bias is not supported")
         if id(self.head.weight) not in self.factors:  # an untied head
             self.add_factors(self.head.weight, *self.head.weight.shape)
         self.handles.append(model.register_forward_hook(self.model_hook))
         missed = [n for n, p in trainable_parameters(model) if id(p) not in self.factors and id(p) not in self.exact]
         if missed:
-            raise DataError(f"--projector kronecker has no rule for the parameters {missed}")
+            raise DataError(f"{self.flag} has no rule for the parameters {missed}")
         for p in self.parameters:
             p.requires_grad_(False)
         self.sums: dict[int, torch.Tensor] = {}
@@ -1527,8 +1558,14 @@ class KroneckerHooks:
             if self.head_tap is not None:
                 self.head_tap.__exit__(None, None, None)
         if self.head_seen < len(self.head_group):
-            raise RuntimeError(f"--projector kronecker saw {self.head_seen} of the {len(self.head_group)} response "
+            raise RuntimeError(f"{self.flag} saw {self.head_seen} of the {len(self.head_group)} response "
                                "tokens go through the LM head (common.head_logprobs)")
+
+    def project_in(self, weight, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.factors[id(weight)][1].T  # P_in x_t
+
+    def project_out(self, weight, delta: torch.Tensor) -> torch.Tensor:
+        return delta @ self.factors[id(weight)][0].T  # P_out delta_t
 
     def add_matrix(self, weight, outs: torch.Tensor, ins: torch.Tensor, row_group: torch.Tensor) -> None:
         self.sums[id(weight)] += common.group_outer_sums(outs, ins, row_group, self.groups).reshape(self.groups, -1)
@@ -1536,13 +1573,12 @@ class KroneckerHooks:
     def linear_hook(self, module, args, output):
         if not self.active:  # gradient checkpointing re-runs the forward in the backward: seen already
             return
-        p_out, p_in = self.factors[id(module.weight)]
         row_group = self.row_group
         with torch.autocast(output.device.type, enabled=False):
-            ins = args[0].detach().float() @ p_in.T  # P_in x_t  [rows, T, k_in]
+            ins = self.project_in(module.weight, args[0].detach().float())  # P_in x_t  [rows, T, k_in]
 
         def backward(delta):
-            self.add_matrix(module.weight, delta.float() @ p_out.T, ins, row_group)  # P_out delta_t
+            self.add_matrix(module.weight, self.project_out(module.weight, delta.float()), ins, row_group)
             if module.bias is not None:  # sum_t delta_t, per group
                 self.sums[id(module.bias)].index_add_(0, row_group, delta.float().sum(1))
         output.register_hook(backward)
@@ -1555,12 +1591,16 @@ class KroneckerHooks:
             output.requires_grad_()
         if ids.shape[0] != len(row_group):  # looked up once for all rows (GPT-2's positions): a copy per row
             ids, output = ids.expand(len(row_group), -1), output.expand(len(row_group), -1, -1)
-        p_out, p_in = self.factors[id(module.weight)]
-        outs = p_out.T[ids]  # P_out e_v = column v of P_out  [rows, T, k_out]
-        if module.padding_idx is not None:  # torch leaves the padding token's row without a gradient
-            outs = outs * (ids != module.padding_idx)[..., None]
-        output.register_hook(lambda grad: self.add_matrix(module.weight, outs, grad.float() @ p_in.T, row_group))
+        counted = torch.ones_like(ids, dtype=torch.bool) if module.padding_idx is None else ids != module.padding_idx
+        # torch leaves the padding token's row without a gradient: its tokens do not count
+        output.register_hook(lambda grad: self.add_embedding(module.weight, ids, grad.float() * counted[..., None],
+                                                             row_group))
         return output
+
+    def add_embedding(self, weight, ids: torch.Tensor, grad: torch.Tensor, row_group: torch.Tensor) -> None:
+        """E's share of each group: sum_t (P_out e_{v_t})(P_in g_t)^T, token v_t, output gradient g_t."""
+        p_out, p_in = self.factors[id(weight)]
+        self.add_matrix(weight, p_out.T[ids], grad @ p_in.T, row_group)  # P_out e_v = column v of P_out
 
     def norm_hook(self, module, args, output):
         if not self.active:
@@ -1590,13 +1630,13 @@ class KroneckerHooks:
     def head_hook(self, ins: torch.Tensor, logits: torch.Tensor) -> None:
         """One chunk of response tokens through the head: ins = h_t / T [n, H], logits z_t [n, V] (the head's
         output, whose gradient is delta_t); tokens past the last one (a chunk's padding) get no gradient."""
-        p_out, p_in = self.factors[id(self.head.weight)]
         count = len(ins)
         token_group = self.head_group[self.head_seen:self.head_seen + count]
         token_group = torch.nn.functional.pad(token_group, (0, count - len(token_group)))
         self.head_seen += min(count, len(self.head_group) - self.head_seen)
-        ins = (ins.detach().float() @ p_in.T)[:, None]
-        logits.register_hook(lambda delta: self.add_matrix(self.head.weight, (delta.float() @ p_out.T)[:, None],
+        weight = self.head.weight
+        ins = self.project_in(weight, ins.detach().float())[:, None]
+        logits.register_hook(lambda delta: self.add_matrix(weight, self.project_out(weight, delta.float())[:, None],
                                                            ins, token_group))
 
     def remove(self) -> None:
@@ -1604,6 +1644,66 @@ class KroneckerHooks:
             handle.remove()
         for p in self.parameters:
             p.requires_grad_(True)
+
+
+class CountSketchHooks(KroneckerHooks):
+    """Each group's EXACT gradient, CountSketched, from one forward+backward of many prompts (--batched-backward):
+    KroneckerHooks' rules with P_out = P_in = I. A weight's share of group b, G_b = sum_t delta_t x_t^T over b's
+    tokens, is formed one layer and one group at a time (in the weight's storage layout) and hashed at once at the
+    weight's own flat coordinates, an embedding's rows e_{v_t} g_t^T without forming E's shape at all; biases and
+    norms are summed exactly and hashed at the end. The CountSketch is linear, so each row equals the streamed
+    CountSketch of that group's .grad (sketch_grads.countsketch_gradient) up to float rounding.
+    draws(offset, n): the hash draws r(i) of the flat coordinates offset .. offset + n - 1."""
+    flag = "--batched-backward"
+
+    def __init__(self, model, draws, proj_dim: int):
+        self.draws, self.proj_dim = draws, proj_dim
+        super().__init__(model, seed=0, k=0)
+        offsets = torch.tensor([0] + [p.numel() for p in self.parameters]).cumsum(0).tolist()
+        self.offset = {id(p): offset for p, offset in zip(self.parameters, offsets)}
+
+    def add_factors(self, weight, out_dim: int, in_dim: int) -> None:
+        self.factors[id(weight)] = None  # hashed as it is, at its own coordinates
+
+    def width(self, p) -> int:
+        return p.numel()
+
+    def project_in(self, weight, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def project_out(self, weight, delta: torch.Tensor) -> torch.Tensor:
+        return delta
+
+    def start(self, groups: int) -> None:
+        """halves[b, r] sums group b's g_i with draw r(i) = r (sketch = odd minus even, as countsketch_gradient)."""
+        device = self.parameters[0].device
+        self.groups = groups
+        self.halves = torch.zeros(groups, 2 * self.proj_dim, device=device)
+        self.sums = {id(p): torch.zeros(groups, p.numel(), device=device) for p in self.parameters
+                     if id(p) in self.exact}
+
+    def rows(self) -> torch.Tensor:
+        for p in self.parameters:
+            if id(p) in self.exact:
+                self.halves.index_add_(1, self.draws(self.offset[id(p)], p.numel()), self.sums[id(p)])
+        return self.halves[:, 1::2] - self.halves[:, 0::2]
+
+    def add_matrix(self, weight, outs: torch.Tensor, ins: torch.Tensor, row_group: torch.Tensor) -> None:
+        """G_b = sum over group b's rows and tokens of delta_t x_t^T (outs = delta [rows, T, out], ins = x [rows,
+        T, in]), stored [out, in], or [in, out] for GPT-2's Conv1D, hashed into group b's row."""
+        draws = self.draws(self.offset[id(weight)], weight.numel())
+        for group in row_group.unique().tolist():
+            rows = row_group == group
+            delta, x = outs[rows].flatten(0, 1), ins[rows].flatten(0, 1)
+            grad = x.T @ delta if id(weight) in self.transposed else delta.T @ x
+            self.halves[group].index_add_(0, draws, grad.reshape(-1))
+
+    def add_embedding(self, weight, ids: torch.Tensor, grad: torch.Tensor, row_group: torch.Tensor) -> None:
+        """E [V, H] gets g_t in row v_t: coordinates offset + v_t H + (0 .. H-1), hashed token by token."""
+        draws = self.draws(self.offset[id(weight)], weight.numel()).view(weight.shape)
+        for group in row_group.unique().tolist():
+            rows = row_group == group
+            self.halves[group].index_add_(0, draws[ids[rows]].reshape(-1), grad[rows].reshape(-1))
 
 
 class HeadTap(torch.overrides.TorchFunctionMode):

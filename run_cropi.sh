@@ -188,11 +188,13 @@ collect_all() {  # collect_all ROLLOUT_DIR CHECKPOINT SEED: K responses per trai
     collect "$dir" "$checkpoint" "$seed" "${val_sets[i]}" "$VAL_K" "$VAL_MIN_MIXED" --data "${val_files[i]}"
   done
 }
-sketch() {  # sketch STAGE_DIR CHECKPOINT ROLLOUT_DIR NAME extra-flags...
-  local dir=$1 checkpoint=$2 rollouts=$3 name=$4; shift 4
-  run_step "sketch gradients: $name" "$dir/sketch_$name.done" "$dir/${name}_sketch.npy $dir/${name}_sketch.json $dir/${name}_sketch.npy.parts" \
-    launch sketch_grads.py --model "$checkpoint" --rollouts "$rollouts/$name.jsonl" --out "$dir/${name}_sketch.npy" --seed "$SEED" \
-      "${sketch_flags[@]}" "$@"
+sketch() {  # sketch STAGE_DIR CHECKPOINT ROLLOUT_DIR MEAN_SEED: the pool and every validation set, one model load
+  local dir=$1 checkpoint=$2 rollouts=$3 mean_seed=$4 name v outputs=() val_flags=()
+  for name in train "${val_sets[@]}"; do outputs+=("$dir/${name}_sketch.npy" "$dir/${name}_sketch.json" "$dir/${name}_sketch.npy.parts"); done
+  for v in "${val_sets[@]}"; do val_flags+=(--val-rollouts "$rollouts/$v.jsonl" --val-out "$dir/${v}_sketch.npy"); done
+  run_step "sketch gradients: train and ${#val_sets[@]} validation sets" "$dir/sketch.done" "${outputs[*]}" \
+    launch sketch_grads.py --model "$checkpoint" --rollouts "$rollouts/train.jsonl" --out "$dir/train_sketch.npy" \
+      "${val_flags[@]}" --mean-of-rows "$VAL_MEAN_OF" --mean-seed "$mean_seed" --seed "$SEED" "${sketch_flags[@]}"
 }
 select_top() {  # select_top STAGE_DIR STAGE METHOD ROLLOUT_DIR extra-flags...
   local dir=$1 m=$2 method=$3 rollouts=$4; shift 4
@@ -208,11 +210,9 @@ select_stage() {  # select_stage METHOD STAGE_DIR STAGE CHECKPOINT: steps 1a-f f
     collect_all "$rollouts" "$checkpoint" "$((SEED + m))"
   fi
   if [[ $method == cropi || $method == cropi_onpolicy || ( $method == influence_once && $m == 0 ) ]]; then
-    sketch "$dir" "$checkpoint" "$rollouts" train                                           # 1a-b
-    for v in "${val_sets[@]}"; do  # 1c's mean over VAL_MEAN_OF sampled prompts, sketched in one pass (linear)
-      sketch "$dir" "$checkpoint" "$rollouts" "$v" --mean-of-rows "$VAL_MEAN_OF" --mean-seed "$((SEED + m))"
-      flags+=(--val-sketch "$dir/${v}_sketch.npy")
-    done
+    # 1a-b for the pool; 1c: each validation set's mean over VAL_MEAN_OF sampled prompts, one row (P S is linear)
+    sketch "$dir" "$checkpoint" "$rollouts" "$((SEED + m))"
+    for v in "${val_sets[@]}"; do flags+=(--val-sketch "$dir/${v}_sketch.npy"); done
     select_top "$dir" "$m" cropi "$rollouts" --train-sketch "$dir/train_sketch.npy" "${flags[@]}"   # 1c-f
   elif [[ $method == influence_once ]]; then
     select_top "$dir" "$m" influence_once "$R" --reuse-selection "$(dirname "$dir")/stage_0"

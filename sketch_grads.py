@@ -4,8 +4,10 @@
         g(s0) = (1/K) sum_k (1/|y_k|) sum_t rho_{k,t} * grad log pi_theta(y_{k,t} | s0, y_{k,<t}) * A_k
         rho_{k,t} = exp(log pi_theta - log beta)  at the rollout's temperature,   A_k = GRPO group advantage
       = the gradient of the surrogate  L(s0) = (1/K) sum_k (1/|y_k|) sum_t rho_{k,t} A_k  (grad rho = rho grad log pi),
-      taken with ONE backward per prompt (its K responses micro-batched by a token budget, gradients accumulated),
-      model in eval mode (no dropout), all parameters, flattened in model.named_parameters() order.
+      the same as with ONE backward per prompt (its K responses micro-batched by a token budget, gradients
+      accumulated), model in eval mode (no dropout), all parameters, flattened in model.named_parameters() order.
+      --batched-backward (the default with CountSketch at F = 1): many prompts per forward+backward, each prompt's
+      exact gradient summed per layer by hooks, G = sum_t delta_t x_t^T over its tokens, and hashed in place.
       A prompt whose K rewards are all equal has A = 0, so g = 0: no backward, a zero row, listed in zero_rows.
   1b  sparse random projection P S g: S keeps a fixed random fraction --sparse-ratio F of the d coordinates (the same
       for every prompt, file and process given --seed; default F = 1, all of them: see README), P projects to N dims:
@@ -63,9 +65,16 @@ class Args:
                                          "off by default, as in the release")
     gradient_checkpointing: str = arg("auto", "recompute activations in the backward (saves GPU memory on long "
                                               "responses; dropout stays off): auto (on CUDA only) | on | off")
-    mean_of_rows: int = arg(0, "validation sets: write ONE row, the sketch of the mean gradient of up to this many "
-                               "prompts with mixed rewards (seeded sample; the release: 100); 0 = one row per prompt")
+    val_rollouts: list[str] = arg([], "a validation set's rollouts, sketched in the same run (one model load) before "
+                                      "--rollouts; repeat the flag per set, each with its --val-out")
+    val_out: list[str] = arg([], "output SKETCH.npy of the --val-rollouts of the same position")
+    mean_of_rows: int = arg(0, "validation sets (--val-rollouts, or --rollouts alone): write ONE row, the sketch of "
+                               "the mean gradient of up to this many prompts with mixed rewards (seeded sample; the "
+                               "release: 100); 0 = one row per prompt")
     mean_seed: int = arg(0, "seed of the --mean-of-rows sample (= select_data.py's --seed on a per-prompt sketch)")
+    batched_backward: str = arg("auto", "many prompts (a chunk) per forward+backward, each one's exact gradient hashed "
+                                        "by hooks: auto (on for CountSketch at F = 1, unsharded), on, off (one "
+                                        "backward per prompt, its .grad hashed)")
     fsdp: str = arg("auto", "shard the model over the processes (FSDP2), each taking a share of every prompt's "
                             "responses: on, off, auto (on GPUs, when weights + grads exceed half a card)")
 
@@ -152,6 +161,14 @@ def countsketch_draws(seed: int, block: int, proj_dim: int, device: torch.device
     return torch.randint(0, 2 * proj_dim, (HASH_BLOCK,), generator=generator, device=device, dtype=torch.int32)
 
 
+def countsketch_draws_of(seed: int, proj_dim: int, device: torch.device, offset: int, count: int) -> torch.Tensor:
+    """r(i) of the flat coordinates offset .. offset + count - 1: the hash blocks they span, sliced and joined."""
+    first, last = offset // HASH_BLOCK, (offset + count - 1) // HASH_BLOCK
+    blocks = [countsketch_draws(seed, block, proj_dim, device) for block in range(first, last + 1)]
+    start = offset - first * HASH_BLOCK
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks))[start:start + count]
+
+
 def countsketch_project(grads: torch.Tensor, proj_dim: int, seed: int) -> torch.Tensor:
     """sketch[b, h(i)] += s(i) * grads[b, i] for every row b: O(d) per row, hashes drawn once per chunk of rows."""
     out = torch.zeros(grads.shape[0], proj_dim, dtype=grads.dtype, device=grads.device)
@@ -213,7 +230,7 @@ class Sketcher:
     grads: the sketches and the hash blocks). kronecker: hooks, no .grad. Else the kept coordinates go to a buffer."""
 
     def __init__(self, args: Args, device: torch.device, rank: int = 0, world: int = 1):
-        self.args, self.device = args, device
+        self.args, self.device, self.rank, self.world = args, device, rank, world
         self.streamed = args.projector == "countsketch" and args.sparse_ratio >= 1
         self.model, self.share = M.load_model_for_gradients(args, device, rank, world, self.streamed)  # share: FSDP
         self.parameters = [p for _, p in M.trainable_parameters(self.model)]
@@ -221,6 +238,9 @@ class Sketcher:
         self.num_kept, self.local_kept, self.buffer, self.hooks = self.num_params, None, None, None
         if args.projector == "kronecker":  # the hooks sum each prompt's sketch in the backward; parameters frozen
             self.hooks = M.KroneckerHooks(self.model, args.seed, args.kronecker_dim)
+        elif self.streamed and M.use_batched_backward(args.batched_backward, self.share):  # exact, hashed by hooks
+            draws = functools.partial(countsketch_draws_of, args.seed, args.proj_dim, device)
+            self.hooks = M.batched_hooks(self.model, draws, args.proj_dim, args.batched_backward)
         elif not self.streamed:
             kept = kept_coordinates(self.num_params, args.sparse_ratio, args.seed, device)
             self.num_kept = len(kept)
@@ -244,7 +264,9 @@ class Sketcher:
             for batch in M.pair_batches(pairs, self.args.token_budget):
                 surrogate_backward(self.model, batch, self.pad_token_id, self.args.clip_ratio,
                                    self.hooks.recording(batch))
-            return countsketch_project(self.hooks.rows(), self.args.proj_dim, self.args.seed)
+            rows = self.hooks.rows()  # kronecker: the layers' sketches, concatenated; else the sketches themselves
+            return countsketch_project(rows, self.args.proj_dim, self.args.seed) if self.args.projector == "kronecker" \
+                else rows
         weight = weight * self.share[1] if self.share else weight
         sketches = torch.zeros(len(groups), self.width, device=self.device) if self.streamed else None
         flat = None if self.streamed else self.buffer[:len(groups)].zero_()
@@ -263,30 +285,40 @@ class Sketcher:
         return sketches if self.streamed else project(flat, self.args.projector, self.args.proj_dim, self.args.seed)
 
 
-def sketch_grads(args: Args) -> dict | None:
-    rank, world, device = M.init_distributed()
-    rows = read_rollouts(args.rollouts)
-    sketcher = Sketcher(args, device, rank, world)
-    M.check_responses_per_process(rows, world, args.rollouts, sketcher.share)
+def sketch_file(sketcher: Sketcher, args: Args, rollouts: str, out: str, mean_of_rows: int) -> dict | None:
+    """Sketch one rollouts file into OUT.npy + OUT.json: a row per prompt, or (mean_of_rows > 0) the mean's one."""
+    rows, rank, world, device = read_rollouts(rollouts), sketcher.rank, sketcher.world, sketcher.device
+    M.check_responses_per_process(rows, world, rollouts, sketcher.share)
     split = (lambda items: items) if sketcher.share else (lambda items: M.shard(items, rank, world))  # prompts
-    settings = M.sketch_settings(args, sketcher.num_params, sketcher.width, sketcher.num_kept, device, len(rows))
-    store = M.ChunkStore(f"{args.out}.parts", settings)
-    if args.mean_of_rows:  # 1c: (1/m) sum_i P S g(s_i) = P S (1/m) sum_i g(s_i), the processes' shares summed
+    settings = M.sketch_settings(args, rollouts, sketcher.num_params, sketcher.width, sketcher.num_kept, device,
+                                 len(rows))
+    store = M.ChunkStore(f"{out}.parts", settings)
+    if mean_of_rows:  # 1c: (1/m) sum_i P S g(s_i) = P S (1/m) sum_i g(s_i), the processes' shares summed
         mixed = [i for i, row in enumerate(rows) if not is_zero_gradient(row["rewards"])]  # g = 0 for the rest
-        sample = M.mean_of_rows_sample(mixed, args.mean_of_rows, args.mean_seed, args.rollouts)
+        sample = M.mean_of_rows_sample(mixed, mean_of_rows, args.mean_seed, rollouts)
         mean = sketcher.sketch_rows([[rows[i] for i in split(sample.tolist())]], weight=1 / len(sample))
         sketch = M.all_sum(mean, device).to(DTYPES[args.dtype]).cpu().numpy()  # the processes' parts summed
-        meta = M.mean_sketch_meta(settings, rows, sample, args.mean_of_rows, args.mean_seed)
+        meta = M.mean_sketch_meta(settings, rows, sample, mean_of_rows, args.mean_seed)
     else:  # 1a + 1b, sketcher.sketch_rows of each chunk of prompts (each process its share), resumable
         sketch = M.sketch_in_chunks(store, rows, args.chunk_prompts, sketcher.sketch_rows, split, sketcher.share,
                                     rank, device, DTYPES[args.dtype])
         meta = {**settings, "ids": [row["id"] for row in rows],
                 "zero_rows": [i for i, row in enumerate(rows) if is_zero_gradient(row["rewards"])]}
     if rank == 0:
-        M.write_sketch(args.out, sketch, meta)  # adds nonfinite_rows to meta
+        M.write_sketch(out, sketch, meta)  # adds nonfinite_rows to meta
         store.remove()
-    M.finish_distributed()
     return meta if rank == 0 else None
+
+
+def sketch_grads(args: Args) -> dict | None:
+    """The validation sets first (seconds each), then --rollouts (resumable by chunks), with one model load."""
+    rank, world, device = M.init_distributed()
+    sketcher = Sketcher(args, device, rank, world)
+    for rollouts, out in zip(args.val_rollouts, args.val_out):
+        sketch_file(sketcher, args, rollouts, out, args.mean_of_rows)
+    meta = sketch_file(sketcher, args, args.rollouts, args.out, 0 if args.val_rollouts else args.mean_of_rows)
+    M.finish_distributed()
+    return meta
 
 
 def main(args: Args) -> dict | None:

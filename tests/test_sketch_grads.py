@@ -597,3 +597,80 @@ def test_kronecker_sketch_from_the_command_line(tiny_model, rollouts, tmp_path):
     other = {**meta, "kronecker_dim": 32}
     with pytest.raises(DataError, match="kronecker_dim"):
         sg.M.check_sketches_match(meta, "train.npy", other, "val.npy")
+
+
+# ----------------------------------------------------------------------------------------------
+# --batched-backward (the default): many prompts per forward+backward, each prompt's exact gradient hashed in place
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    """Llama-style layers: Linear with biases (q, k, v), RMSNorm, an untied LM head, an embedding with a padding_idx
+    that is also a real token inside the prompts ('+'; Qwen2.5 pads with its end-of-text token): torch gives that
+    row no gradient."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from make_demo import build_char_tokenizer
+    folder = tmp_path_factory.mktemp("tiny_qwen2")
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.convert_tokens_to_ids("+"), eos_token_id=tokenizer.eos_token_id)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = folder / "rollouts.jsonl"
+    return folder, path, make_synthetic_rollouts(folder, path, n_prompts=8, k=4, temperature=0.7)
+
+
+@pytest.mark.parametrize("architecture, checkpointing", [("gpt2", "off"), ("gpt2", "on"), ("qwen2", "off")])
+def test_batched_backward_equals_one_backward_per_prompt(tiny_model, rollouts, tiny_qwen2, architecture,
+                                                         checkpointing, monkeypatch):
+    """The same CountSketch rows (to float rounding) from one forward+backward of all 8 prompts (micro-batches of
+    100 tokens mix them) as from a backward per prompt with its .grad hashed; hash blocks of 1,000 coordinates, so
+    that weights span blocks. GPT-2: Conv1D (stored transposed), the tied embedding + head, the position embedding,
+    LayerNorm; Qwen2: Linear with and without bias, RMSNorm, an untied head, an embedding with padding_idx."""
+    monkeypatch.setattr(sg, "HASH_BLOCK", 1000)
+    sg.countsketch_draws.cache_clear()
+    model, rows = (tiny_model, rollouts[1]) if architecture == "gpt2" else (tiny_qwen2[0], tiny_qwen2[2])
+    settings = dict(model=str(model), proj_dim=256, seed=5, token_budget=100, gradient_checkpointing=checkpointing)
+    per_prompt = sg.Sketcher(sg.Args(**settings, batched_backward="off"), CPU)
+    batched = sg.Sketcher(sg.Args(**settings, batched_backward="on"), CPU)
+    assert per_prompt.hooks is None and isinstance(batched.hooks, sg.M.CountSketchHooks)
+    expected, got = per_prompt.sketch_rows([[row] for row in rows]), batched.sketch_rows([[row] for row in rows])
+    zero = [sg.is_zero_gradient(row["rewards"]) for row in rows]
+    assert any(zero) and not got[zero].any() and got[[not z for z in zero]].abs().sum(1).min() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+    assert not any(p.requires_grad for p in batched.parameters)  # frozen: the backward skips every summed dW
+    sg.countsketch_draws.cache_clear()
+
+
+def test_countsketch_draws_of_a_range_spanning_blocks(monkeypatch):
+    monkeypatch.setattr(sg, "HASH_BLOCK", 10)
+    sg.countsketch_draws.cache_clear()
+    whole = torch.cat([sg.countsketch_draws(3, block, 4, CPU) for block in range(3)])  # coordinates 0 .. 29
+    for offset, count in ((0, 10), (7, 2), (7, 5), (4, 25), (10, 10)):
+        assert torch.equal(sg.countsketch_draws_of(3, 4, CPU, offset, count), whole[offset:offset + count])
+    sg.countsketch_draws.cache_clear()
+
+
+def test_validation_sets_in_the_same_run_as_the_pool(tiny_model, rollouts, tmp_path):
+    """--val-rollouts/--val-out write what separate runs write (one model load); mismatched lists are refused."""
+    path, _ = rollouts
+    common_flags = ["--model", str(tiny_model), "--proj-dim", "64", "--mean-seed", "2"]
+    run_script("sketch_grads.py", *common_flags, "--rollouts", str(path), "--out", str(tmp_path / "train.npy"),
+               "--val-rollouts", str(path), "--val-out", str(tmp_path / "val.npy"), "--mean-of-rows", "3",
+               env={"OMP_NUM_THREADS": "1"})
+    run_script("sketch_grads.py", *common_flags, "--rollouts", str(path), "--out", str(tmp_path / "alone.npy"),
+               "--mean-of-rows", "3", env={"OMP_NUM_THREADS": "1"})
+    run_script("sketch_grads.py", *common_flags, "--rollouts", str(path), "--out", str(tmp_path / "rows.npy"),
+               env={"OMP_NUM_THREADS": "1"})
+    assert np.load(tmp_path / "val.npy").shape == (1, 64) and np.load(tmp_path / "train.npy").shape == (8, 64)
+    np.testing.assert_array_equal(np.load(tmp_path / "val.npy"), np.load(tmp_path / "alone.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "train.npy"), np.load(tmp_path / "rows.npy"))
+    meta = json.loads((tmp_path / "val.json").read_text())
+    assert meta["mean_of"]["count"] == 3 and meta["rollouts"] == str(path.resolve())
+    result = run_script("sketch_grads.py", *common_flags, "--rollouts", str(path), "--out", str(tmp_path / "x.npy"),
+                        "--val-rollouts", str(path), check=False)
+    assert result.returncode != 0 and "1 --val-rollouts but 0 --val-out" in result.stderr
+    assert not (tmp_path / "x.npy").exists()
