@@ -1609,16 +1609,18 @@ class KroneckerHooks:
         output.register_hook(lambda grad: self.add_norm(module, x, grad, row_group))
 
     def add_norm(self, module, x: torch.Tensor, grad: torch.Tensor, row_group: torch.Tensor) -> None:
-        """The module's own parameters' gradient for each group, exactly: the vjp of the module re-run on its rows."""
-        names, params = zip(*module.named_parameters(recurse=False))
-        copies = {name: p.detach().requires_grad_() for name, p in zip(names, params)}
-        for group in row_group.unique().tolist():
-            rows = row_group == group
-            with torch.enable_grad():
-                out = torch.func.functional_call(module, copies, (x[rows],))
-                grads = torch.autograd.grad(out, list(copies.values()), grad[rows])
-            for p, g in zip(params, grads):
-                self.sums[id(p)][group] += g.float().reshape(-1)
+        """The module's own parameters' gradient for each group, exactly: the vjp of the module re-run on each row
+        (torch.func.vmap over the rows), the rows' gradients added to their groups."""
+        params = dict(module.named_parameters(recurse=False))
+        copies = {name: p.detach() for name, p in params.items()}
+
+        def row_gradient(x_row, grad_row):  # a row alone: the norm works token by token, so rows do not mix
+            _, vjp = torch.func.vjp(lambda weights: torch.func.functional_call(module, weights, (x_row,)), copies)
+            return vjp(grad_row)[0]
+        with torch.enable_grad():
+            per_row = torch.func.vmap(row_gradient)(x, grad)
+        for name, p in params.items():
+            self.sums[id(p)].index_add_(0, row_group, per_row[name].float().reshape(len(x), -1))
 
     def model_hook(self, module, args, output):
         """After the model's own forward: the LM head is applied next as a function (common.head_logprobs), not
@@ -1644,6 +1646,14 @@ class KroneckerHooks:
             handle.remove()
         for p in self.parameters:
             p.requires_grad_(True)
+
+
+def group_runs(row_group: torch.Tensor) -> list[tuple[int, slice]]:
+    """(group, slice of its rows) for each run of equal consecutive entries: slices are views, not copies (the
+    rows of a micro-batch come group by group; a group met twice is simply added twice)."""
+    groups, counts = torch.unique_consecutive(row_group, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return [(group, slice(end - count, end)) for group, count, end in zip(groups.tolist(), counts.tolist(), ends)]
 
 
 class CountSketchHooks(KroneckerHooks):
@@ -1692,8 +1702,7 @@ class CountSketchHooks(KroneckerHooks):
         """G_b = sum over group b's rows and tokens of delta_t x_t^T (outs = delta [rows, T, out], ins = x [rows,
         T, in]), stored [out, in], or [in, out] for GPT-2's Conv1D, hashed into group b's row."""
         draws = self.draws(self.offset[id(weight)], weight.numel())
-        for group in row_group.unique().tolist():
-            rows = row_group == group
+        for group, rows in group_runs(row_group):
             delta, x = outs[rows].flatten(0, 1), ins[rows].flatten(0, 1)
             grad = x.T @ delta if id(weight) in self.transposed else delta.T @ x
             self.halves[group].index_add_(0, draws, grad.reshape(-1))
@@ -1701,8 +1710,7 @@ class CountSketchHooks(KroneckerHooks):
     def add_embedding(self, weight, ids: torch.Tensor, grad: torch.Tensor, row_group: torch.Tensor) -> None:
         """E [V, H] gets g_t in row v_t: coordinates offset + v_t H + (0 .. H-1), hashed token by token."""
         draws = self.draws(self.offset[id(weight)], weight.numel()).view(weight.shape)
-        for group in row_group.unique().tolist():
-            rows = row_group == group
+        for group, rows in group_runs(row_group):
             self.halves[group].index_add_(0, draws[ids[rows]].reshape(-1), grad[rows].reshape(-1))
 
 

@@ -12,7 +12,7 @@
   1b  sparse random projection P S g: S keeps a fixed random fraction --sparse-ratio F of the d coordinates (the same
       for every prompt, file and process given --seed; default F = 1, all of them: see README), P projects to N dims:
         countsketch            sketch[h(i)] += s(i) g_i, bucket h(i) and sign s(i) drawn from (seed, i) block by block;
-                               E<Sg, Sh> = <g, h>; O(d) per prompt; at F = 1 each .grad is hashed in place
+                               E<Sg, Sh> = <g, h>; O(d) per prompt; at F = 1 hashed in place, layer by layer
         gaussian / rademacher  the release's dense d x N matrix (N(0,1)/sqrt(N) or +-1/sqrt(N) entries), generated block
                                by block from seeds, one GEMM per block for a chunk of prompts; O(d F N) per prompt
         none                   the kept coordinates themselves (with F = 1: the exact gradient, for tests and studies)
@@ -20,6 +20,7 @@
                                P_out G P_in^T = sum_t (P_out delta_t)(P_in x_t)^T, k x k (the rest exact), CountSketched
   1c  (validation sets, --mean-of-rows MAX) the release's target, the mean of up to MAX sketches (seeded sample of the
       prompts with mixed rewards) as ONE sketch: P S is linear, so (1/m) sum_i P S g(s_i) = P S (1/m) sum_i g(s_i).
+      --val-rollouts V --val-out V.npy (once per set) sketch them in the same run as the pool (one model load).
 Reads   --model (a transformers checkpoint: the current policy pi_theta(m)) and --rollouts (collect_rollouts.py's file).
 Writes  --out SKETCH.npy   [rows, proj_dim] (float32 or float16), rows in the rollouts file's order (or one: the mean)
         SKETCH.json        metadata (model, projector, seed, sparse_ratio, proj_dim, dtype, ids, zero_rows, nonfinite_rows,

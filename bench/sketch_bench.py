@@ -1,8 +1,9 @@
 """Benchmark of sketch_grads.py (steps 1a-1b): overhead of the sketch over a bare forward+backward, and fidelity.
 
-  1. Overhead: per prompt, the full sketch (POPI backward + projection, sketch_grads.Sketcher: at F = 1 every .grad
-     hashed in place, at F < 1 the kept coordinates flattened then projected) against a bare forward+backward of the
-     same surrogate on the same rows, timed side by side (interleaved chunk by chunk), for the default projector at
+  1. Overhead: per prompt, the full sketch (POPI backward + projection, sketch_grads.Sketcher: at F = 1 many prompts
+     per forward+backward, each one's exact gradient hashed in place by hooks, at F < 1 one backward per prompt,
+     the kept coordinates flattened then projected) against a bare forward+backward per prompt of the same
+     surrogate on the same rows, timed side by side (interleaved chunk by chunk), for the default projector at
      its default F and at each of --overhead-ratios. The dense projectors (our gaussian, TRAK's BasicProjector)
      are timed on a slice of the kept coordinates of the same gradients and extrapolated linearly to all kept
      coordinates (their cost is linear in d; the slice is printed).
@@ -13,8 +14,9 @@
      Projector "none" ranks by the kept coordinates themselves: what dropping coordinates costs on its own.
   3. Concentration: the share of the exact gradient's squared norm carried by its largest coordinates.
   4. Peak memory: the real sketch_grads.py command, run as a subprocess, with its high-water resident set size.
-  5. Batched (--parts batched, not run by default): --projector kronecker (many prompts in one forward+backward,
-     Kronecker-factored per layer) against the default (one backward per prompt, every .grad hashed in place),
+  5. Batched (--parts batched, not run by default): the default (--batched-backward: many prompts in one
+     forward+backward, each prompt's exact gradient hashed), --batched-backward off (one backward per prompt, every
+     .grad hashed in place: the same sketch) and --projector kronecker (many prompts, Kronecker-factored per layer),
      side by side: seconds per prompt in CPU time (time.process_time; run it with OMP_NUM_THREADS=1, since wall
      time on a shared machine is noisy) and wall time, interleaved batch by batch, each against a bare
      forward+backward; and precision@10% of both against the exact ranking, with the number of prompts in the top
@@ -196,14 +198,16 @@ def time_overhead(model_path: str, rows: list[dict], args: Args, projector: str,
     sketch_args = dataclasses.replace(DEFAULTS, model=model_path, projector=projector, proj_dim=args.proj_dim,
                                       sparse_ratio=sparse_ratio, chunk_prompts=args.chunk_prompts)
     sketcher = sg.Sketcher(sketch_args, get_device())
+    plain = sketcher if sketcher.hooks is None else sg.Sketcher(  # hooked parameters are frozen: no bare backward
+        dataclasses.replace(sketch_args, batched_backward="off"), get_device())
     chunks = [rows[i:i + args.chunk_prompts] for i in range(0, len(rows), args.chunk_prompts)]
-    bare_forward_backward(sketcher, chunks[0][:1])  # warm-up
+    bare_forward_backward(plain, chunks[0][:1])  # warm-up
     sketcher.sketch_rows([chunks[0][:1]])
     bare = sketch = 0.0
     timed = chunks[:args.timed_chunks]
     for chunk in timed:  # interleaved, so that load from other processes hits both alike
         start = time.perf_counter()
-        bare_forward_backward(sketcher, chunk)
+        bare_forward_backward(plain, chunk)
         middle = time.perf_counter()
         sketcher.sketch_rows([[row] for row in chunk])
         bare, sketch = bare + middle - start, sketch + time.perf_counter() - middle
@@ -214,22 +218,25 @@ def time_overhead(model_path: str, rows: list[dict], args: Args, projector: str,
 
 
 def time_batched(model_path: str, rows: list[dict], args: Args) -> dict:
-    """Seconds per prompt, side by side: the default sketch (a backward per prompt, hashed in place), --projector
-    kronecker (args.batch_prompts prompts per forward+backward) and a bare per-prompt forward+backward, the three
-    interleaved batch by batch (in a rotating order), in CPU time (process_time) and wall time."""
+    """Seconds per prompt, side by side: the default sketch (args.batch_prompts prompts per forward+backward, exact,
+    hashed), the same with a backward per prompt (--batched-backward off), --projector kronecker and a bare
+    per-prompt forward+backward, interleaved batch by batch (in a rotating order), in CPU time (process_time) and
+    wall time."""
     settings = dict(model=model_path, proj_dim=args.proj_dim, chunk_prompts=args.batch_prompts)
     default = sg.Sketcher(dataclasses.replace(DEFAULTS, **settings), get_device())
+    per_prompt = sg.Sketcher(dataclasses.replace(DEFAULTS, **settings, batched_backward="off"), get_device())
     batched = sg.Sketcher(dataclasses.replace(DEFAULTS, **settings, projector="kronecker",
                                               kronecker_dim=args.kronecker_dims[0]), get_device())
     runs = {"default": lambda chunk: default.sketch_rows([[row] for row in chunk]),
+            "per_prompt": lambda chunk: per_prompt.sketch_rows([[row] for row in chunk]),
             "kronecker": lambda chunk: batched.sketch_rows([[row] for row in chunk]),
-            "bare": lambda chunk: bare_forward_backward(default, chunk)}
+            "bare": lambda chunk: bare_forward_backward(per_prompt, chunk)}
     for run in runs.values():  # warm-up
         run(rows[:1])
     cpu, wall = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
     timed = [rows[i:i + args.batch_prompts] for i in range(0, len(rows), args.batch_prompts)][:args.timed_batches]
     for b, chunk in enumerate(timed):
-        names = list(runs)[b % 3:] + list(runs)[:b % 3]
+        names = list(runs)[b % len(runs):] + list(runs)[:b % len(runs)]
         for name in names:
             cpu_start, wall_start = time.process_time(), time.perf_counter()
             runs[name](chunk)
@@ -568,12 +575,13 @@ def markdown_report(results: dict, command: str) -> str:
     if "batched" in results:
         t, f = results["batched"]["timing"], results["batched"]["fidelity"]
         cpu, wall = t["cpu_seconds_per_prompt"], t["wall_seconds_per_prompt"]
-        lines += ["", "## Batched sketch (`--projector kronecker`) against the default, side by side", "",
+        lines += ["", "## Batched sketches against a backward per prompt, side by side", "",
                   f"{t['prompts']} training prompts timed, {t['batch_prompts']} per batched forward+backward, "
                   f"{t['threads']} thread(s); k = {t['kronecker_dim']} ({t['sketch_width_before_countsketch']} "
                   "numbers per prompt before the CountSketch to N).", "",
                   "| per prompt | CPU s | wall s | CPU time / bare forward+backward |", "|---|---|---|---|"]
-        labels = {"default": "default: countsketch F = 1, a backward per prompt",
+        labels = {"default": "default: countsketch F = 1, batched backward (exact)",
+                  "per_prompt": "countsketch F = 1, a backward per prompt (--batched-backward off)",
                   "kronecker": "kronecker, batched", "bare": "bare forward+backward, a backward per prompt"}
         lines += [f"| {labels[k]} | {cpu[k]:.3f} | {wall[k]:.3f} | {cpu[k] / cpu['bare']:.2f} |" for k in cpu]
         lines += ["", f"Precision@10% against the exact ranking ({f['train_prompts_nonzero']} training prompts with "
@@ -721,7 +729,8 @@ def main(args: Args) -> None:
     if "batched" in results:
         cpu = results["batched"]["timing"]["cpu_seconds_per_prompt"]
         by_name = {r["projector"]: r["precision_at_10"] for r in results["batched"]["fidelity"]["results"]}
-        summary.append(f"kronecker_cpu_speedup={cpu['default'] / cpu['kronecker']:.2f} "
+        summary.append(f"batched_cpu_speedup={cpu['per_prompt'] / cpu['default']:.2f} "
+                       f"kronecker_cpu_speedup={cpu['per_prompt'] / cpu['kronecker']:.2f} "
                        f"precision_at_10_default={by_name[DEFAULTS.projector]:.2f} precision_at_10_kronecker="
                        f"{by_name[f'kronecker k={args.kronecker_dims[0]} (batched)']:.2f}")
     print(" ".join(summary))
