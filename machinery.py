@@ -869,12 +869,14 @@ def use_checkpointing(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def use_batched_backward(setting: str, share) -> bool:
-    """Many prompts per forward+backward (CountSketchHooks): auto = unless the model is sharded (FSDP)."""
+def use_batched_backward(setting: str, share, checkpointing: bool) -> bool:
+    """Many prompts per forward+backward (CountSketchHooks): auto = unless the model is sharded (FSDP) or
+    recomputes its activations (checkpointing, on CUDA by default: the hooks would hold every layer's input, which
+    checkpointing exists to free; long responses fill a backward with one prompt anyway)."""
     if setting == "on" and share:
         raise DataError("--batched-backward on: not with a sharded model (FSDP); use --fsdp off or "
                         "--batched-backward off")
-    return setting != "off" and not share
+    return setting == "on" or (setting == "auto" and not share and not checkpointing)
 
 
 def batched_hooks(model, draws, proj_dim: int, setting: str):

@@ -74,8 +74,8 @@ class Args:
                                "release: 100); 0 = one row per prompt")
     mean_seed: int = arg(0, "seed of the --mean-of-rows sample (= select_data.py's --seed on a per-prompt sketch)")
     batched_backward: str = arg("auto", "many prompts (a chunk) per forward+backward, each one's exact gradient hashed "
-                                        "by hooks: auto (on for CountSketch at F = 1, unsharded), on, off (one "
-                                        "backward per prompt, its .grad hashed)")
+                                        "by hooks: auto (on for CountSketch at F = 1, unsharded, without "
+                                        "checkpointing), on, off (one backward per prompt, its .grad hashed)")
     fsdp: str = arg("auto", "shard the model over the processes (FSDP2), each taking a share of every prompt's "
                             "responses: on, off, auto (on GPUs, when weights + grads exceed half a card)")
 
@@ -239,7 +239,8 @@ class Sketcher:
         self.num_kept, self.local_kept, self.buffer, self.hooks = self.num_params, None, None, None
         if args.projector == "kronecker":  # the hooks sum each prompt's sketch in the backward; parameters frozen
             self.hooks = M.KroneckerHooks(self.model, args.seed, args.kronecker_dim)
-        elif self.streamed and M.use_batched_backward(args.batched_backward, self.share):  # exact, hashed by hooks
+        elif self.streamed and M.use_batched_backward(args.batched_backward, self.share,  # exact, hashed by hooks
+                                                      M.use_checkpointing(args.gradient_checkpointing, device)):
             draws = functools.partial(countsketch_draws_of, args.seed, args.proj_dim, device)
             self.hooks = M.batched_hooks(self.model, draws, args.proj_dim, args.batched_backward)
         elif not self.streamed:

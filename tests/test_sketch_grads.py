@@ -674,3 +674,17 @@ def test_validation_sets_in_the_same_run_as_the_pool(tiny_model, rollouts, tmp_p
                         "--val-rollouts", str(path), check=False)
     assert result.returncode != 0 and "1 --val-rollouts but 0 --val-out" in result.stderr
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_when_the_backward_is_batched(tiny_model, rollouts, tmp_path):
+    use = sg.M.use_batched_backward
+    assert use("auto", None, False) and use("on", None, True) and use("on", None, False)
+    assert not use("auto", None, True)  # checkpointing (CUDA's default): the hooks would hold every layer's input
+    assert not use("auto", (0, 2), False) and not use("off", None, False)
+    with pytest.raises(DataError, match="not with a sharded model"):
+        use("on", (0, 2), False)
+    path, _ = rollouts
+    result = run_script("sketch_grads.py", "--model", str(tiny_model), "--rollouts", str(path), "--out",
+                        str(tmp_path / "s.npy"), "--batched-backward", "on", "--sparse-ratio", "0.5", check=False)
+    assert result.returncode != 0 and "--batched-backward on hashes each prompt's exact gradient" in result.stderr
+    assert not (tmp_path / "s.npy").exists()
