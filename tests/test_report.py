@@ -1,5 +1,7 @@
 """report.py's pieces and the acceleration experiment's speed-up rule, with numbers worked by hand."""
 
+import json
+
 import pytest
 
 from report import (accuracy_curves, area_under_curve, first_step_reaching, padded_limits, rollout_seconds,
@@ -42,6 +44,14 @@ def test_stage_seconds_reads_done_markers(tmp_path):
     for name, seconds in (("train", "100"), ("val_add", "20"), ("val_sub", "25")):
         (tmp_path / "rollouts" / f"{name}.done").write_text(f"{seconds}\nkey\n")
     assert rollout_seconds(tmp_path) == {"train": 100.0, "validation": 45.0}
+
+
+def test_sketched_prompts_are_the_rows_with_a_gradient(tmp_path):
+    from report import sketched_prompts
+    assert sketched_prompts(tmp_path, 0) == 0  # a baseline stage: no sketch
+    (tmp_path / "stage_0").mkdir()
+    (tmp_path / "stage_0" / "train_sketch.json").write_text(json.dumps({"rows": 10, "zero_rows": [1, 4, 7]}))
+    assert sketched_prompts(tmp_path, 0) == 7
 
 
 def test_speedup_rule():
