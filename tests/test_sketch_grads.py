@@ -460,17 +460,23 @@ def test_torchrun_two_processes_write_the_same_file(tiny_model, rollouts, tmp_pa
 
 def test_torchrun_validation_mean_sums_the_process_shares(tiny_model, rollouts, tmp_path):
     """--mean-of-rows under torchrun: each process backpropagates its share of the sample, the sketches are summed
-    (all-reduce): the same row as one process, up to float rounding (the sums are added in another order)."""
+    (all-reduce): the same row as one process, up to float rounding (the sums are added in another order). Here as
+    run_cropi.sh runs it: the validation set (--val-rollouts) in the same run as the pool, whose rows are the same
+    as one process's too."""
     path, _ = rollouts
     common = ["--model", str(tiny_model), "--rollouts", str(path), "--proj-dim", "256", "--mean-of-rows", "5",
               "--mean-seed", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     single, double = tmp_path / "one.npy", tmp_path / "two.npy"
     run_script("sketch_grads.py", *common, "--out", str(single), env={"OMP_NUM_THREADS": "1"})
+    run_script("sketch_grads.py", *common[:4], "--proj-dim", "256", "--out", str(tmp_path / "pool_one.npy"),
+               env={"OMP_NUM_THREADS": "1"})
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port=29533", "sketch_grads.py", *common, "--out", str(double)],
+                             "--master_port=29533", "sketch_grads.py", *common, "--out", str(tmp_path / "pool_two.npy"),
+                             "--val-rollouts", str(path), "--val-out", str(double)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "pool_two.npy"), np.load(tmp_path / "pool_one.npy"))
     one = np.load(single)
     assert one.shape == (1, 256) and np.abs(one).max() > 0
     np.testing.assert_allclose(np.load(double), one, rtol=1e-5, atol=1e-6 * np.abs(one).max())
