@@ -266,9 +266,10 @@ class Sketcher:
             for batch in M.pair_batches(pairs, self.args.token_budget):
                 surrogate_backward(self.model, batch, self.pad_token_id, self.args.clip_ratio,
                                    self.hooks.recording(batch))
-            rows = self.hooks.rows()  # kronecker: the layers' sketches, concatenated; else the sketches themselves
-            return countsketch_project(rows, self.args.proj_dim, self.args.seed) if self.args.projector == "kronecker" \
-                else rows
+            sketches = self.hooks.rows()
+            if self.args.projector == "kronecker":  # the layers' k x k sketches, concatenated: CountSketched to N
+                sketches = countsketch_project(sketches, self.args.proj_dim, self.args.seed)
+            return sketches
         weight = weight * self.share[1] if self.share else weight
         sketches = torch.zeros(len(groups), self.width, device=self.device) if self.streamed else None
         flat = None if self.streamed else self.buffer[:len(groups)].zero_()
@@ -287,9 +288,11 @@ class Sketcher:
         return sketches if self.streamed else project(flat, self.args.projector, self.args.proj_dim, self.args.seed)
 
 
-def sketch_file(sketcher: Sketcher, args: Args, rollouts: str, out: str, mean_of_rows: int) -> dict | None:
-    """Sketch one rollouts file into OUT.npy + OUT.json: a row per prompt, or (mean_of_rows > 0) the mean's one."""
-    rows, rank, world, device = read_rollouts(rollouts), sketcher.rank, sketcher.world, sketcher.device
+def sketch_file(sketcher: Sketcher, args: Args, rows: list[dict], rollouts: str, out: str,
+                mean_of_rows: int) -> dict | None:
+    """Sketch the rows of one rollouts file into OUT.npy + OUT.json: a row per prompt, or (mean_of_rows > 0) the
+    mean's one."""
+    rank, world, device = sketcher.rank, sketcher.world, sketcher.device
     M.check_responses_per_process(rows, world, rollouts, sketcher.share)
     split = (lambda items: items) if sketcher.share else (lambda items: M.shard(items, rank, world))  # prompts
     settings = M.sketch_settings(args, rollouts, sketcher.num_params, sketcher.width, sketcher.num_kept, device,
@@ -315,10 +318,12 @@ def sketch_file(sketcher: Sketcher, args: Args, rollouts: str, out: str, mean_of
 def sketch_grads(args: Args) -> dict | None:
     """The validation sets first (seconds each), then --rollouts (resumable by chunks), with one model load."""
     rank, world, device = M.init_distributed()
+    files = [(path, out, args.mean_of_rows) for path, out in zip(args.val_rollouts, args.val_out)]
+    files.append((args.rollouts, args.out, 0 if args.val_rollouts else args.mean_of_rows))
+    rows = [read_rollouts(path) for path, _, _ in files]  # every file checked before the model is loaded
     sketcher = Sketcher(args, device, rank, world)
-    for rollouts, out in zip(args.val_rollouts, args.val_out):
-        sketch_file(sketcher, args, rollouts, out, args.mean_of_rows)
-    meta = sketch_file(sketcher, args, args.rollouts, args.out, 0 if args.val_rollouts else args.mean_of_rows)
+    for file_rows, (path, out, mean_of_rows) in zip(rows, files):
+        meta = sketch_file(sketcher, args, file_rows, path, out, mean_of_rows)
     M.finish_distributed()
     return meta
 

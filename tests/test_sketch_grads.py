@@ -680,6 +680,12 @@ def test_validation_sets_in_the_same_run_as_the_pool(tiny_model, rollouts, tmp_p
                         "--val-rollouts", str(path), check=False)
     assert result.returncode != 0 and "1 --val-rollouts but 0 --val-out" in result.stderr
     assert not (tmp_path / "x.npy").exists()
+    broken = tmp_path / "broken.jsonl"  # a bad pool file is found before any validation sketch is written
+    broken.write_text(path.read_text() + "{not json\n")
+    result = run_script("sketch_grads.py", *common_flags, "--rollouts", str(broken), "--out", str(tmp_path / "y.npy"),
+                        "--val-rollouts", str(path), "--val-out", str(tmp_path / "val_y.npy"), check=False)
+    assert result.returncode != 0 and "broken.jsonl:9: not valid JSON" in result.stderr
+    assert not (tmp_path / "val_y.npy").exists() and not (tmp_path / "y.npy").exists()
 
 
 def test_when_the_backward_is_batched(tiny_model, rollouts, tmp_path):
