@@ -1695,6 +1695,7 @@ class CountSketchHooks(KroneckerHooks):
                      if id(p) in self.exact}
 
     def rows(self) -> torch.Tensor:
+        """[groups, N], once per start(): the exact parameters' sums hashed in, then odd minus even halves."""
         for p in self.parameters:
             if id(p) in self.exact:
                 self.halves.index_add_(1, self.draws(self.offset[id(p)], p.numel()), self.sums[id(p)])
