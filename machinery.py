@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -849,7 +850,8 @@ def check_sketch_args(args, projectors: tuple[str, ...], dtypes: dict) -> None:
                         "--sparse-ratio 1")
     if not 0 < args.sparse_ratio <= 1:
         raise DataError(f"--sparse-ratio must be in (0, 1], got {args.sparse_ratio}")
-    if args.batched_backward == "on" and (args.projector != "countsketch" or args.sparse_ratio < 1 or args.fsdp == "on"):
+    if args.batched_backward == "on" and (args.projector != "countsketch" or args.sparse_ratio < 1
+                                          or args.fsdp == "on"):
         raise DataError("--batched-backward on hashes each prompt's exact gradient: it needs --projector countsketch, "
                         "--sparse-ratio 1 and no --fsdp (kronecker batches by itself)")
     if args.projector == "kronecker" and (args.sparse_ratio < 1 or args.kronecker_dim < 1):
@@ -879,20 +881,39 @@ def use_batched_backward(setting: str, share, checkpointing: bool) -> bool:
     return setting == "on" or (setting == "auto" and not share and not checkpointing)
 
 
-def batched_hooks(model, draws, proj_dim: int, setting: str):
-    """CountSketchHooks on the model; with auto, None (one backward per prompt) for a module without a rule."""
+def batch_hooks(model, args, device: torch.device, share, countsketch_draws, block_size: int):
+    """The hooks that take each prompt's share out of a backward of many (parameters frozen), or None (a backward
+    per prompt): KroneckerHooks for --projector kronecker; CountSketchHooks for --batched-backward (with auto, also
+    None for a module without a rule). countsketch_draws(seed, block, N, device): a hash block's draws."""
+    if args.projector == "kronecker":
+        return KroneckerHooks(model, args.seed, args.kronecker_dim)
+    streamed = args.projector == "countsketch" and args.sparse_ratio >= 1
+    if not (streamed and use_batched_backward(args.batched_backward, share,
+                                              use_checkpointing(args.gradient_checkpointing, device))):
+        return None
     try:
-        return CountSketchHooks(model, draws, proj_dim)
+        block_draws = lambda block: countsketch_draws(args.seed, block, args.proj_dim, device)  # noqa: E731 (cached)
+        return CountSketchHooks(model, functools.partial(draws_of_range, block_draws, block_size), args.proj_dim)
     except DataError as error:
-        if setting == "on":
+        if args.batched_backward == "on":
             raise
         print(f"sketch_grads.py: one backward per prompt: {error}")
         return None
 
 
-def response_batches(lengths: list[int], token_budget: int, share: tuple[int, int] | None) -> list[list[int]]:
-    """Micro-batches (indices, in file order) of one prompt's responses by token budget: all of them, or with
-    share = (rank, world) of a sharded model this process's share, in as many passes as every other process."""
+def draws_of_range(block_draws, block_size: int, offset: int, count: int) -> torch.Tensor:
+    """The hash draws of the flat coordinates offset .. offset + count - 1: the blocks they span, sliced and joined."""
+    first, last = offset // block_size, (offset + count - 1) // block_size
+    blocks = [block_draws(block) for block in range(first, last + 1)]
+    start = offset - first * block_size
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks))[start:start + count]
+
+
+def response_batches(row: dict, token_budget: int, share: tuple[int, int] | None) -> list[list[int]]:
+    """Micro-batches (indices, in file order) of one prompt's responses (prompt + response tokens each) by token
+    budget: all of them, or with share = (rank, world) of a sharded model this process's share, in as many passes
+    as every other process."""
+    lengths = [len(row["prompt_ids"]) + len(response) for response in row["response_ids"]]
     mine = list(range(len(lengths))) if share is None else shard(list(range(len(lengths))), *share)
     batches = token_budget_batches([lengths[i] for i in mine], token_budget, longest_first=False)
     batches = [[mine[j] for j in batch] for batch in batches]
@@ -1415,6 +1436,26 @@ class TrainingRun:
 # (--projector kronecker): hooks that see every layer's inputs and output gradients in ONE forward+backward of
 # many prompts and add up each group's (prompt's) share of every parameter's sketch
 # ----------------------------------------------------------------------------------------------
+
+class SketchOutput:
+    """One output of sketch_grads.py: its settings (chunks and .json), its resumable chunk store, the prompts this
+    process takes (split: a share of them, or with a sharded model all of them), and the write by rank 0."""
+
+    def __init__(self, args, sketcher, rows: list[dict], rollouts: str, out: str):
+        check_responses_per_process(rows, sketcher.world, rollouts, sketcher.share)
+        self.settings = sketch_settings(args, rollouts, sketcher.num_params, sketcher.width, sketcher.num_kept,
+                                        sketcher.device, len(rows))
+        self.store, self.out, self.rank = ChunkStore(f"{out}.parts", self.settings), out, sketcher.rank
+        self.split = (lambda items: items) if sketcher.share else (
+            lambda items: shard(items, sketcher.rank, sketcher.world))
+
+    def write(self, sketch: np.ndarray, meta: dict) -> dict | None:
+        if self.rank != 0:
+            return None
+        write_sketch(self.out, sketch, meta)  # adds nonfinite_rows to meta
+        self.store.remove()
+        return meta
+
 
 def sketch_in_chunks(store: ChunkStore, rows: list[dict], chunk_prompts: int, sketch_rows, split, share,
                      rank: int, device: torch.device, dtype: torch.dtype) -> np.ndarray | None:

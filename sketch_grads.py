@@ -4,10 +4,9 @@
         g(s0) = (1/K) sum_k (1/|y_k|) sum_t rho_{k,t} * grad log pi_theta(y_{k,t} | s0, y_{k,<t}) * A_k
         rho_{k,t} = exp(log pi_theta - log beta)  at the rollout's temperature,   A_k = GRPO group advantage
       = the gradient of the surrogate  L(s0) = (1/K) sum_k (1/|y_k|) sum_t rho_{k,t} A_k  (grad rho = rho grad log pi),
-      the same as with ONE backward per prompt (its K responses micro-batched by a token budget, gradients
-      accumulated), model in eval mode (no dropout), all parameters, flattened in model.named_parameters() order.
-      --batched-backward (the default with CountSketch at F = 1): many prompts per forward+backward, each prompt's
-      exact gradient summed per layer by hooks, G = sum_t delta_t x_t^T over its tokens, and hashed in place.
+      per prompt (its K responses micro-batched by a token budget), eval mode (no dropout), all parameters in
+      named_parameters() order; by default (--batched-backward) many prompts share a forward+backward and hooks take
+      each prompt's exact share out of every layer, G = sum_{t in prompt} delta_t x_t^T, hashed in place.
       A prompt whose K rewards are all equal has A = 0, so g = 0: no backward, a zero row, listed in zero_rows.
   1b  sparse random projection P S g: S keeps a fixed random fraction --sparse-ratio F of the d coordinates (the same
       for every prompt, file and process given --seed; default F = 1, all of them: see README), P projects to N dims:
@@ -23,12 +22,10 @@
       --val-rollouts V --val-out V.npy (once per set) sketch them in the same run as the pool (one model load).
 Reads   --model (a transformers checkpoint: the current policy pi_theta(m)) and --rollouts (collect_rollouts.py's file).
 Writes  --out SKETCH.npy   [rows, proj_dim] (float32 or float16), rows in the rollouts file's order (or one: the mean)
-        SKETCH.json        metadata (model, projector, seed, sparse_ratio, proj_dim, dtype, ids, zero_rows, nonfinite_rows,
-                           "mean_of": the rows averaged, ...); select_data.py checks them
+        SKETCH.json        metadata (projector, seed, ids, zero_rows, "mean_of", ...), which select_data.py checks
         SKETCH.npy.parts/  finished chunks while running (a killed run resumes from them; not with --mean-of-rows)
-torchrun --nproc_per_node=G sketch_grads.py ... shares the chunks (or the mean's prompts, whose partial sketches are then
-summed) out to the processes (gloo on CPU, nccl on CUDA); rank 0 writes the same file as one process. --fsdp shards the
-model instead: every process takes every prompt and a share of its responses, and the partial sketches are summed.
+torchrun --nproc_per_node=G: the chunks (or the mean's prompts, partial sketches summed) go to the processes; rank 0
+writes the same file as one process. --fsdp: each process takes a share of every prompt's responses instead.
 """
 
 from __future__ import annotations
@@ -52,32 +49,23 @@ class Args:
     model: str = arg("", "checkpoint of the current policy pi_theta(m) (a transformers folder)")
     rollouts: str = arg("", "offline rollouts of the behaviour policy (collect_rollouts.py's .jsonl)")
     out: str = arg("", "output SKETCH.npy; the metadata goes to SKETCH.json beside it")
-    projector: str = arg("countsketch", "countsketch (fast, O(d)) | gaussian | rademacher (the release's, O(d*N)) | "
-                                        "none (the kept coordinates themselves) | kronecker (many prompts a backward)")
+    projector: str = arg("countsketch", "countsketch (O(d)) | gaussian | rademacher (the release's) | none | kronecker")
     kronecker_dim: int = arg(64, "k of --projector kronecker: P_out [k, out], P_in [k, in] (a side of <= k kept whole)")
     proj_dim: int = arg(8192, "N, the sketch width (the release: 32768); ignored by --projector none")
-    sparse_ratio: float = arg(1.0, "F, the fraction of gradient coordinates kept before the projection (1 = all; "
-                                   "the release: 0.1, which ranks far worse, see README)")
+    sparse_ratio: float = arg(1.0, "F, the kept fraction of the coordinates (1 = all; the release's 0.1 ranks worse)")
     seed: int = arg(0, "seed of the kept-coordinate subset and of the projection (the release: 0)")
     dtype: str = arg("float32", "dtype of the stored sketch: float32 | float16")
     token_budget: int = arg(8192, "padded tokens per forward/backward micro-batch (gradients are accumulated)")
     chunk_prompts: int = arg(8, "prompts sketched together (one GEMM per matrix block) and saved per resume chunk")
-    clip_ratio: float | None = arg(None, "PPO-style clip of rho to [1-c, 1+c] inside min(rho A, clip(rho) A); "
-                                         "off by default, as in the release")
-    gradient_checkpointing: str = arg("auto", "recompute activations in the backward (saves GPU memory on long "
-                                              "responses; dropout stays off): auto (on CUDA only) | on | off")
-    val_rollouts: list[str] = arg([], "a validation set's rollouts, sketched in the same run (one model load) before "
-                                      "--rollouts; repeat the flag per set, each with its --val-out")
-    val_out: list[str] = arg([], "output SKETCH.npy of the --val-rollouts of the same position")
-    mean_of_rows: int = arg(0, "validation sets (--val-rollouts, or --rollouts alone): write ONE row, the sketch of "
-                               "the mean gradient of up to this many prompts with mixed rewards (seeded sample; the "
-                               "release: 100); 0 = one row per prompt")
+    clip_ratio: float | None = arg(None, "min(rho A, clip(rho, 1-c, 1+c) A), PPO-style (off, as in the release)")
+    gradient_checkpointing: str = arg("auto", "recompute activations in the backward: auto (on CUDA only) | on | off")
+    val_rollouts: list[str] = arg([], "a validation set's rollouts, sketched first in the same run (repeatable)")
+    val_out: list[str] = arg([], "output SKETCH.npy of the --val-rollouts at the same position")
+    mean_of_rows: int = arg(0, "validation sets (--val-rollouts, or --rollouts alone): ONE row, the sketch of the mean "
+                               "gradient of up to this many mixed-reward prompts (the release: 100); 0 = a row each")
     mean_seed: int = arg(0, "seed of the --mean-of-rows sample (= select_data.py's --seed on a per-prompt sketch)")
-    batched_backward: str = arg("auto", "many prompts (a chunk) per forward+backward, each one's exact gradient hashed "
-                                        "by hooks: auto (on for CountSketch at F = 1, unsharded, without "
-                                        "checkpointing), on, off (one backward per prompt, its .grad hashed)")
-    fsdp: str = arg("auto", "shard the model over the processes (FSDP2), each taking a share of every prompt's "
-                            "responses: on, off, auto (on GPUs, when weights + grads exceed half a card)")
+    batched_backward: str = arg("auto", "a chunk of prompts a backward, exact per-prompt hooks: auto | on | off")
+    fsdp: str = arg("auto", "shard the model (FSDP2): auto (GPUs, weights + grads over half a card) | on | off")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,13 +109,18 @@ def surrogate_backward(model, batch: list[tuple], pad_token_id: int, clip_ratio:
     popi_surrogate(logprobs.float(), behavior, mask, weights, 1, clip_ratio).backward()
 
 
-def accumulate_prompt_gradient(model, row: dict, advantages: torch.Tensor, token_budget: int, pad_token_id: int,
-                               clip_ratio: float | None = None, weight: float = 1.0, share: tuple | None = None) -> None:
+def response_pairs(group: int, row: dict, weight: float = 1.0) -> list[tuple]:
+    """(group, row, k, weight * A_k / K) for the K responses of a prompt: their terms' weights in the surrogate."""
+    advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))  # A_k
+    return [(group, row, k, weight * a / len(advantages)) for k, a in enumerate(advantages.tolist())]
+
+
+def accumulate_prompt_gradient(model, row: dict, token_budget: int, pad_token_id: int, clip_ratio: float | None = None,
+                               weight: float = 1.0, share: tuple | None = None) -> None:
     """Add weight * grad L(s0), the gradient of one prompt's POPI surrogate, into the parameters' .grad.
     share = (rank, world) of a sharded model: this process's share of the K responses (L is a sum over them)."""
-    pairs = [(0, row, k, weight * a / len(advantages)) for k, a in enumerate(advantages.tolist())]
-    lengths = [len(row["prompt_ids"]) + len(r) for r in row["response_ids"]]
-    for batch in M.response_batches(lengths, token_budget, share):
+    pairs = response_pairs(0, row, weight)
+    for batch in M.response_batches(row, token_budget, share):
         surrogate_backward(model, [pairs[i] for i in batch], pad_token_id, clip_ratio)
 
 
@@ -160,14 +153,6 @@ def countsketch_draws(seed: int, block: int, proj_dim: int, device: torch.device
     its own generator, so h and s of coordinate i depend on (seed, i) only, for any range of coordinates."""
     generator = M.block_generator(seed, "countsketch", block, device)
     return torch.randint(0, 2 * proj_dim, (HASH_BLOCK,), generator=generator, device=device, dtype=torch.int32)
-
-
-def countsketch_draws_of(seed: int, proj_dim: int, device: torch.device, offset: int, count: int) -> torch.Tensor:
-    """r(i) of the flat coordinates offset .. offset + count - 1: the hash blocks they span, sliced and joined."""
-    first, last = offset // HASH_BLOCK, (offset + count - 1) // HASH_BLOCK
-    blocks = [countsketch_draws(seed, block, proj_dim, device) for block in range(first, last + 1)]
-    start = offset - first * HASH_BLOCK
-    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks))[start:start + count]
 
 
 def countsketch_project(grads: torch.Tensor, proj_dim: int, seed: int) -> torch.Tensor:
@@ -227,8 +212,7 @@ def project(grads: torch.Tensor, projector: str, proj_dim: int, seed: int) -> to
 # ----------------------------------------------------------------------------------------------
 
 class Sketcher:
-    """The model and how its gradient is projected. F = 1 and CountSketch: every .grad is hashed in place (beyond the
-    grads: the sketches and the hash blocks). kronecker: hooks, no .grad. Else the kept coordinates go to a buffer."""
+    """The model and how its gradient is projected: by hooks, each .grad hashed in place, or via a kept buffer."""
 
     def __init__(self, args: Args, device: torch.device, rank: int = 0, world: int = 1):
         self.args, self.device, self.rank, self.world = args, device, rank, world
@@ -236,14 +220,9 @@ class Sketcher:
         self.model, self.share = M.load_model_for_gradients(args, device, rank, world, self.streamed)  # share: FSDP
         self.parameters = [p for _, p in M.trainable_parameters(self.model)]
         self.num_params = sum(p.numel() for p in self.parameters)
-        self.num_kept, self.local_kept, self.buffer, self.hooks = self.num_params, None, None, None
-        if args.projector == "kronecker":  # the hooks sum each prompt's sketch in the backward; parameters frozen
-            self.hooks = M.KroneckerHooks(self.model, args.seed, args.kronecker_dim)
-        elif self.streamed and M.use_batched_backward(args.batched_backward, self.share,  # exact, hashed by hooks
-                                                      M.use_checkpointing(args.gradient_checkpointing, device)):
-            draws = functools.partial(countsketch_draws_of, args.seed, args.proj_dim, device)
-            self.hooks = M.batched_hooks(self.model, draws, args.proj_dim, args.batched_backward)
-        elif not self.streamed:
+        self.num_kept, self.local_kept, self.buffer = self.num_params, None, None
+        self.hooks = M.batch_hooks(self.model, args, device, self.share, countsketch_draws, HASH_BLOCK)  # or None
+        if not self.streamed and not self.hooks:
             kept = kept_coordinates(self.num_params, args.sparse_ratio, args.seed, device)
             self.num_kept = len(kept)
             self.local_kept = M.split_kept_by_parameter(kept, [p.numel() for p in self.parameters])
@@ -254,22 +233,19 @@ class Sketcher:
     def sketch_rows(self, groups: list[list[dict]], weight: float = 1.0) -> torch.Tensor:
         """[len(groups), width]: row b = P S (weight * the sum of g(s0) over the prompts s0 of groups[b]); one
         prompt per group gives P S g(s0) per prompt (a zero row when its K rewards are all equal). Sharded: this
-        process's part, from its shards of the gradient (averaged over the processes, hence weight x world).
-        kronecker: the responses of all the groups' prompts in one forward+backward per token budget, of the sum of
-        their terms (1/|y_k|) sum_t rho_{k,t} A_k / K; the hooks add up each group's share of every layer's
-        P_out G P_in^T; the layers' sketches, concatenated, are CountSketched to N."""
-        if self.hooks:  # (group, row, response k, weight A_k / K) of every response of every prompt with mixed rewards
-            pairs = [(b, row, k, weight * a / len(row["rewards"])) for b, group in enumerate(groups) for row in group
-                     if not is_zero_gradient(row["rewards"]) for k, a in enumerate(group_advantages(
-                         torch.tensor(row["rewards"], dtype=torch.float32)).tolist())]
+        process's part of it (its gradient shards; averaged over the processes, hence weight x world). Hooks: one
+        forward+backward per token budget of all the groups' responses; the hooks take each group's share out of
+        every layer (exactly, or P_out G P_in^T for kronecker)."""
+        if self.hooks:  # every response of every prompt with mixed rewards
+            pairs = [pair for b, group in enumerate(groups) for row in group if not is_zero_gradient(row["rewards"])
+                     for pair in response_pairs(b, row, weight)]
             self.hooks.start(len(groups))
             for batch in M.pair_batches(pairs, self.args.token_budget):
                 surrogate_backward(self.model, batch, self.pad_token_id, self.args.clip_ratio,
                                    self.hooks.recording(batch))
-            sketches = self.hooks.rows()
-            if self.args.projector == "kronecker":  # the layers' k x k sketches, concatenated: CountSketched to N
-                sketches = countsketch_project(sketches, self.args.proj_dim, self.args.seed)
-            return sketches
+            if isinstance(self.hooks, M.CountSketchHooks):  # each group's exact gradient, hashed already
+                return self.hooks.rows()
+            return countsketch_project(self.hooks.rows(), self.args.proj_dim, self.args.seed)  # kronecker's k x k
         weight = weight * self.share[1] if self.share else weight
         sketches = torch.zeros(len(groups), self.width, device=self.device) if self.streamed else None
         flat = None if self.streamed else self.buffer[:len(groups)].zero_()
@@ -277,8 +253,7 @@ class Sketcher:
             self.model.zero_grad(set_to_none=True)
             mixed = [row for row in group if not is_zero_gradient(row["rewards"])]  # all K rewards equal: g = 0
             for row in mixed:
-                advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))  # A_k
-                accumulate_prompt_gradient(self.model, row, advantages, self.args.token_budget, self.pad_token_id,
+                accumulate_prompt_gradient(self.model, row, self.args.token_budget, self.pad_token_id,
                                            self.args.clip_ratio, weight, self.share)
             if mixed and self.streamed:
                 sketches[b] = countsketch_gradient(self.parameters, self.args.proj_dim, self.args.seed)
@@ -288,42 +263,30 @@ class Sketcher:
         return sketches if self.streamed else project(flat, self.args.projector, self.args.proj_dim, self.args.seed)
 
 
-def sketch_file(sketcher: Sketcher, args: Args, rows: list[dict], rollouts: str, out: str,
-                mean_of_rows: int) -> dict | None:
-    """Sketch the rows of one rollouts file into OUT.npy + OUT.json: a row per prompt, or (mean_of_rows > 0) the
-    mean's one."""
-    rank, world, device = sketcher.rank, sketcher.world, sketcher.device
-    M.check_responses_per_process(rows, world, rollouts, sketcher.share)
-    split = (lambda items: items) if sketcher.share else (lambda items: M.shard(items, rank, world))  # prompts
-    settings = M.sketch_settings(args, rollouts, sketcher.num_params, sketcher.width, sketcher.num_kept, device,
-                                 len(rows))
-    store = M.ChunkStore(f"{out}.parts", settings)
+def sketch_file(sketcher: Sketcher, args: Args, rows: list[dict], rollouts: str, out: str, mean_of_rows: int):
+    """The rows of one rollouts file -> OUT.npy + OUT.json: a row per prompt, or (mean_of_rows > 0) the mean's."""
+    output, dtype = M.SketchOutput(args, sketcher, rows, rollouts, out), DTYPES[args.dtype]
     if mean_of_rows:  # 1c: (1/m) sum_i P S g(s_i) = P S (1/m) sum_i g(s_i), the processes' shares summed
         mixed = [i for i, row in enumerate(rows) if not is_zero_gradient(row["rewards"])]  # g = 0 for the rest
         sample = M.mean_of_rows_sample(mixed, mean_of_rows, args.mean_seed, rollouts)
-        mean = sketcher.sketch_rows([[rows[i] for i in split(sample.tolist())]], weight=1 / len(sample))
-        sketch = M.all_sum(mean, device).to(DTYPES[args.dtype]).cpu().numpy()  # the processes' parts summed
-        meta = M.mean_sketch_meta(settings, rows, sample, mean_of_rows, args.mean_seed)
-    else:  # 1a + 1b, sketcher.sketch_rows of each chunk of prompts (each process its share), resumable
-        sketch = M.sketch_in_chunks(store, rows, args.chunk_prompts, sketcher.sketch_rows, split, sketcher.share,
-                                    rank, device, DTYPES[args.dtype])
-        meta = {**settings, "ids": [row["id"] for row in rows],
-                "zero_rows": [i for i, row in enumerate(rows) if is_zero_gradient(row["rewards"])]}
-    if rank == 0:
-        M.write_sketch(out, sketch, meta)  # adds nonfinite_rows to meta
-        store.remove()
-    return meta if rank == 0 else None
+        mean = sketcher.sketch_rows([[rows[i] for i in output.split(sample.tolist())]], weight=1 / len(sample))
+        return output.write(M.all_sum(mean, sketcher.device).to(dtype).cpu().numpy(),
+                            M.mean_sketch_meta(output.settings, rows, sample, mean_of_rows, args.mean_seed))
+    # 1a + 1b: sketcher.sketch_rows of each chunk of prompts (each process its share), resumable
+    sketch = M.sketch_in_chunks(output.store, rows, args.chunk_prompts, sketcher.sketch_rows, output.split,
+                                sketcher.share, sketcher.rank, sketcher.device, dtype)
+    return output.write(sketch, {**output.settings, "ids": [row["id"] for row in rows],
+                                 "zero_rows": [i for i, row in enumerate(rows) if is_zero_gradient(row["rewards"])]})
 
 
 def sketch_grads(args: Args) -> dict | None:
     """The validation sets first (seconds each), then --rollouts (resumable by chunks), with one model load."""
     rank, world, device = M.init_distributed()
-    files = [(path, out, args.mean_of_rows) for path, out in zip(args.val_rollouts, args.val_out)]
-    files.append((args.rollouts, args.out, 0 if args.val_rollouts else args.mean_of_rows))
-    rows = [read_rollouts(path) for path, _, _ in files]  # every file checked before the model is loaded
-    sketcher = Sketcher(args, device, rank, world)
-    for file_rows, (path, out, mean_of_rows) in zip(rows, files):
-        meta = sketch_file(sketcher, args, file_rows, path, out, mean_of_rows)
+    files = [(read_rollouts(path), path, out, args.mean_of_rows) for path, out in zip(args.val_rollouts, args.val_out)]
+    files.append((read_rollouts(args.rollouts), args.rollouts, args.out, 0 if files else args.mean_of_rows))
+    sketcher = Sketcher(args, device, rank, world)  # after every file was read and checked
+    for rows, path, out, mean_of_rows in files:
+        meta = sketch_file(sketcher, args, rows, path, out, mean_of_rows)
     M.finish_distributed()
     return meta
 

@@ -57,8 +57,7 @@ sys.path.insert(0, str(ROOT))
 import machinery  # noqa: E402
 import make_demo  # noqa: E402
 import sketch_grads as sg  # noqa: E402
-from common import (encode_prompt, format_prompt, group_advantages, read_jsonl, response_logprobs,  # noqa: E402
-                    reward)
+from common import encode_prompt, format_prompt, read_jsonl, response_logprobs, reward  # noqa: E402
 from machinery import (arg, atomic_path, get_device, load_tokenizer, parse_args, seed_everything,  # noqa: E402
                        write_json, write_jsonl)
 
@@ -188,8 +187,7 @@ def sample_rollouts(model, tokenizer, rows: list[dict], k: int, temperature: flo
 def bare_forward_backward(sketcher: sg.Sketcher, rows: list[dict]) -> None:
     for row in rows:
         sketcher.model.zero_grad(set_to_none=True)  # as Sketcher.sketch_rows does before each prompt
-        advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))
-        sg.accumulate_prompt_gradient(sketcher.model, row, advantages, sketcher.args.token_budget,
+        sg.accumulate_prompt_gradient(sketcher.model, row, sketcher.args.token_budget,
                                       sketcher.pad_token_id)
     sketcher.model.zero_grad(set_to_none=True)
 
@@ -254,8 +252,7 @@ def time_dense_projectors(sketcher: sg.Sketcher, rows: list[dict], args: Args) -
     grads = sketcher.buffer[:len(rows)]
     for b, row in enumerate(rows):
         sketcher.model.zero_grad(set_to_none=True)
-        advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))
-        sg.accumulate_prompt_gradient(sketcher.model, row, advantages, sketcher.args.token_budget,
+        sg.accumulate_prompt_gradient(sketcher.model, row, sketcher.args.token_budget,
                                       sketcher.pad_token_id)
         machinery.flatten_kept_gradient(sketcher.parameters, sketcher.local_kept, grads[b])
     width = min(args.dense_slice, grads.shape[1])
@@ -331,8 +328,7 @@ class FidelityStudy:
         full = [None] * len(self.sketcher.parameters)
         for b, row in enumerate(rows):
             self.sketcher.model.zero_grad(set_to_none=True)
-            advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))
-            sg.accumulate_prompt_gradient(self.sketcher.model, row, advantages, self.sketcher.args.token_budget,
+            sg.accumulate_prompt_gradient(self.sketcher.model, row, self.sketcher.args.token_budget,
                                           self.sketcher.pad_token_id)
             machinery.flatten_kept_gradient(self.sketcher.parameters, full, grads[b])
         return grads

@@ -558,8 +558,7 @@ def per_prompt_gradients(model_dir, rows) -> list[dict]:
             out.append(None)
             continue
         sketcher.model.zero_grad(set_to_none=True)
-        advantages = group_advantages(torch.tensor(row["rewards"], dtype=torch.float32))
-        sg.accumulate_prompt_gradient(sketcher.model, row, advantages, 8192, sketcher.pad_token_id)
+        sg.accumulate_prompt_gradient(sketcher.model, row, 8192, sketcher.pad_token_id)
         out.append({name: p.grad.clone() for name, p in sg.M.trainable_parameters(sketcher.model)})
     return out
 
@@ -651,13 +650,12 @@ def test_batched_backward_equals_one_backward_per_prompt(tiny_model, rollouts, t
     sg.countsketch_draws.cache_clear()
 
 
-def test_countsketch_draws_of_a_range_spanning_blocks(monkeypatch):
-    monkeypatch.setattr(sg, "HASH_BLOCK", 10)
-    sg.countsketch_draws.cache_clear()
-    whole = torch.cat([sg.countsketch_draws(3, block, 4, CPU) for block in range(3)])  # coordinates 0 .. 29
+def test_draws_of_a_range_spanning_blocks():
+    block_draws = lambda block: torch.arange(10) + 100 * block  # noqa: E731  blocks of 10: 0..9, 100..109, 200..209
+    whole = torch.cat([block_draws(block) for block in range(3)])
     for offset, count in ((0, 10), (7, 2), (7, 5), (4, 25), (10, 10)):
-        assert torch.equal(sg.countsketch_draws_of(3, 4, CPU, offset, count), whole[offset:offset + count])
-    sg.countsketch_draws.cache_clear()
+        assert torch.equal(sg.M.draws_of_range(block_draws, 10, offset, count), whole[offset:offset + count])
+    assert sg.M.draws_of_range(block_draws, 10, 7, 5).tolist() == [7, 8, 9, 100, 101]
 
 
 def test_validation_sets_in_the_same_run_as_the_pool(tiny_model, rollouts, tmp_path):
