@@ -881,13 +881,13 @@ def use_batched_backward(setting: str, share, checkpointing: bool) -> bool:
     return setting == "on" or (setting == "auto" and not share and not checkpointing)
 
 
-def batch_hooks(model, args, device: torch.device, share, countsketch_draws, block_size: int):
+def batch_hooks(model, args, device: torch.device, share, streamed: bool, countsketch_draws, block_size: int):
     """The hooks that take each prompt's share out of a backward of many (parameters frozen), or None (a backward
     per prompt): KroneckerHooks for --projector kronecker; CountSketchHooks for --batched-backward (with auto, also
-    None for a module without a rule). countsketch_draws(seed, block, N, device): a hash block's draws."""
+    None for a module without a rule). streamed: CountSketch at F = 1 (Sketcher.streamed);
+    countsketch_draws(seed, block, N, device): a hash block's draws."""
     if args.projector == "kronecker":
         return KroneckerHooks(model, args.seed, args.kronecker_dim)
-    streamed = args.projector == "countsketch" and args.sparse_ratio >= 1
     if not (streamed and use_batched_backward(args.batched_backward, share,
                                               use_checkpointing(args.gradient_checkpointing, device))):
         return None
@@ -1634,10 +1634,10 @@ class KroneckerHooks:
             output.requires_grad_()
         if ids.shape[0] != len(row_group):  # looked up once for all rows (GPT-2's positions): a copy per row
             ids, output = ids.expand(len(row_group), -1), output.expand(len(row_group), -1, -1)
-        counted = torch.ones_like(ids, dtype=torch.bool) if module.padding_idx is None else ids != module.padding_idx
-        # torch leaves the padding token's row without a gradient: its tokens do not count
-        output.register_hook(lambda grad: self.add_embedding(module.weight, ids, grad.float() * counted[..., None],
-                                                             row_group))
+        # torch leaves the padding token's row without a gradient: its tokens do not count (no mask without one)
+        counted = None if module.padding_idx is None else (ids != module.padding_idx)[..., None]
+        output.register_hook(lambda grad: self.add_embedding(
+            module.weight, ids, grad.float() if counted is None else grad.float() * counted, row_group))
         return output
 
     def add_embedding(self, weight, ids: torch.Tensor, grad: torch.Tensor, row_group: torch.Tensor) -> None:

@@ -221,7 +221,7 @@ class Sketcher:
         self.parameters = [p for _, p in M.trainable_parameters(self.model)]
         self.num_params = sum(p.numel() for p in self.parameters)
         self.num_kept, self.local_kept, self.buffer = self.num_params, None, None
-        self.hooks = M.batch_hooks(self.model, args, device, self.share, countsketch_draws, HASH_BLOCK)  # or None
+        self.hooks = M.batch_hooks(self.model, args, device, self.share, self.streamed, countsketch_draws, HASH_BLOCK)
         if not self.streamed and not self.hooks:
             kept = kept_coordinates(self.num_params, args.sparse_ratio, args.seed, device)
             self.num_kept = len(kept)
