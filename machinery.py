@@ -432,7 +432,8 @@ def count_parameters(config) -> int:
 
 
 def memory_plan(config, num_params: int, stage: str, token_budget: int, checkpointing: bool,
-                vllm_share: float = 0.0, card_gib: float = 80.0, logit_chunk: int = 0, shards: int = 1) -> dict[str, float]:
+                vllm_share: float = 0.0, card_gib: float = 80.0, logit_chunk: int = 0, shards: int = 1,
+                kept_fraction: float = 0.0, buffer_rows: int = 0) -> dict[str, float]:
     """Estimated peak GiB per GPU of one stage ("collect", "sketch" or "grpo"), by part:
       weights     float32 policy, 4 B a parameter (the reference model of GRPO: bf16, 2 B more)
       grads       float32, 4 B a parameter (sketch, grpo)
@@ -444,6 +445,8 @@ def memory_plan(config, num_params: int, stage: str, token_budget: int, checkpoi
                   a token) recomputed; without, the internals of every layer
       logits      one LM-head chunk in float32: logit_chunk tokens x vocabulary x ~3 tensors (logits, softmax, grad)
       hashes      the CountSketch's kept hash draws (sketch): 4 B a coordinate, at most 1 GiB
+      kept        the sketch's copy of the kept coordinates (F < 1 or a dense projector): kept_fraction x num_params
+                  coordinates, each an int64 position and a float32 in each of the buffer's `buffer_rows` rows
     shards: processes that share weights, grads and optimizer state (a sharded data-parallel run); 1 = replicated.
     """
     hidden, layers = config.hidden_size, config.num_hidden_layers
@@ -458,7 +461,8 @@ def memory_plan(config, num_params: int, stage: str, token_budget: int, checkpoi
             "activations": (layer_inputs + per_layer_internals if checkpointing else per_layer_internals * layers)
             if training else token_budget * hidden * 2 * 4,
             "logits": (logit_chunk or max(1, 2 ** 26 // config.vocab_size)) * config.vocab_size * 4 * 3,
-            "hashes": min(num_params * 4, GIB) if stage == "sketch" else 0}
+            "hashes": min(num_params * 4, GIB) if stage == "sketch" else 0,
+            "kept": kept_fraction * num_params * (8 + 4 * buffer_rows)}
     plan = {part: round(value / GIB, 2) for part, value in plan.items()}
     return plan | {"total": round(sum(plan.values()), 2)}
 
@@ -473,10 +477,11 @@ def check_memory_plan(plan: dict[str, float], card_gib: float, stage: str, flags
 
 
 def plan_memory(model_path: str, device: torch.device, stage: str, token_budget: int, checkpointing: bool,
-                vllm_share: float, flags: str, fsdp: str = "off", world: int = 1) -> bool:
+                vllm_share: float, flags: str, fsdp: str = "off", world: int = 1, kept: tuple[float, int] = (0.0, 0)
+                ) -> bool:
     """On a GPU: print the stage's memory plan for this model and refuse it before loading when it does not fit.
     Returns whether to shard the model over the `world` processes (use_fsdp; on a CPU, where no plan is made: only
-    with --fsdp on)."""
+    with --fsdp on). kept: memory_plan's (kept_fraction, buffer_rows)."""
     card = card_gib(device)
     if card is None:
         return fsdp == "on"
@@ -484,10 +489,10 @@ def plan_memory(model_path: str, device: torch.device, stage: str, token_budget:
 
     config = AutoConfig.from_pretrained(model_path)
     num_params = count_parameters(config)
-    plan = memory_plan(config, num_params, stage, token_budget, checkpointing, vllm_share, card)
+    plan = memory_plan(config, num_params, stage, token_budget, checkpointing, vllm_share, card, 0, 1, *kept)
     sharded = use_fsdp(fsdp, world, plan, card)
     if sharded:
-        plan = memory_plan(config, num_params, stage, token_budget, checkpointing, vllm_share, card, shards=world)
+        plan = memory_plan(config, num_params, stage, token_budget, checkpointing, vllm_share, card, 0, world, *kept)
     check_memory_plan(plan, card, f"{stage}, FSDP over {world} GPUs" if sharded else stage, flags)
     return sharded
 
@@ -937,14 +942,18 @@ def check_responses_per_process(rows: list[dict], world: int, path: str, share) 
                         "model (--fsdp); collect more responses per prompt or use --fsdp off")
 
 
-def load_model_for_gradients(args, device: torch.device, rank: int, world: int, streamed: bool):
+def load_model_for_gradients(args, device: torch.device, rank: int, world: int, streamed: bool, buffered: bool):
     """The policy whose gradients are taken, in eval mode (no dropout), after its memory plan, and whether it is
     sharded: (model, (rank, world) or None). With checkpointing (use_checkpointing): recompute activations in the
     backward; transformers does that only in train mode, so train mode, dropout 0. FSDP only for the streamed
-    CountSketch, which hashes each process's gradient shards (use_fsdp)."""
+    CountSketch, which hashes each process's gradient shards (use_fsdp). buffered: the kept coordinates are copied
+    into a [--chunk-prompts, F d] buffer (planned as memory_plan's "kept")."""
     checkpointing = use_checkpointing(args.gradient_checkpointing, device)
-    sharded = plan_memory(args.model, device, "sketch", args.token_budget, checkpointing, 0.0,
-                          "--token-budget or use --fsdp on", args.fsdp if streamed else "off", world)
+    flags = ("--token-budget, --chunk-prompts or --sparse-ratio" if buffered else
+             "--token-budget or use --fsdp on" if streamed else "--token-budget")  # FSDP: streamed CountSketch only
+    kept = (args.sparse_ratio, args.chunk_prompts) if buffered else (0.0, 0)
+    sharded = plan_memory(args.model, device, "sketch", args.token_budget, checkpointing, 0.0, flags,
+                          args.fsdp if streamed else "off", world, kept)
     model = load_model(args.model, device).eval()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -56,7 +56,7 @@ class Args:
     seed: int = arg(0, "seed of the kept-coordinate subset and of the projection (the release: 0)")
     dtype: str = arg("float32", "dtype of the stored sketch: float32 | float16")
     token_budget: int = arg(8192, "padded tokens per forward/backward micro-batch (gradients are accumulated)")
-    chunk_prompts: int = arg(8, "prompts sketched together (one GEMM per matrix block) and saved per resume chunk")
+    chunk_prompts: int = arg(32, "prompts sketched together (a batched backward, or a GEMM) and saved per resume chunk")
     clip_ratio: float | None = arg(None, "min(rho A, clip(rho, 1-c, 1+c) A), PPO-style (off, as in the release)")
     gradient_checkpointing: str = arg("auto", "recompute activations in the backward: auto (on CUDA only) | on | off")
     val_rollouts: list[str] = arg([], "a validation set's rollouts, sketched first in the same run (repeatable)")
@@ -217,12 +217,13 @@ class Sketcher:
     def __init__(self, args: Args, device: torch.device, rank: int = 0, world: int = 1):
         self.args, self.device, self.rank, self.world = args, device, rank, world
         self.streamed = args.projector == "countsketch" and args.sparse_ratio >= 1
-        self.model, self.share = M.load_model_for_gradients(args, device, rank, world, self.streamed)  # share: FSDP
+        buffered = not (self.streamed or args.projector == "kronecker")  # the kept coordinates copied first
+        self.model, self.share = M.load_model_for_gradients(args, device, rank, world, self.streamed, buffered)
         self.parameters = [p for _, p in M.trainable_parameters(self.model)]
         self.num_params = sum(p.numel() for p in self.parameters)
         self.num_kept, self.local_kept, self.buffer = self.num_params, None, None
         self.hooks = M.batch_hooks(self.model, args, device, self.share, self.streamed, countsketch_draws, HASH_BLOCK)
-        if not self.streamed and not self.hooks:
+        if buffered:
             kept = kept_coordinates(self.num_params, args.sparse_ratio, args.seed, device)
             self.num_kept = len(kept)
             self.local_kept = M.split_kept_by_parameter(kept, [p.numel() for p in self.parameters])
@@ -285,10 +286,9 @@ def sketch_grads(args: Args) -> dict | None:
     files = [(read_rollouts(path), path, out, args.mean_of_rows) for path, out in zip(args.val_rollouts, args.val_out)]
     files.append((read_rollouts(args.rollouts), args.rollouts, args.out, 0 if files else args.mean_of_rows))
     sketcher = Sketcher(args, device, rank, world)  # after every file was read and checked
-    for rows, path, out, mean_of_rows in files:
-        meta = sketch_file(sketcher, args, rows, path, out, mean_of_rows)
+    metas = [sketch_file(sketcher, args, *file) for file in files]  # file: (rows, path, out, mean_of_rows)
     M.finish_distributed()
-    return meta
+    return metas[-1]
 
 
 def main(args: Args) -> dict | None:

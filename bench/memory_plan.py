@@ -17,10 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import machinery as M  # noqa: E402
 
 CARD_GIB, GPUS = 80.0, 8
-# stage, token budget, gradient checkpointing, vLLM's share of the card, how run_cropi.sh runs it
-STAGES = (("collect", 16384, False, 0.6, "log-prob pass 16,384 tokens, vLLM 0.6"),
-          ("sketch", 8192, True, 0.0, "8,192 tokens, checkpointing"),
-          ("grpo", 16384, True, 0.4, "16,384 tokens, checkpointing, vLLM 0.4"))
+RELEASE_KEPT = (0.1, 32)  # the release's F = 0.1 (a dense projector), at sketch_grads.py's --chunk-prompts 32
+# stage, token budget, gradient checkpointing, vLLM's share of the card, (F, buffer rows) of a buffered sketch, how
+STAGES = (("collect", 16384, False, 0.6, (0.0, 0), "log-prob pass 16,384 tokens, vLLM 0.6"),
+          ("sketch", 8192, True, 0.0, (0.0, 0), "8,192 tokens, checkpointing"),
+          ("sketch", 8192, True, 0.0, RELEASE_KEPT, "the release's --sparse-ratio 0.1, dense projector, "
+                                                    "--chunk-prompts 32"),
+          ("grpo", 16384, True, 0.4, (0.0, 0), "16,384 tokens, checkpointing, vLLM 0.4"))
 
 
 def qwen_configs() -> dict:
@@ -40,13 +43,18 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, config in qwen_configs().items():
         num_params = M.count_parameters(config)
-        for stage, budget, checkpointing, vllm_share, how in STAGES:
-            replicated = M.memory_plan(config, num_params, stage, budget, checkpointing, vllm_share, CARD_GIB)
-            sharded = stage != "collect" and M.use_fsdp("auto", GPUS, replicated, CARD_GIB)  # collect has no FSDP
-            plan = M.memory_plan(config, num_params, stage, budget, checkpointing, vllm_share, CARD_GIB,
-                                 shards=GPUS) if sharded else replicated
+        for stage, budget, checkpointing, vllm_share, kept, how in STAGES:
+            plan_of = lambda shards, rows=kept[1]: M.memory_plan(  # noqa: E731
+                config, num_params, stage, budget, checkpointing, vllm_share, CARD_GIB, 0, shards, kept[0], rows)
+            replicated = plan_of(1)
+            # collect has no FSDP; a buffered sketch neither (sketch_grads.py shards only the streamed CountSketch)
+            sharded = stage != "collect" and not kept[0] and M.use_fsdp("auto", GPUS, replicated, CARD_GIB)
+            plan = plan_of(GPUS) if sharded else replicated
             state = replicated["weights"] + replicated["grads"] + replicated["optimizer"]
             parts = ", ".join(f"{part} {gib:.1f}" for part, gib in plan.items() if part != "total" and gib)
+            if plan["total"] > CARD_GIB:  # refused at the start: the most buffer rows that fit
+                fitting = [rows for rows in range(kept[1], 0, -1) if plan_of(1, rows)["total"] <= CARD_GIB]
+                parts += f"; refused, fits with --chunk-prompts {fitting[0]}" if fitting else "; refused at any chunk"
             print(f"| {name} ({num_params / 1e9:.2f}B) | {stage} ({how}) | {state:.1f} | "
                   f"{'sharded' if sharded else 'replicated'} | **{plan['total']:.1f}**: {parts} |")
 

@@ -123,11 +123,15 @@ def test_memory_plan_by_hand():
     # activations: layer inputs 2^20 x 64 x 2 B x 2 layers = 0.25 GiB + one layer 2^20 x (16 x 64 + 4 x 256) x 2 B = 4
     # logits: 2^26 // 1024 = 2^16 tokens x 1024 x 4 B x 3 = 0.75 GiB
     assert plan == {"weights": 1.5, "grads": 1.0, "optimizer": 2.0, "vllm": 5.0, "activations": 4.25, "logits": 0.75,
-                    "hashes": 0, "total": 14.5}
+                    "hashes": 0, "kept": 0, "total": 14.5}
     without = M.memory_plan(config, 2 ** 28, "grpo", 2 ** 20, checkpointing=False, vllm_share=0.5, card_gib=10)
     assert without["activations"] == 8.0  # every layer's internals: 2 x 4 GiB
     sketch = M.memory_plan(config, 2 ** 28, "sketch", 2 ** 20, True)
     assert sketch["optimizer"] == 0 and sketch["hashes"] == 1.0  # 2^28 x 4 B = 1 GiB of hash draws, the cap
+    assert sketch["kept"] == 0  # CountSketch at F = 1: nothing copied
+    buffered = M.memory_plan(config, 2 ** 28, "sketch", 2 ** 20, True, kept_fraction=0.25, buffer_rows=32)
+    assert buffered["kept"] == 8.5  # 2^28 / 4 kept coordinates x (8 B position + 32 rows x 4 B) = 2^26 x 136 B
+    assert buffered["total"] == sketch["total"] + 8.5
     with pytest.raises(DataError, match="needs 14.5 GiB per GPU, the card has 10; lower --micro-batch-tokens"):
         M.check_memory_plan(plan, 10, "grpo", "--micro-batch-tokens")
     assert M.count_parameters(config) == 1024 * 64 + 1024 * 64 + 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64

@@ -376,7 +376,7 @@ def test_mean_of_rows_sample_is_select_datas_sample():
 def test_gradient_checkpointing_setting(tiny_model, monkeypatch):
     dropout_off = lambda model: all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     load = lambda setting, device: sg.M.load_model_for_gradients(
-        sg.Args(model=str(tiny_model), gradient_checkpointing=setting), device, 0, 1, streamed=True)
+        sg.Args(model=str(tiny_model), gradient_checkpointing=setting), device, 0, 1, streamed=True, buffered=False)
     model, share = load("auto", CPU)  # auto on a CPU: off, eval mode; one process: not sharded
     assert not model.is_gradient_checkpointing and not model.training and share is None
     for setting, device in (("on", CPU), ("auto", torch.device("cuda"))):
@@ -387,6 +387,18 @@ def test_gradient_checkpointing_setting(tiny_model, monkeypatch):
         assert model.is_gradient_checkpointing and model.training and dropout_off(model)
         monkeypatch.undo()
     assert not load("off", CPU)[0].is_gradient_checkpointing
+
+
+def test_memory_plan_names_the_flags_of_the_sketch_it_plans(tiny_model, monkeypatch):
+    # a card too small for anything: the refusal names the flags that shrink this sketch's plan, before loading
+    monkeypatch.setattr(sg.M, "card_gib", lambda device: 1e-6)
+    monkeypatch.setattr(sg.M, "load_model", lambda *a: pytest.fail("loaded the model before the plan refused it"))
+    with pytest.raises(DataError, match="lower --token-budget or use --fsdp on"):
+        sg.Sketcher(sg.Args(model=str(tiny_model)), CPU)  # CountSketch at F = 1: nothing copied, FSDP can help
+    with pytest.raises(DataError, match="lower --token-budget, --chunk-prompts or --sparse-ratio"):
+        sg.Sketcher(sg.Args(model=str(tiny_model), sparse_ratio=0.5), CPU)  # the kept coordinates' buffer
+    with pytest.raises(DataError, match="lower --token-budget$"):
+        sg.Sketcher(sg.Args(model=str(tiny_model), projector="kronecker"), CPU)  # hooks: no buffer, no FSDP
 
 
 def test_nonfinite_rows_flagged(tiny_model, rollouts, tmp_path):
