@@ -17,12 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import machinery as M  # noqa: E402
 
 CARD_GIB, GPUS = 80.0, 8
-RELEASE_KEPT = (0.1, 32)  # the release's F = 0.1 (a dense projector), at sketch_grads.py's --chunk-prompts 32
+RELEASE_KEPT = (0.1, 32)  # the release's F = 0.1 (a buffered sketch) at sketch_grads.py's --chunk-prompts 32
 # stage, token budget, gradient checkpointing, vLLM's share of the card, (F, buffer rows) of a buffered sketch, how
 STAGES = (("collect", 16384, False, 0.6, (0.0, 0), "log-prob pass 16,384 tokens, vLLM 0.6"),
           ("sketch", 8192, True, 0.0, (0.0, 0), "8,192 tokens, checkpointing"),
-          ("sketch", 8192, True, 0.0, RELEASE_KEPT, "the release's --sparse-ratio 0.1, dense projector, "
-                                                    "--chunk-prompts 32"),
+          ("sketch", 8192, True, 0.0, RELEASE_KEPT, "the release's --sparse-ratio 0.1, --chunk-prompts 32"),
           ("grpo", 16384, True, 0.4, (0.0, 0), "16,384 tokens, checkpointing, vLLM 0.4"))
 
 
