@@ -489,10 +489,12 @@ def plan_memory(model_path: str, device: torch.device, stage: str, token_budget:
 
     config = AutoConfig.from_pretrained(model_path)
     num_params = count_parameters(config)
-    plan = memory_plan(config, num_params, stage, token_budget, checkpointing, vllm_share, card, 0, 1, *kept)
+    plan_of = functools.partial(memory_plan, config, num_params, stage, token_budget, checkpointing, vllm_share, card,
+                                kept_fraction=kept[0], buffer_rows=kept[1])
+    plan = plan_of(shards=1)
     sharded = use_fsdp(fsdp, world, plan, card)
     if sharded:
-        plan = memory_plan(config, num_params, stage, token_budget, checkpointing, vllm_share, card, 0, world, *kept)
+        plan = plan_of(shards=world)
     check_memory_plan(plan, card, f"{stage}, FSDP over {world} GPUs" if sharded else stage, flags)
     return sharded
 

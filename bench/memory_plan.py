@@ -43,8 +43,9 @@ def main() -> None:
     for name, config in qwen_configs().items():
         num_params = M.count_parameters(config)
         for stage, budget, checkpointing, vllm_share, kept, how in STAGES:
-            plan_of = lambda shards, rows=kept[1]: M.memory_plan(  # noqa: E731
-                config, num_params, stage, budget, checkpointing, vllm_share, CARD_GIB, 0, shards, kept[0], rows)
+            def plan_of(shards: int, rows: int = kept[1]) -> dict:
+                return M.memory_plan(config, num_params, stage, budget, checkpointing, vllm_share, CARD_GIB,
+                                     shards=shards, kept_fraction=kept[0], buffer_rows=rows)
             replicated = plan_of(1)
             # collect has no FSDP; a buffered sketch neither (sketch_grads.py shards only the streamed CountSketch)
             sharded = stage != "collect" and not kept[0] and M.use_fsdp("auto", GPUS, replicated, CARD_GIB)
