@@ -111,17 +111,34 @@ EOF
 # run_step NAME DONE_FILE OUTPUTS command...: run the command unless DONE_FILE holds the same settings key, and
 # record its wall-clock seconds and key. The key hashes the command line (paths relative to OUT_DIR, the launcher
 # left out) and the key of the step before, so a changed setting redoes its step and every later one; the stale
-# OUTPUTS of a redone step are deleted first. DONE_FILE.key marks a step that was started, so that an interrupted
-# step is resumed with the same settings or started over with new ones.
+# OUTPUTS (paths, one per line: see `paths`) of a redone step are deleted first, and only inside the run's own
+# folders (OUT_DIR, DEMO_DIR). DONE_FILE.key marks a step that was started, so that an interrupted step is resumed
+# with the same settings or started over with new ones.
 chain="" ran=0
+paths() { printf '%s\n' "$@"; }
+inside_run() {  # inside_run PATH: PATH lies strictly inside OUT_DIR or DEMO_DIR (whatever characters they hold)
+  local path root; path=$(realpath -m -- "$1")
+  for root in "$OUT_DIR" "$DEMO_DIR"; do
+    [[ -n "$root" ]] || continue
+    root=$(realpath -m -- "$root")
+    [[ "$path" == "$root"/* ]] && return 0
+  done
+  return 1
+}
 run_step() {
-  local name=$1 done_file=$2 outputs=$3; shift 3
-  local key; key=$(printf '%s\n' "$chain" "${@:2}" | sed "s|$OUT_DIR|<OUT_DIR>|g" | sha256sum | cut -c1-16)
+  local name=$1 done_file=$2 outputs path; shift 2
+  mapfile -t outputs <<< "$1"; shift
+  local key; key=$(printf '%s\n' "$chain" "${@:2}" | awk -v dir="$OUT_DIR" \
+    '{ while ((i = index($0, dir)) > 0) $0 = substr($0, 1, i - 1) "<OUT_DIR>" substr($0, i + length(dir)); print }' \
+    | sha256sum | cut -c1-16)
   chain=$key
   if [[ -f "$done_file" && "$(sed -n 2p "$done_file")" == "$key" ]]; then echo "[skip] $name (done)"; return; fi
   if [[ -f "$done_file" || ( -f "$done_file.key" && "$(cat "$done_file.key")" != "$key" ) ]]; then
-    echo "[redo] $name: made with other settings or inputs; deleting $outputs"
-    rm -rf $outputs "$done_file"
+    for path in "${outputs[@]}" "$done_file"; do
+      inside_run "$path" || fail "step '$name': will not delete $path, which is outside OUT_DIR=$OUT_DIR"
+    done
+    echo "[redo] $name: made with other settings or inputs; deleting ${outputs[*]}"
+    rm -rf -- "${outputs[@]}" "$done_file"
   fi
   echo "[run ] $name"
   ran=1
@@ -145,20 +162,21 @@ files_to_flags() { local flag=$1 f; IFS=, read -ra files <<< "$2"; for f in "${f
 if [[ $kind != real ]]; then
   is_int DEMO_SEED "$DEMO_SEED"
   read -ra demo_args <<< "$DEMO_ARGS"
-  run_step "build the demo task and model" "$DEMO_DIR/demo.done" "$DEMO_DIR/model $DEMO_DIR/data $DEMO_DIR/demo.json" \
+  run_step "build the demo task and model" "$DEMO_DIR/demo.done" "$(paths "$DEMO_DIR/model" "$DEMO_DIR/data" "$DEMO_DIR/demo.json")" \
     "$PYTHON" make_demo.py --out "$DEMO_DIR" --seed "$DEMO_SEED" "${demo_args[@]}"
 fi
 # Every input checked before the first expensive step: the model folder (or a hub name), every data file parsed.
 if [[ ! -d "$MODEL" ]]; then
   [[ "$MODEL" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$ ]] || fail "MODEL=$MODEL: no such folder (and not a hub name 'org/name')"
 fi
-for f in ${TRAIN_DATA//,/ } ${VAL_DATA//,/ } ${TEST_DATA//,/ }; do [[ -f "$f" ]] || fail "data file $f not found"; done
+IFS=, read -ra data_files <<< "$TRAIN_DATA,$VAL_DATA${TEST_DATA:+,$TEST_DATA}"  # comma-separated: paths may hold spaces
+for f in "${data_files[@]}"; do [[ -f "$f" ]] || fail "data file $f not found"; done
 "$PYTHON" -c 'import sys, common
 for path in sys.argv[1:]:
     try:
         common.load_examples(path)
     except common.DataError as e:
-        sys.exit(f"run_cropi.sh: error: {e}")' ${TRAIN_DATA//,/ } ${VAL_DATA//,/ } ${TEST_DATA//,/ }
+        sys.exit(f"run_cropi.sh: error: {e}")' "${data_files[@]}"
 IFS=, read -ra val_files <<< "$VAL_DATA"
 val_sets=()  # each validation set is named after its file: its rollouts are $R/<name>.jsonl, its sketches <name>_sketch.npy
 for f in "${val_files[@]}"; do
@@ -177,7 +195,7 @@ R=$OUT_DIR/rollouts
 # The steps, one function each; rollouts and sketches are named after their data file (train, or a VAL_DATA stem).
 collect() {  # collect ROLLOUT_DIR CHECKPOINT SEED NAME K MIN_MIXED data-flags...
   local dir=$1 checkpoint=$2 seed=$3 name=$4 k=$5 min_mixed=$6; shift 6
-  run_step "collect rollouts: $name" "$dir/$name.done" "$dir/$name.jsonl $dir/$name.summary.json $dir/$name.jsonl.parts" \
+  run_step "collect rollouts: $name" "$dir/$name.done" "$(paths "$dir/$name.jsonl" "$dir/$name.summary.json" "$dir/$name.jsonl.parts")" \
     launch collect_rollouts.py --model "$checkpoint" "$@" --out "$dir/$name.jsonl" --k "$k" --temperature "$TEMPERATURE" \
       --max-new-tokens "$MAX_NEW_TOKENS" --seed "$seed" --system-prompt "$SYSTEM_PROMPT" --min-mixed "$min_mixed"
 }
@@ -192,13 +210,13 @@ sketch() {  # sketch STAGE_DIR CHECKPOINT ROLLOUT_DIR MEAN_SEED: the pool and ev
   local dir=$1 checkpoint=$2 rollouts=$3 mean_seed=$4 name v outputs=() val_flags=()
   for name in train "${val_sets[@]}"; do outputs+=("$dir/${name}_sketch.npy" "$dir/${name}_sketch.json" "$dir/${name}_sketch.npy.parts"); done
   for v in "${val_sets[@]}"; do val_flags+=(--val-rollouts "$rollouts/$v.jsonl" --val-out "$dir/${v}_sketch.npy"); done
-  run_step "sketch gradients: train and ${#val_sets[@]} validation sets" "$dir/sketch.done" "${outputs[*]}" \
+  run_step "sketch gradients: train and ${#val_sets[@]} validation sets" "$dir/sketch.done" "$(paths "${outputs[@]}")" \
     launch sketch_grads.py --model "$checkpoint" --rollouts "$rollouts/train.jsonl" --out "$dir/train_sketch.npy" \
       "${val_flags[@]}" --mean-of-rows "$VAL_MEAN_OF" --mean-seed "$mean_seed" --seed "$SEED" "${sketch_flags[@]}"
 }
 select_top() {  # select_top STAGE_DIR STAGE METHOD ROLLOUT_DIR extra-flags...
   local dir=$1 m=$2 method=$3 rollouts=$4; shift 4
-  run_step "select data ($method)" "$dir/select.done" "$dir/subset.jsonl $dir/scores.npy $dir/selection.json" \
+  run_step "select data ($method)" "$dir/select.done" "$(paths "$dir/subset.jsonl" "$dir/scores.npy" "$dir/selection.json")" \
     "$PYTHON" select_data.py --train-rollouts "$rollouts/train.jsonl" "$@" --ratio "$RATIO" --method "$method" \
       --seed "$((SEED + m))" --out "$dir"
   [[ -s "$dir/subset.jsonl" ]] || fail "stage $m selected nothing ($dir/subset.jsonl is empty)"
@@ -222,7 +240,7 @@ select_stage() {  # select_stage METHOD STAGE_DIR STAGE CHECKPOINT: steps 1a-f f
 }
 grpo() {  # grpo STAGE_DIR STAGE CHECKPOINT METHOD
   local dynamic=(); [[ $4 == full_dynamic ]] && dynamic=(--dynamic-sampling "$DYNAMIC_ROUNDS")
-  run_step "GRPO: $STEPS_PER_STAGE steps" "$1/train.done" "$1/checkpoint $1/checkpoint.resume $1/metrics.jsonl" \
+  run_step "GRPO: $STEPS_PER_STAGE steps" "$1/train.done" "$(paths "$1/checkpoint" "$1/checkpoint.resume" "$1/metrics.jsonl")" \
     launch grpo_train.py --model "$3" --ref-model "$MODEL" --data "$1/subset.jsonl" --steps "$STEPS_PER_STAGE" \
       --step-offset "$(($2 * STEPS_PER_STAGE))" --out "$1/checkpoint" --metrics "$1/metrics.jsonl" \
       "${test_flags[@]}" --eval-every "$EVAL_EVERY" --seed "$((SEED + $2))" --batch-prompts "$BATCH_PROMPTS" \
@@ -250,7 +268,7 @@ run_stages "$METHOD" "$OUT_DIR"
 compare_dirs=()
 for method in ${COMPARE//,/ }; do run_stages "$method" "$OUT_DIR/compare_$method"; compare_dirs+=("$OUT_DIR/compare_$method"); done
 
-run_step "report" "$OUT_DIR/report.done" "$OUT_DIR/report.md" \
+run_step "report" "$OUT_DIR/report.done" "$(paths "$OUT_DIR/report.md")" \
   "$PYTHON" report.py --out-dir "$OUT_DIR" --stages "$STAGES" --targeted "$TARGETED" --method "$METHOD" \
     --compare "$(IFS=,; echo "${compare_dirs[*]}")"
 if (( ran )); then echo "Done: $OUT_DIR/report.md"; else echo "Already finished: the report is $OUT_DIR/report.md"; fi

@@ -126,10 +126,16 @@ def test_a_malformed_data_file_is_refused_before_any_model_is_loaded(tmp_path):
 
 def test_changed_settings_redo_the_affected_steps_and_those_after(smoke_run, tmp_path):
     """Rerun a finished smoke run with another GRPO learning rate: collection, sketches and stage 0's selection are
-    kept, every GRPO segment and what follows it (stage 1, the report) is redone; the same settings again skip all."""
-    out = tmp_path / "rerun"
+    kept, every GRPO segment and what follows it (stage 1, the report) is redone; the same settings again skip all.
+    OUT_DIR holds a space and shell-special characters: the redo deletes only inside it, never the sibling folder
+    that the path's first word names."""
+    sibling = tmp_path / "work" / "my"
+    sibling.mkdir(parents=True)
+    (sibling / "keep.txt").write_text("a user's file\n")
+    out = tmp_path / "work" / "my run $(x) *"
     shutil.copytree(smoke_run, out, symlinks=True)
     result = run_loop(out, LR="5e-5")
+    assert (sibling / "keep.txt").read_text() == "a user's file\n"
     assert "[skip] collect rollouts: train (done)" in result.stdout
     assert "[skip] select data (cropi) (done)" in result.stdout  # stage 0's selection does not depend on LR
     assert "[redo] GRPO: 3 steps: made with other settings or inputs" in result.stdout
