@@ -171,11 +171,13 @@ if [[ ! -d "$MODEL" ]]; then
 fi
 IFS=, read -ra data_files <<< "$TRAIN_DATA,$VAL_DATA${TEST_DATA:+,$TEST_DATA}"  # comma-separated: paths may hold spaces
 for f in "${data_files[@]}"; do [[ -f "$f" ]] || fail "data file $f not found"; done
-"$PYTHON" -c 'import sys, common
+"$PYTHON" -c 'import sys
+from plumbing.cli import DataError
+from plumbing.data import load_examples
 for path in sys.argv[1:]:
     try:
-        common.load_examples(path)
-    except common.DataError as e:
+        load_examples(path)
+    except DataError as e:
         sys.exit(f"run_cropi.sh: error: {e}")' "${data_files[@]}"
 IFS=, read -ra val_files <<< "$VAL_DATA"
 val_sets=()  # each validation set is named after its file: its rollouts are $R/<name>.jsonl, its sketches <name>_sketch.npy

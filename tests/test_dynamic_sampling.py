@@ -1,41 +1,62 @@
-"""grpo_train.py --dynamic-sampling (DAPO): groups whose G rewards are all equal are replaced, at most N rounds."""
+"""grpo_train.py --dynamic-sampling (DAPO): groups whose G rewards are all equal are replaced, at
+most N rounds."""
 
 import json
 from pathlib import Path
 
 import torch
-
 from conftest import run_script
-from grpo_train import dynamic_sampling
 from test_grpo_train import ENV, digit_toy, toy_flags  # noqa: F401  (digit_toy: the module's fixture)
+
+from grpo_train import dynamic_sampling
 
 
 def scripted_rounds(rounds: list[list[list[int]]]):
-    """A sample_round that returns hand-made rewards [groups, G] per round, groups named 'r<round>g<index>'."""
+    """A sample_round that returns hand-made rewards [groups, G] per round, groups named
+    'r<round>g<index>'."""
     calls = []
 
     def sample_round(r: int):
         calls.append(r)
-        return [f"r{r}g{i}" for i in range(len(rounds[r]))], torch.tensor(rounds[r], dtype=torch.float32)
+        return [f"r{r}g{i}" for i in range(len(rounds[r]))], torch.tensor(
+            rounds[r], dtype=torch.float32
+        )
+
     return sample_round, calls
 
 
 def test_all_equal_groups_are_replaced_by_new_prompts():
-    sample_round, calls = scripted_rounds([
-        [[1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 1]],  # round 0: groups 1 and 3 mixed
-        [[0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 1], [0, 1, 1, 1]],  # round 1: groups 1, 2, 3 mixed; 2 fill the batch
-        [[0, 1, 0, 1]] * 4,                                          # never needed
-    ])
+    sample_round, calls = scripted_rounds(
+        [
+            [
+                [1, 1, 1, 1],
+                [0, 1, 0, 0],
+                [0, 0, 0, 0],
+                [1, 0, 1, 1],
+            ],  # round 0: groups 1 and 3 mixed
+            [
+                [0, 0, 0, 0],
+                [1, 1, 0, 0],
+                [0, 0, 0, 1],
+                [0, 1, 1, 1],
+            ],  # round 1: groups 1, 2, 3 mixed; 2 fill the batch
+            [[0, 1, 0, 1]] * 4,  # never needed
+        ]
+    )
     groups, rewards, rounds = dynamic_sampling(sample_round, batch_size=4, max_rounds=5)
     assert groups == ["r0g1", "r0g3", "r1g1", "r1g2"] and rounds == 2 and calls == [0, 1]
     assert rewards.tolist() == [[0, 1, 0, 0], [1, 0, 1, 1], [1, 1, 0, 0], [0, 0, 0, 1]]
 
 
 def test_the_cap_on_rounds_is_respected():
-    sample_round, calls = scripted_rounds([[[1, 1], [0, 1]], [[0, 0], [0, 0]], [[1, 0], [1, 1]], [[0, 1], [0, 1]]])
+    sample_round, calls = scripted_rounds(
+        [[[1, 1], [0, 1]], [[0, 0], [0, 0]], [[1, 0], [1, 1]], [[0, 1], [0, 1]]]
+    )
     groups, rewards, rounds = dynamic_sampling(sample_round, batch_size=2, max_rounds=2)
     assert calls == [0, 1] and rounds == 2
-    assert groups == ["r0g1"] and rewards.tolist() == [[0, 1]]  # one mixed group in 2 rounds: trained on 1
+    assert groups == ["r0g1"] and rewards.tolist() == [
+        [0, 1]
+    ]  # one mixed group in 2 rounds: trained on 1
 
 
 def test_no_mixed_group_at_all_trains_on_the_last_round_and_zero_rounds_is_off():
@@ -43,7 +64,9 @@ def test_no_mixed_group_at_all_trains_on_the_last_round_and_zero_rounds_is_off()
     groups, rewards, rounds = dynamic_sampling(sample_round, batch_size=2, max_rounds=2)
     assert groups == ["r1g0", "r1g1"] and rewards.tolist() == [[0, 0], [1, 1]] and rounds == 2
     sample_round, calls = scripted_rounds([[[1, 1], [0, 1]]])
-    groups, rewards, rounds = dynamic_sampling(sample_round, batch_size=2, max_rounds=0)  # off: plain GRPO
+    groups, rewards, rounds = dynamic_sampling(
+        sample_round, batch_size=2, max_rounds=0
+    )  # off: plain GRPO
     assert groups == ["r0g0", "r0g1"] and rounds == 1 and calls == [0]
 
 
@@ -54,6 +77,11 @@ def test_script_logs_the_sampling_rounds(digit_toy, tmp_path):  # noqa: F811
     lines = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
     assert [m["stage_step"] for m in lines] == [1, 2]
     assert all(1 <= m["sampling_rounds"] <= 3 for m in lines)
-    refused = run_script(*toy_flags(model_dir, data, tmp_path / "x", 1, "--dynamic-sampling", "2", "--mini-batches",
-                                    "2"), env=ENV, check=False)
+    refused = run_script(
+        *toy_flags(
+            model_dir, data, tmp_path / "x", 1, "--dynamic-sampling", "2", "--mini-batches", "2"
+        ),
+        env=ENV,
+        check=False,
+    )
     assert refused.returncode != 0 and "--dynamic-sampling needs --mini-batches 1" in refused.stderr

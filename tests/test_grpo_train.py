@@ -1,6 +1,8 @@
-"""Tests of grpo_train.py: the loss math against hand-worked numbers, the script as a user runs it (learning on a
-toy, save/load, resume == uninterrupted), vLLM weight sync on CPU, and 2 processes (torchrun, gloo) == 1 process."""
+"""Tests of grpo_train.py: the loss math against hand-worked numbers, the script as a user runs it
+(learning on a toy, save/load, resume == uninterrupted), vLLM weight sync on CPU, and 2 processes
+(torchrun, gloo) == 1 process."""
 
+import dataclasses
 import json
 import math
 import textwrap
@@ -8,12 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, make_synthetic_rollouts, make_tiny_model, run_script
 
+import common
 import grpo_train
-import machinery as M
 from grpo_train import aggregate, batch_indices, grpo_token_losses, k3_kl
+from plumbing.cli import DataError, parse_args
+from plumbing.files import ChunkStore
+from plumbing.grpo_run import TrainingRun
+from plumbing.models import disable_dropout, load_model, load_tokenizer
 
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -22,19 +27,24 @@ ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 # The math, by hand
 # ----------------------------------------------------------------------------------------------
 
+
 def test_batch_indices_epochwise_without_replacement():
-    # N=5, B=2: positions 0..4 are epoch 0 (a permutation of 0..4), positions 5..9 epoch 1 (another permutation).
+    # N=5, B=2: positions 0..4 are epoch 0 (a permutation of 0..4), positions 5..9 epoch 1 (another
+    # permutation).
     stream = [i for step in range(5) for i in batch_indices(5, 2, step, seed=3)]
     assert sorted(stream[:5]) == [0, 1, 2, 3, 4]
     assert sorted(stream[5:]) == [0, 1, 2, 3, 4]
-    assert batch_indices(5, 2, 2, seed=3) == stream[4:6]  # step 2 straddles the epochs: a pure function of the step
+    assert (
+        batch_indices(5, 2, 2, seed=3) == stream[4:6]
+    )  # step 2 straddles the epochs: a pure function of the step
     assert stream != [i for step in range(5) for i in batch_indices(5, 2, step, seed=4)]
 
 
 def test_k3_kl_by_hand():
     logprobs = torch.log(torch.tensor([0.5, 0.25, 0.3]))
     ref = torch.log(torch.tensor([0.25, 0.5, 0.3]))
-    # ref - logp = log(1/2): 0.5 + ln 2 - 1 = 0.193147;  ref - logp = ln 2: 2 - ln 2 - 1 = 0.306853;  equal: 0
+    # ref - logp = log(1/2): 0.5 + ln 2 - 1 = 0.193147;  ref - logp = ln 2: 2 - ln 2 - 1 = 0.306853;
+    # equal: 0
     expected = torch.tensor([0.5 + math.log(2) - 1, 2 - math.log(2) - 1, 0.0])
     assert torch.allclose(k3_kl(logprobs, ref), expected, atol=1e-6)
 
@@ -70,17 +80,20 @@ def test_aggregate_by_hand_and_micro_batches_add_up():
     values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     assert aggregate(values, mask, "token-mean", normalizer=4).item() == pytest.approx(10 / 4)
-    assert aggregate(values, mask, "seq-mean-token-mean", normalizer=2).item() == pytest.approx((6 / 3 + 4 / 1) / 2)
+    assert aggregate(values, mask, "seq-mean-token-mean", normalizer=2).item() == pytest.approx(
+        (6 / 3 + 4 / 1) / 2
+    )
     for mode, normalizer in (("token-mean", 4), ("seq-mean-token-mean", 2)):
-        split = sum(aggregate(values[i:i + 1], mask[i:i + 1], mode, normalizer) for i in range(2))
+        split = sum(
+            aggregate(values[i : i + 1], mask[i : i + 1], mode, normalizer) for i in range(2)
+        )
         assert split.item() == pytest.approx(aggregate(values, mask, mode, normalizer).item())
-    with pytest.raises(ValueError, match="loss-agg"):
-        aggregate(values, mask, "sum", 1)
 
 
 # ----------------------------------------------------------------------------------------------
 # grpo_update on a tiny GPT-2: gradient = the hand formula, KL = 0 when policy = reference
 # ----------------------------------------------------------------------------------------------
+
 
 def _tiny_batch(model_dir, tmp_path):
     rows = make_synthetic_rollouts(model_dir, tmp_path / "rollouts.jsonl", n_prompts=3, k=4)
@@ -91,56 +104,80 @@ def _tiny_batch(model_dir, tmp_path):
 
 
 def rows_budget(prompts, responses, rows: int) -> int:
-    """A --micro-batch-tokens that holds `rows` of the longest sequence (so several micro-batches on _tiny_batch)."""
+    """A --micro-batch-tokens that holds `rows` of the longest sequence (so several micro-batches on
+    _tiny_batch)."""
     return rows * max(len(p) + len(r) for p, r in zip(prompts, responses))
 
 
 def test_micro_batches_by_token_budget_by_hand():
-    # lengths p + r = 5, 3, 8, 2; longest first: 8 | 5 3 (2 rows x 5 = 10 <= 10) | 2 (3 rows x 5 = 15 > 10)
+    # lengths p + r = 5, 3, 8, 2; longest first: 8 | 5 3 (2 rows x 5 = 10 <= 10)
+    # | 2 (3 rows x 5 = 15 > 10)
     prompts, responses = [[1] * 3, [1] * 2, [1] * 4, [1]], [[2] * 2, [2], [2] * 4, [2]]
     assert grpo_train.micro_batches(prompts, responses, 10) == [[2], [0, 1], [3]]
-    assert grpo_train.micro_batches(prompts, responses, 7) == [[2], [0], [1, 3]]  # 8 > 7 alone; 2 x 3 = 6 <= 7
+    assert grpo_train.micro_batches(prompts, responses, 7) == [
+        [2],
+        [0],
+        [1, 3],
+    ]  # 8 > 7 alone; 2 x 3 = 6 <= 7
     assert grpo_train.micro_batches(prompts, responses, 100) == [[2, 0, 1, 3]]
+
+
+def old_logprobs(model, prompts, responses, args):
+    """pi_old as grpo_train.py takes it before a step's first update: by the update's
+    micro-batches."""
+    batches = grpo_train.micro_batches(prompts, responses, args.micro_batch_tokens)
+    return common.batched_logprobs(model, prompts, responses, args.temperature, 0, batches)
 
 
 def test_policy_logprobs_in_input_order(tiny_model, tmp_path):
     from common import response_logprobs
-    from machinery import load_model
 
     prompts, responses, _ = _tiny_batch(tiny_model, tmp_path)
     model = load_model(str(tiny_model), torch.device("cpu")).eval()
     args = grpo_train.Args(micro_batch_tokens=rows_budget(prompts, responses, 3))
-    assert len(grpo_train.micro_batches(prompts, responses, args.micro_batch_tokens)) >= 4  # 12 sequences
-    got = grpo_train.policy_logprobs(model, prompts, responses, args, 0)
+    assert (
+        len(grpo_train.micro_batches(prompts, responses, args.micro_batch_tokens)) >= 4
+    )  # 12 sequences
+    got = old_logprobs(model, prompts, responses, args)
     with torch.no_grad():
         for p, r, logprobs in zip(prompts, responses, got):
-            alone, _ = response_logprobs(model, [p], [r], args.temperature, 0)
+            alone, _, _ = response_logprobs(model, [p], [r], args.temperature, 0)
             assert logprobs.shape == (len(r),) and torch.allclose(logprobs, alone[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("loss_agg,checkpointing", [("token-mean", False), ("seq-mean-token-mean", False),
-                                                     ("token-mean", True)])
-def test_update_gradient_equals_policy_gradient_formula(tiny_model, tmp_path, loss_agg, checkpointing):
+@pytest.mark.parametrize(
+    "loss_agg,checkpointing",
+    [("token-mean", False), ("seq-mean-token-mean", False), ("token-mean", True)],
+)
+def test_update_gradient_equals_policy_gradient_formula(
+    tiny_model, tmp_path, loss_agg, checkpointing
+):
     from common import group_advantages, response_logprobs
-    from machinery import load_model
 
     prompts, responses, rewards = _tiny_batch(tiny_model, tmp_path)
     advantages = group_advantages(rewards).flatten()
-    args = grpo_train.Args(kl_coef=0.0, entropy_coef=0.0, loss_agg=loss_agg, grad_clip=1e9,
-                           micro_batch_tokens=rows_budget(prompts, responses, 5))  # 3 micro-batches or more
+    args = grpo_train.Args(
+        kl_coef=0.0,
+        entropy_coef=0.0,
+        loss_agg=loss_agg,
+        grad_clip=1e9,
+        micro_batch_tokens=rows_budget(prompts, responses, 5),
+    )  # 3 micro-batches or more
     model = load_model(str(tiny_model), torch.device("cpu"))
-    M.disable_dropout(model)
+    disable_dropout(model)
     model.train()  # as grpo_train.py trains: train mode, dropout off
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the gradient, leave the weights
-    grpo_train.grpo_update(model, None, optimizer, prompts, responses, advantages, args, pad_token_id=0)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=0.0
+    )  # lr 0: keep the gradient, leave the weights
+    grpo_train.grpo_update(model, None, optimizer, prompts, responses, advantages, args, 0)
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    # At ratio 1 the loss gradient is -(1/Z) sum_i A_i sum_t w_it grad log pi(y_it): w = 1, Z = #tokens (token-mean)
-    # or w = 1/|y_i|, Z = #responses (seq-mean-token-mean).
+    # At ratio 1 the loss gradient is -(1/Z) sum_i A_i sum_t w_it grad log pi(y_it):
+    # w = 1, Z = #tokens (token-mean) or w = 1/|y_i|, Z = #responses (seq-mean-token-mean).
     model.zero_grad()
-    logprobs, mask = response_logprobs(model, prompts, responses, 1.0, 0)
+    logprobs, mask, _ = response_logprobs(model, prompts, responses, 1.0, 0)
     if loss_agg == "token-mean":
         weights, z = mask, mask.sum()
     else:
@@ -153,7 +190,6 @@ def test_update_gradient_equals_policy_gradient_formula(tiny_model, tmp_path, lo
 
 def test_update_kl_zero_when_policy_is_reference(tiny_model, tmp_path):
     from common import group_advantages
-    from machinery import load_model
 
     prompts, responses, rewards = _tiny_batch(tiny_model, tmp_path)
     model = load_model(str(tiny_model), torch.device("cpu")).eval()
@@ -170,27 +206,39 @@ def test_update_kl_zero_when_policy_is_reference(tiny_model, tmp_path):
 
 def test_old_logprobs_taken_before_the_first_update_make_the_clip_act(tiny_model, tmp_path):
     from common import group_advantages
-    from machinery import load_model
 
     prompts, responses, rewards = _tiny_batch(tiny_model, tmp_path)
     advantages = group_advantages(rewards).flatten()
-    args = grpo_train.Args(kl_coef=0.0, entropy_coef=0.0, grad_clip=1e9, clip=0.05,
-                           micro_batch_tokens=rows_budget(prompts, responses, 5))
+    args = grpo_train.Args(
+        kl_coef=0.0,
+        entropy_coef=0.0,
+        grad_clip=1e9,
+        clip=0.05,
+        micro_batch_tokens=rows_budget(prompts, responses, 5),
+    )
     tokens = sum(len(r) for r in responses)
     gradients = []
-    for take_old_first in (False, True):  # pi_old = the forward pass itself, or a separate pass before: same update
+    for take_old_first in (
+        False,
+        True,
+    ):  # pi_old = the forward pass itself, or a separate pass before: same update
         model = load_model(str(tiny_model), torch.device("cpu"))
-        M.disable_dropout(model)
+        disable_dropout(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        old = grpo_train.policy_logprobs(model, prompts, responses, args, 0) if take_old_first else None
+        old = old_logprobs(model, prompts, responses, args) if take_old_first else None
         grpo_train.grpo_update(model, None, optimizer, prompts, responses, advantages, args, 0, old)
         gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(gradients[0], gradients[1], atol=1e-7)
-    # A second update against the same pi_old: the weights moved, so the ratio is no longer 1 and the clip acts.
+    # A second update against the same pi_old: the weights moved, so the ratio is no longer 1 and
+    # the clip acts.
     optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
-    first = grpo_train.grpo_update(model, None, optimizer, prompts, responses, advantages, args, 0, old)
+    first = grpo_train.grpo_update(
+        model, None, optimizer, prompts, responses, advantages, args, 0, old
+    )
     assert first["ratio"] == pytest.approx(tokens) and first["clip_fraction"] == 0.0
-    second = grpo_train.grpo_update(model, None, optimizer, prompts, responses, advantages, args, 0, old)
+    second = grpo_train.grpo_update(
+        model, None, optimizer, prompts, responses, advantages, args, 0, old
+    )
     assert second["ratio"] != pytest.approx(tokens, rel=1e-4) and second["clip_fraction"] > 0
 
 
@@ -198,14 +246,17 @@ def test_old_logprobs_taken_before_the_first_update_make_the_clip_act(tiny_model
 # The script as a user runs it
 # ----------------------------------------------------------------------------------------------
 
-def make_digit_model(folder: Path) -> Path:
-    """The tiny GPT-2, taught for a few steps to answer any question with one random digit and <eos>.
 
-    Reward 1 means the digit is 3 (p ~ 0.1 at the start): a toy that GRPO must learn within a few steps.
+def make_digit_model(folder: Path) -> Path:
+    """The tiny GPT-2, taught for a few steps to answer any question with one random digit and
+    <eos>.
+
+    Reward 1 means the digit is 3 (p ~ 0.1 at the start): a toy that GRPO must learn within a few
+    steps.
     """
-    from common import encode_prompt, format_prompt
-    from machinery import load_tokenizer
     from transformers import AutoModelForCausalLM
+
+    from common import encode_prompt, format_prompt
 
     make_tiny_model(folder, seed=1)
     tokenizer = load_tokenizer(str(folder))
@@ -215,9 +266,11 @@ def make_digit_model(folder: Path) -> Path:
     prompt = encode_prompt(tokenizer, format_prompt(tokenizer, "1+2", ""))
     for _ in range(60):
         digits = torch.randint(0, 10, (32,), generator=generator).tolist()
-        batch = torch.tensor([prompt + tokenizer(str(d))["input_ids"] + [tokenizer.eos_token_id] for d in digits])
+        batch = torch.tensor(
+            [prompt + tokenizer(str(d))["input_ids"] + [tokenizer.eos_token_id] for d in digits]
+        )
         labels = batch.clone()
-        labels[:, :len(prompt)] = -100
+        labels[:, : len(prompt)] = -100
         loss = model(input_ids=batch, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -231,62 +284,177 @@ def digit_toy(tmp_path_factory):
     folder = tmp_path_factory.mktemp("digit_toy")
     model_dir = make_digit_model(folder / "model")
     data = folder / "data.jsonl"
-    data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"{i}+{i % 7}", "answer": "3"}) + "\n"
-                            for i in range(24)))
+    data.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "prompt": f"{i}+{i % 7}", "answer": "3"}) + "\n"
+            for i in range(24)
+        )
+    )
     return model_dir, data
 
 
 def toy_flags(model_dir, data, out, steps, *extra):
-    return ["grpo_train.py", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--steps", str(steps),
-            "--batch-prompts", "8", "--group-size", "8", "--lr", "2e-3", "--max-new-tokens", "3",
-            "--eval-max-new-tokens", "3", "--system-prompt", "", "--backend", "hf", "--kl-coef", "0.001",
-            "--micro-batch-tokens", "256",  # prompt 5 + response <= 3 tokens: 32 rows
-            "--last-number-when-cut",  # the toy's 3-token limit cuts many answers before their EOS: grade them too
-            *extra]
+    return [
+        "grpo_train.py",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--batch-prompts",
+        "8",
+        "--group-size",
+        "8",
+        "--lr",
+        "2e-3",
+        "--max-new-tokens",
+        "3",
+        "--eval-max-new-tokens",
+        "3",
+        "--system-prompt",
+        "",
+        "--backend",
+        "hf",
+        "--kl-coef",
+        "0.001",
+        "--micro-batch-tokens",
+        "256",  # prompt 5 + response <= 3 tokens: 32 rows
+        # the toy's 3-token limit cuts many answers before their EOS: grade them too
+        "--last-number-when-cut",
+        *extra,
+    ]
 
 
 def test_script_learns_the_toy_and_writes_a_loadable_checkpoint(digit_toy, tmp_path):
-    from machinery import load_model
-
     model_dir, data = digit_toy
     out, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
-    run_script(*toy_flags(model_dir, data, out, 12, "--eval-data", str(data), "--eval-every", "6",
-                          "--metrics", str(metrics), "--step-offset", "0"), env=ENV)
+    flags = toy_flags(
+        model_dir,
+        data,
+        out,
+        12,
+        "--eval-data",
+        str(data),
+        "--eval-every",
+        "6",
+        "--metrics",
+        str(metrics),
+        "--step-offset",
+        "0",
+    )
+    run_script(*flags, env=ENV)
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     train = [m for m in lines if "eval" not in m]
     evals = [m for m in lines if "eval" in m]
     assert [m["stage_step"] for m in train] == list(range(1, 13))
-    keys = {"step", "stage_step", "reward_mean", "accuracy", "kl", "clip_fraction", "entropy", "all_equal_share",
-            "response_length", "tokens_per_s", "step_time_s", "rollout_time_s", "update_time_s"}
+    keys = {
+        "step",
+        "stage_step",
+        "reward_mean",
+        "accuracy",
+        "kl",
+        "clip_fraction",
+        "entropy",
+        "all_equal_share",
+        "response_length",
+        "tokens_per_s",
+        "step_time_s",
+        "rollout_time_s",
+        "update_time_s",
+    }
     assert keys <= set(train[0])
     assert [e["step"] for e in evals] == [0, 6, 12] and set(evals[0]["eval"]) == {"data"}
-    first, last = sum(m["reward_mean"] for m in train[:3]) / 3, sum(m["reward_mean"] for m in train[-3:]) / 3
+    first, last = (
+        sum(m["reward_mean"] for m in train[:3]) / 3,
+        sum(m["reward_mean"] for m in train[-3:]) / 3,
+    )
     assert last > first + 0.2, (first, last)
     assert train[0]["kl"] == 0.0 and train[-1]["kl"] > 0
     assert evals[-1]["eval"]["data"] > evals[0]["eval"]["data"]
 
-    before, after = load_model(str(model_dir), torch.device("cpu")), load_model(str(out), torch.device("cpu"))
-    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    before, after = (
+        load_model(str(model_dir), torch.device("cpu")),
+        load_model(str(out), torch.device("cpu")),
+    )
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(before.state_dict().values(), after.state_dict().values())
+    )
     assert (out / "tokenizer.json").exists() and not Path(f"{out}.resume").exists()
+    settings = dataclasses.asdict(parse_args(grpo_train.Args, flags[1:]))
+    assert json.loads((out / "grpo_train.json").read_text()) == {
+        "settings": settings,
+        "world_size": 1,
+        "backend": "hf",
+    }
 
-    # A second run finds the complete checkpoint and does nothing; a later stage appends with its step offset.
-    again = run_script(*toy_flags(model_dir, data, out, 12), env=ENV)
+    # A second run with the same settings finds the complete checkpoint and does nothing; a later
+    # stage appends with its step offset.
+    again = run_script(*flags, env=ENV)
     assert "already complete" in again.stdout
-    run_script(*toy_flags(out, data, tmp_path / "ckpt2", 2, "--ref-model", str(model_dir), "--metrics",
-                          str(metrics), "--step-offset", "12", "--eval-data", str(data)), env=ENV)
-    later = [json.loads(line) for line in metrics.read_text().splitlines()][len(lines):]
-    assert [m["step"] for m in later] == [13, 14, 14] and "eval" in later[-1]  # no step-0 eval at offset 12
+    assert [
+        json.loads(line) for line in metrics.read_text().splitlines()
+    ] == lines  # nothing logged
+    run_script(
+        *toy_flags(
+            out,
+            data,
+            tmp_path / "ckpt2",
+            2,
+            "--ref-model",
+            str(model_dir),
+            "--metrics",
+            str(metrics),
+            "--step-offset",
+            "12",
+            "--eval-data",
+            str(data),
+        ),
+        env=ENV,
+    )
+    later = [json.loads(line) for line in metrics.read_text().splitlines()][len(lines) :]
+    assert [m["step"] for m in later] == [13, 14, 14] and "eval" in later[
+        -1
+    ]  # no step-0 eval at offset 12
+
+    # Other settings: the checkpoint is not taken as done, the segment runs again (0 steps here:
+    # quick)
+    other = run_script(*toy_flags(model_dir, data, out, 0), env=ENV)
+    assert "already complete" not in other.stdout
+    assert json.loads((out / "grpo_train.json").read_text())["settings"]["steps"] == 0
 
 
 def test_script_with_ppo_epochs_and_mini_batches(digit_toy, tmp_path):
     model_dir, data = digit_toy
     out = tmp_path / "ckpt"
-    run_script(*toy_flags(model_dir, data, out, 2, "--ppo-epochs", "2", "--mini-batches", "2", "--clip", "0.05",
-                          "--gradient-checkpointing", "on"), env=ENV)
+    run_script(
+        *toy_flags(
+            model_dir,
+            data,
+            out,
+            2,
+            "--ppo-epochs",
+            "2",
+            "--mini-batches",
+            "2",
+            "--clip",
+            "0.05",
+            "--gradient-checkpointing",
+            "on",
+        ),
+        env=ENV,
+    )
     lines = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
     assert [m["stage_step"] for m in lines] == [1, 2]
-    assert all(m["ratio_mean"] != pytest.approx(1.0, abs=1e-6) and m["clip_fraction"] > 0 for m in lines)
-    refused = run_script(*toy_flags(model_dir, data, tmp_path / "x", 2, "--mini-batches", "3"), env=ENV, check=False)
+    assert all(
+        m["ratio_mean"] != pytest.approx(1.0, abs=1e-6) and m["clip_fraction"] > 0 for m in lines
+    )
+    refused = run_script(
+        *toy_flags(model_dir, data, tmp_path / "x", 2, "--mini-batches", "3"), env=ENV, check=False
+    )
     assert refused.returncode != 0 and "--mini-batches (3)" in refused.stderr
 
 
@@ -297,7 +465,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, mo
 
     def args_for(out):
         argv = toy_flags(model_dir, data, out, 5, "--save-every", "2", "--eval-data", str(data))[1:]
-        return M.parse_args(grpo_train.Args, argv)
+        return parse_args(grpo_train.Args, argv)
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     grpo_train.main(args_for(tmp_path / "straight"))
@@ -305,22 +473,25 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, mo
     class Killed(Exception):
         pass
 
-    real_save, saves = M.TrainingRun.save_resume_state, []
+    real_save, saves = TrainingRun.save_resume_state, []
 
     def save_then_die(run, step):
         real_save(run, step)
         saves.append(step)
-        if len(saves) == 2:  # killed right after the checkpoint of step 4 (the step-2 one was removed)
+        if (
+            len(saves) == 2
+        ):  # killed right after the checkpoint of step 4 (the step-2 one was removed)
             raise Killed
 
-    monkeypatch.setattr(M.TrainingRun, "save_resume_state", save_then_die)
+    monkeypatch.setattr(TrainingRun, "save_resume_state", save_then_die)
     with pytest.raises(Killed):
         grpo_train.main(args_for(tmp_path / "killed"))
-    assert saves == [2, 4] and M.ChunkStore(tmp_path / "killed.resume", {}).finished() == {4}
+    settings = {**dataclasses.asdict(args_for(tmp_path / "killed")), "world_size": 1}
+    assert saves == [2, 4] and ChunkStore(tmp_path / "killed.resume", settings).open() == {4}
     # a stray line written after the checkpoint, as a kill between two writes would leave
     with open(tmp_path / "killed.metrics.jsonl", "a") as f:
         f.write('{"step": 99, "torn')
-    monkeypatch.setattr(M.TrainingRun, "save_resume_state", real_save)
+    monkeypatch.setattr(TrainingRun, "save_resume_state", real_save)
     grpo_train.main(args_for(tmp_path / "killed"))
 
     straight = load_file(tmp_path / "straight" / "model.safetensors")
@@ -336,24 +507,52 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, mo
     assert curve(tmp_path / "killed.metrics.jsonl") == curve(tmp_path / "straight.metrics.jsonl")
 
 
-def test_bad_flags_give_clear_errors(digit_toy, tmp_path):
-    from common import DataError
-    from machinery import parse_args
-
+def test_bad_flags_give_clear_errors(digit_toy, tmp_path, capsys):
     model_dir, data = digit_toy
-    with pytest.raises(DataError, match="--loss-agg"):
-        grpo_train.main(parse_args(grpo_train.Args, toy_flags(model_dir, data, tmp_path / "x", 1, "--loss-agg",
-                                                              "sum")[1:]))
+
+    def argparse_error(argv) -> str:
+        """A command line that argparse refuses: exit code 2 and one error line, which is
+        returned."""
+        with pytest.raises(SystemExit) as refused:
+            parse_args(grpo_train.Args, argv)
+        assert refused.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+        assert len(errors) == 1
+        return errors[0]
+
+    assert "argument --loss-agg: invalid choice: 'sum'" in argparse_error(
+        toy_flags(model_dir, data, tmp_path / "x", 1, "--loss-agg", "sum")[1:]
+    )
     with pytest.raises(DataError, match="missing.jsonl: no such file"):
-        grpo_train.main(parse_args(grpo_train.Args, toy_flags(model_dir, tmp_path / "missing.jsonl", tmp_path / "x",
-                                                              1)[1:]))
-    with pytest.raises(DataError, match="--gradient-checkpointing must be one of auto, on, off"):
-        grpo_train.main(parse_args(grpo_train.Args, toy_flags(model_dir, data, tmp_path / "x", 1,
-                                                              "--gradient-checkpointing", "yes")[1:]))
-    with pytest.raises(DataError, match="--fsdp must be one of auto, on, off"):
-        grpo_train.main(parse_args(grpo_train.Args, toy_flags(model_dir, data, tmp_path / "x", 1, "--fsdp", "yes")[1:]))
-    with pytest.raises(DataError, match="--model is required"):
-        grpo_train.main(parse_args(grpo_train.Args, ["--data", str(data), "--out", str(tmp_path / "x")]))
+        grpo_train.main(
+            parse_args(
+                grpo_train.Args,
+                toy_flags(model_dir, tmp_path / "missing.jsonl", tmp_path / "x", 1)[1:],
+            )
+        )
+    assert "argument --gradient-checkpointing: invalid choice: 'yes'" in argparse_error(
+        toy_flags(model_dir, data, tmp_path / "x", 1, "--gradient-checkpointing", "yes")[1:]
+    )
+    assert "argument --fsdp: invalid choice: 'yes'" in argparse_error(
+        toy_flags(model_dir, data, tmp_path / "x", 1, "--fsdp", "yes")[1:]
+    )
+    assert "argument --backend: invalid choice: 'tpu'" in argparse_error(
+        toy_flags(model_dir, data, tmp_path / "x", 1, "--backend", "tpu")[1:]
+    )
+    assert argparse_error(
+        toy_flags(model_dir, data, tmp_path / "x", 1, "--group-size", "1")[1:]
+    ).endswith("--group-size must be >= 2, got 1")
+    assert argparse_error(["--data", str(data), "--out", str(tmp_path / "x")]).endswith(
+        "the following arguments are required: --model"
+    )
+    with pytest.raises(DataError, match="--temperature must be > 0"):
+        grpo_train.main(
+            parse_args(
+                grpo_train.Args,
+                toy_flags(model_dir, data, tmp_path / "x", 1, "--temperature", "0")[1:],
+            )
+        )
+    assert not (tmp_path / "x").exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,28 +562,32 @@ def test_bad_flags_give_clear_errors(digit_toy, tmp_path):
 VLLM_CHECK = textwrap.dedent("""
     import json, sys, torch
     import common, grpo_train
-    import machinery as M
+    from plumbing import engines as E
+    from plumbing.cli import parse_args
+    from plumbing.models import load_model, load_tokenizer
 
     engines = []
 
-    class RecordedVLLMEngine(M.VLLMEngine):  # keeps the engine that main() used, to inspect it after
+    # keeps the engine that main() used, to inspect it after
+    class RecordedVLLMEngine(E.VLLMEngine):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             engines.append(self)
 
     if __name__ == "__main__":
-        M.VLLMEngine = RecordedVLLMEngine
-        args = M.parse_args(grpo_train.Args, sys.argv[1:])
+        E.VLLMEngine = RecordedVLLMEngine  # make_engine builds it
+        args = parse_args(grpo_train.Args, sys.argv[1:])
         grpo_train.main(args)
         out = args.out
         engine, = engines
-        tokenizer = M.load_tokenizer(out)
-        model = M.load_model(out, torch.device("cpu")).eval()  # the trained weights, as saved
-        hf_sampler = M.TransformersEngine(model, tokenizer, batch_sequences=64)
+        tokenizer = load_tokenizer(out)
+        model = load_model(out, torch.device("cpu")).eval()  # the trained weights, as saved
+        hf_sampler = E.TransformersEngine(model, tokenizer, batch_sequences=64)
         prompts = [common.encode_prompt(tokenizer, common.format_prompt(tokenizer, q, "")) for q in
                    ("1+2", "23+4", "7+5", "0+0")]
         greedy = lambda sampler: sampler.generate(prompts, 1, 0.0, 1.0, 12)
-        # main() pushed the weights after its last update (for the final eval): the engine holds the trained model
+        # main() pushed the weights after its last update (for the final eval): the engine holds the
+        # trained model
         result = {"hf_trained": greedy(hf_sampler), "vllm_after_training": greedy(engine)}
         torch.manual_seed(1)
         with torch.no_grad():  # a large change, so that a missed push would show
@@ -395,8 +598,10 @@ VLLM_CHECK = textwrap.dedent("""
         result["vllm_synced"] = greedy(engine)
         result["hf_perturbed"] = greedy(hf_sampler)
         sampled = engine.generate(prompts[:2], 4, 1.0, 1.0, 6, seed=123)
-        result["sampled_again_equal"] = sampled == engine.generate(prompts[:2], 4, 1.0, 1.0, 6, seed=123)
-        result["other_seed_differs"] = sampled != engine.generate(prompts[:2], 4, 1.0, 1.0, 6, seed=124)
+        result["sampled_again_equal"] = sampled == engine.generate(
+            prompts[:2], 4, 1.0, 1.0, 6, seed=123)
+        result["other_seed_differs"] = sampled != engine.generate(
+            prompts[:2], 4, 1.0, 1.0, 6, seed=124)
         result["sampled_distinct"] = len({tuple(s) for s in sampled[0]}) > 1
         print("RESULT " + json.dumps(result))
 """)
@@ -409,60 +614,77 @@ def test_vllm_backend_trains_and_its_greedy_ids_equal_the_trainer_after_a_push(d
     script.write_text(VLLM_CHECK)
     flags = toy_flags(model_dir, data, out, 2, "--eval-data", str(data))[1:]
     flags[flags.index("--backend") + 1] = "vllm"
-    flags[flags.index("--eval-max-new-tokens") + 1] = "12"  # the engine's context: longest prompt (5) + 12
+    flags[flags.index("--eval-max-new-tokens") + 1] = (
+        "12"  # the engine's context: longest prompt (5) + 12
+    )
     result = run_script(str(script), *flags, env=ENV, timeout=600)
-    found = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    found = json.loads(
+        next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))[7:]
+    )
 
     lines = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
     assert [m.get("stage_step") for m in lines] == [None, 1, 2, None]
     assert json.loads((out / "grpo_train.json").read_text())["backend"] == "vllm"
     assert 0 < lines[1]["response_length"] <= 3
     assert found["vllm_after_training"] == found["hf_trained"]
-    assert found["vllm_stale"] != found["hf_perturbed"]  # the check can fail: without a push the ids differ
+    assert (
+        found["vllm_stale"] != found["hf_perturbed"]
+    )  # the check can fail: without a push the ids differ
     assert found["vllm_synced"] == found["hf_perturbed"]
-    assert found["sampled_again_equal"] and found["sampled_distinct"]  # one seed per call, G distinct samples
+    assert (
+        found["sampled_again_equal"] and found["sampled_distinct"]
+    )  # one seed per call, G distinct samples
     assert found["other_seed_differs"]
 
 
 # ----------------------------------------------------------------------------------------------
-# Two processes (torchrun, gloo on CPU), replicated (DDP) or sharded (FSDP2), == one process on the same batch
+# Two processes (torchrun, gloo on CPU), replicated (DDP) or sharded (FSDP2), == one process on the
+# same batch
 # ----------------------------------------------------------------------------------------------
 
 DISTRIBUTED_CHECK = textwrap.dedent("""
     import json, sys, torch
     import common, grpo_train
-    import machinery as M
+    from plumbing import distributed as D
+    from plumbing.data import read_rollouts
+    from plumbing.models import load_model
 
     if __name__ == "__main__":
-        model_dir, rollouts, out, micro_batch_tokens, sharding = sys.argv[1:4] + [int(sys.argv[4]), sys.argv[5]]
-        rank, world_size, _ = M.init_distributed()
-        rows = common.read_rollouts(rollouts)
+        model_dir, rollouts, out, micro_batch_tokens, sharding = (
+            sys.argv[1:4] + [int(sys.argv[4]), sys.argv[5]])
+        rank, world_size, _ = D.init_distributed()
+        rows = read_rollouts(rollouts)
         share = len(rows) // world_size
-        mine = rows[rank * share:(rank + 1) * share]  # whole groups per rank, as grpo_train.py splits prompts
+        # whole groups per rank, as grpo_train.py splits prompts
+        mine = rows[rank * share:(rank + 1) * share]
         prompts = [r["prompt_ids"] for r in mine for _ in r["response_ids"]]
         responses = [ids for r in mine for ids in r["response_ids"]]
         advantages = common.group_advantages(torch.tensor([r["rewards"] for r in mine])).flatten()
         result = {}
         for loss_agg in ("token-mean", "seq-mean-token-mean"):
             torch.manual_seed(0)
-            model = M.load_model(model_dir, torch.device("cpu")).eval()
-            ref = M.load_model(model_dir, torch.device("cpu")).eval().requires_grad_(False)
-            with torch.no_grad():  # the reference differs from the policy, so the KL term has a gradient
+            model = load_model(model_dir, torch.device("cpu")).eval()
+            ref = load_model(model_dir, torch.device("cpu")).eval().requires_grad_(False)
+            # the reference differs from the policy, so the KL term has a gradient
+            with torch.no_grad():
                 for p in ref.parameters():
                     p.add_(torch.randn_like(p) * 0.05)
             trainer = model
             if world_size > 1 and sharding == "fsdp":
-                M.shard_model(model)
-                M.shard_model(ref)
+                D.shard_model(model)
+                D.shard_model(ref)
             elif world_size > 1:
                 trainer = torch.nn.parallel.DistributedDataParallel(model)
-            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # (Adam's first step would hide the gradient)
+            # (Adam's first step would hide the gradient)
+            optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
             args = grpo_train.Args(loss_agg=loss_agg, kl_coef=0.1, entropy_coef=0.01,
                                    micro_batch_tokens=micro_batch_tokens)
-            sums = grpo_train.grpo_update(trainer, ref, optimizer, prompts, responses, advantages, args, 0)
-            loss, kl = M.all_sum([sums["loss"], sums["kl"]], torch.device("cpu"))
+            sums = grpo_train.grpo_update(trainer, ref, optimizer, prompts, responses, advantages,
+                                          args, 0)
+            loss, kl = D.all_sum([sums["loss"], sums["kl"]], torch.device("cpu"))
             result[loss_agg] = {"loss": loss, "kl": kl, "grad_norm": sums["grad_norm"],
-                                "weights": torch.cat([w.flatten() for _, w in M.full_weights(model)]).tolist()}
+                                "weights": torch.cat([w.flatten() for _, w in
+                                                      D.full_weights(model)]).tolist()}
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(result, f)
@@ -472,19 +694,51 @@ DISTRIBUTED_CHECK = textwrap.dedent("""
 @pytest.mark.parametrize("sharding, port", [("ddp", 29613), ("fsdp", 29616)])
 def test_two_processes_equal_one(tiny_model, tmp_path, sharding, port):
     rows = make_synthetic_rollouts(tiny_model, tmp_path / "rollouts.jsonl", n_prompts=4, k=4)
-    halves = [([r["prompt_ids"] for r in part for _ in r["response_ids"]],
-               [ids for r in part for ids in r["response_ids"]]) for part in (rows[:2], rows[2:])]
-    # a token budget under which the two ranks run different numbers of micro-batches (DDP must still sum right)
-    budget = next(b for b in range(8, 200) if len({len(grpo_train.micro_batches(*half, b)) for half in halves}) == 2)
+    halves = [
+        (
+            [r["prompt_ids"] for r in part for _ in r["response_ids"]],
+            [ids for r in part for ids in r["response_ids"]],
+        )
+        for part in (rows[:2], rows[2:])
+    ]
+    # a token budget under which the two ranks run different numbers of micro-batches (DDP must
+    # still sum right)
+    budget = next(
+        b
+        for b in range(8, 200)
+        if len({len(grpo_train.micro_batches(*half, b)) for half in halves}) == 2
+    )
     script = tmp_path / "distributed_check.py"
     script.write_text(DISTRIBUTED_CHECK)
-    run_script(str(script), str(tiny_model), str(tmp_path / "rollouts.jsonl"), str(tmp_path / "one.json"),
-               str(budget), sharding, env=ENV)
-    run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script),
-               str(tiny_model), str(tmp_path / "rollouts.jsonl"), str(tmp_path / "two.json"), str(budget), sharding,
-               env=ENV)
+    run_script(
+        str(script),
+        str(tiny_model),
+        str(tmp_path / "rollouts.jsonl"),
+        str(tmp_path / "one.json"),
+        str(budget),
+        sharding,
+        env=ENV,
+    )
+    run_script(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        str(script),
+        str(tiny_model),
+        str(tmp_path / "rollouts.jsonl"),
+        str(tmp_path / "two.json"),
+        str(budget),
+        sharding,
+        env=ENV,
+    )
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
-    start = torch.cat([w.flatten() for w in M.load_model(str(tiny_model), torch.device("cpu")).state_dict().values()])
+    start = torch.cat(
+        [
+            w.flatten()
+            for w in load_model(str(tiny_model), torch.device("cpu")).state_dict().values()
+        ]
+    )
     for mode in ("token-mean", "seq-mean-token-mean"):
         assert two[mode]["loss"] == pytest.approx(one[mode]["loss"], rel=1e-5, abs=1e-7)
         assert two[mode]["kl"] == pytest.approx(one[mode]["kl"], rel=1e-5)
@@ -495,25 +749,43 @@ def test_two_processes_equal_one(tiny_model, tmp_path, sharding, port):
 
 
 def test_script_under_torchrun_two_processes_replicated_and_sharded(digit_toy, tmp_path):
-    """The whole script on 2 processes, DDP and FSDP2 (--fsdp on: sharded weights, resume state gathered, the hf
-    engine on its own copy): the same metrics and the same final checkpoint."""
+    """The whole script on 2 processes, DDP and FSDP2 (--fsdp on: sharded weights, resume state
+    gathered, the hf engine on its own copy): the same metrics and the same final checkpoint."""
     from safetensors.torch import load_file
 
     model_dir, data = digit_toy
     curves, weights = {}, {}
     for name, port, extra in (("ddp", 29614, ["--fsdp", "off"]), ("fsdp", 29617, ["--fsdp", "on"])):
         out = tmp_path / name
-        run_script("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                   *toy_flags(model_dir, data, out, 3, "--eval-data", str(data), "--save-every", "2", *extra), env=ENV)
+        run_script(
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={port}",
+            *toy_flags(
+                model_dir, data, out, 3, "--eval-data", str(data), "--save-every", "2", *extra
+            ),
+            env=ENV,
+        )
         lines = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
         assert [m.get("stage_step") for m in lines] == [None, 1, 2, 3, None]
         assert lines[1]["response_length"] > 0 and 0 <= lines[-1]["eval"]["data"] <= 1
         assert json.loads((out / "grpo_train.json").read_text())["world_size"] == 2
         assert not Path(f"{out}.resume").exists()
-        curves[name] = [{k: v for k, v in m.items() if not k.endswith(("_s", "tokens_per_s"))} for m in lines]
+        curves[name] = [
+            {k: v for k, v in m.items() if not k.endswith(("_s", "tokens_per_s"))} for m in lines
+        ]
         weights[name] = load_file(out / "model.safetensors")
-    assert curves["ddp"][-1]["eval"]["data"] > curves["ddp"][0]["eval"]["data"]  # it learned something
+    assert (
+        curves["ddp"][-1]["eval"]["data"] > curves["ddp"][0]["eval"]["data"]
+    )  # it learned something
     for ddp_row, fsdp_row in zip(curves["ddp"], curves["fsdp"]):
-        assert fsdp_row == pytest.approx(ddp_row, rel=1e-5, abs=1e-7) if "eval" not in ddp_row else fsdp_row == ddp_row
+        assert (
+            fsdp_row == pytest.approx(ddp_row, rel=1e-5, abs=1e-7)
+            if "eval" not in ddp_row
+            else fsdp_row == ddp_row
+        )
     assert sorted(weights["ddp"]) == sorted(weights["fsdp"])  # tied weights saved once in both
-    assert all(torch.allclose(weights["ddp"][k], weights["fsdp"][k], atol=1e-6) for k in weights["ddp"])
+    assert all(
+        torch.allclose(weights["ddp"][k], weights["fsdp"][k], atol=1e-6) for k in weights["ddp"]
+    )

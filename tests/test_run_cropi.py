@@ -15,26 +15,47 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_loop(out_dir: Path, check: bool = True, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PRESET": "smoke", "OUT_DIR": str(out_dir), "PYTHON": os.environ.get("PYTHON", str(
-        ROOT / ".venv" / "bin" / "python")), **env}
-    result = subprocess.run(["bash", "run_cropi.sh"], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                            timeout=900)
+    full_env = {
+        **os.environ,
+        "PRESET": "smoke",
+        "OUT_DIR": str(out_dir),
+        "PYTHON": os.environ.get("PYTHON", str(ROOT / ".venv" / "bin" / "python")),
+        **env,
+    }
+    result = subprocess.run(
+        ["bash", "run_cropi.sh"],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"run_cropi.sh exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"run_cropi.sh exited {result.returncode}\n{result.stdout[-4000:]}\n"
+            f"{result.stderr[-4000:]}"
+        )
     return result
 
 
 def final_artefacts(out_dir: Path) -> dict:
-    """What a finished run leaves: selected ids per stage, sketches, final weights, the metrics' step numbers."""
+    """What a finished run leaves: selected ids per stage, sketches, final weights, the metrics'
+    step numbers."""
     from safetensors.numpy import load_file
 
     stages = sorted(out_dir.glob("stage_*"))
     weights = load_file(out_dir / stages[-1].name / "checkpoint" / "model.safetensors")
     return {
-        "subsets": [[json.loads(l)["id"] for l in (s / "subset.jsonl").read_text().splitlines()] for s in stages],
+        "subsets": [
+            [json.loads(line)["id"] for line in (s / "subset.jsonl").read_text().splitlines()]
+            for s in stages
+        ],
         "sketches": [np.load(s / "train_sketch.npy") for s in stages],
         "weights": weights,
-        "steps": [json.loads(l)["step"] for l in (out_dir / "metrics.jsonl").read_text().splitlines()],
+        "steps": [
+            json.loads(line)["step"]
+            for line in (out_dir / "metrics.jsonl").read_text().splitlines()
+        ],
     }
 
 
@@ -44,7 +65,9 @@ def assert_same(a: dict, b: dict) -> None:
     for x, y in zip(a["sketches"], b["sketches"]):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
     for name in a["weights"]:
-        np.testing.assert_allclose(a["weights"][name], b["weights"][name], rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            a["weights"][name], b["weights"][name], rtol=1e-4, atol=1e-6, err_msg=name
+        )
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +82,30 @@ def smoke_run(tmp_path_factory) -> Path:
 
 def test_smoke_run_produces_the_layout(smoke_run):
     out = smoke_run
-    for path in ["rollouts/train.jsonl", "rollouts/val_rot.jsonl", "rollouts/val_swap.jsonl", "metrics.jsonl",
-                 "report.md", "accuracy.png", "selection.png", "time.png"]:
+    for path in [
+        "rollouts/train.jsonl",
+        "rollouts/val_rot.jsonl",
+        "rollouts/val_swap.jsonl",
+        "metrics.jsonl",
+        "report.md",
+        "accuracy.png",
+        "selection.png",
+        "time.png",
+    ]:
         assert (out / path).is_file(), path
     for m in range(2):
-        for path in ["train_sketch.npy", "val_rot_sketch.npy", "subset.jsonl", "selection.json",
-                     "checkpoint/config.json"]:
+        for path in [
+            "train_sketch.npy",
+            "val_rot_sketch.npy",
+            "subset.jsonl",
+            "selection.json",
+            "checkpoint/config.json",
+        ]:
             assert (out / f"stage_{m}" / path).exists(), f"stage_{m}/{path}"
     pool = len((out / "rollouts" / "train.jsonl").read_text().splitlines())
     selected = len((out / "stage_0" / "subset.jsonl").read_text().splitlines())
     assert 0 < selected <= max(1, int(0.1 * pool))
-    steps = {json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()}
+    steps = {json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()}
     assert {1, 2, 3, 4, 5, 6} <= steps  # 2 stages x 3 steps, numbered across stages
     report = (out / "report.md").read_text()
     assert "targeted" in report and "Selection per stage" in report
@@ -81,14 +117,29 @@ def test_second_run_does_nothing(smoke_run):
 
 
 def test_kill_and_resume_gives_the_same_artefacts(smoke_run, tmp_path):
-    """Kill the loop in the middle of stage 1's GRPO segment and again at a stage boundary; rerun to the end."""
+    """Kill the loop in the middle of stage 1's GRPO segment and again at a stage boundary; rerun to
+    the end."""
     out = tmp_path / "killed"
     out.mkdir()
     os.symlink(smoke_run / "demo", out / "demo")  # same demo model; the loop itself is what we test
-    env = {**os.environ, "PRESET": "smoke", "OUT_DIR": str(out), "PYTHON": str(ROOT / ".venv" / "bin" / "python")}
-    for marker in ["stage_1/select.done", "stage_1/checkpoint.resume"]:  # stage boundary, then mid-GRPO
-        process = subprocess.Popen(["bash", "run_cropi.sh"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "PRESET": "smoke",
+        "OUT_DIR": str(out),
+        "PYTHON": str(ROOT / ".venv" / "bin" / "python"),
+    }
+    for marker in [
+        "stage_1/select.done",
+        "stage_1/checkpoint.resume",
+    ]:  # stage boundary, then mid-GRPO
+        process = subprocess.Popen(
+            ["bash", "run_cropi.sh"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.time() + 600
         while not (out / marker).exists() and process.poll() is None and time.time() < deadline:
             time.sleep(0.05)
@@ -99,15 +150,23 @@ def test_kill_and_resume_gives_the_same_artefacts(smoke_run, tmp_path):
     assert_same(final_artefacts(smoke_run), final_artefacts(out))
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"METHOD": "magic"}, "METHOD=magic"),
-    ({"STAGES": "two"}, "STAGES=two is not a whole number"),
-    ({"RATIO": "-1"}, "RATIO=-1 is not a number"),
-    ({"PRESET": "huge"}, "PRESET=huge"),
-    ({"MODEL": "/nonexistent/model", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y.jsonl"},
-     "MODEL=/nonexistent/model: no such folder (and not a hub name 'org/name')"),
-    ({"MODEL": "org/model", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y.jsonl"}, "data file x.jsonl not found"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"METHOD": "magic"}, "METHOD=magic"),
+        ({"STAGES": "two"}, "STAGES=two is not a whole number"),
+        ({"RATIO": "-1"}, "RATIO=-1 is not a number"),
+        ({"PRESET": "huge"}, "PRESET=huge"),
+        (
+            {"MODEL": "/nonexistent/model", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y.jsonl"},
+            "MODEL=/nonexistent/model: no such folder (and not a hub name 'org/name')",
+        ),
+        (
+            {"MODEL": "org/model", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y.jsonl"},
+            "data file x.jsonl not found",
+        ),
+    ],
+)
 def test_bad_configuration_is_rejected(tmp_path, env, message):
     result = run_loop(tmp_path / "bad", check=False, **env)
     assert result.returncode != 0
@@ -118,17 +177,23 @@ def test_a_malformed_data_file_is_refused_before_any_model_is_loaded(tmp_path):
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
     good.write_text('{"prompt": "1+1", "answer": "2"}\n')
     bad.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": \n')
-    result = run_loop(tmp_path / "bad_run", check=False, MODEL="org/model", TRAIN_DATA=str(good), VAL_DATA=str(good),
-                      TEST_DATA=str(bad))
+    result = run_loop(
+        tmp_path / "bad_run",
+        check=False,
+        MODEL="org/model",
+        TRAIN_DATA=str(good),
+        VAL_DATA=str(good),
+        TEST_DATA=str(bad),
+    )
     assert result.returncode != 0 and f"{bad}:2: not valid JSON" in result.stderr
     assert "[run ]" not in result.stdout
 
 
 def test_changed_settings_redo_the_affected_steps_and_those_after(smoke_run, tmp_path):
-    """Rerun a finished smoke run with another GRPO learning rate: collection, sketches and stage 0's selection are
-    kept, every GRPO segment and what follows it (stage 1, the report) is redone; the same settings again skip all.
-    OUT_DIR holds a space and shell-special characters: the redo deletes only inside it, never the sibling folder
-    that the path's first word names."""
+    """Rerun a finished smoke run with another GRPO learning rate: collection, sketches and stage
+    0's selection are kept, every GRPO segment and what follows it (stage 1, the report) is redone;
+    the same settings again skip all. OUT_DIR holds a space and shell-special characters: the redo
+    deletes only inside it, never the sibling folder that the path's first word names."""
     sibling = tmp_path / "work" / "my"
     sibling.mkdir(parents=True)
     (sibling / "keep.txt").write_text("a user's file\n")
@@ -137,7 +202,9 @@ def test_changed_settings_redo_the_affected_steps_and_those_after(smoke_run, tmp
     result = run_loop(out, LR="5e-5")
     assert (sibling / "keep.txt").read_text() == "a user's file\n"
     assert "[skip] collect rollouts: train (done)" in result.stdout
-    assert "[skip] select data (cropi) (done)" in result.stdout  # stage 0's selection does not depend on LR
+    assert (
+        "[skip] select data (cropi) (done)" in result.stdout
+    )  # stage 0's selection does not depend on LR
     assert "[redo] GRPO: 3 steps: made with other settings or inputs" in result.stdout
     assert "[redo] sketch gradients: train" in result.stdout  # stage 1 sketches the new checkpoint
     assert "[redo] report" in result.stdout and "Done:" in result.stdout
@@ -146,9 +213,9 @@ def test_changed_settings_redo_the_affected_steps_and_those_after(smoke_run, tmp
 
 
 def test_onpolicy_collects_per_stage_rollouts_and_full_dynamic_samples_dynamically(tmp_path):
-    """METHOD=cropi_onpolicy re-collects rollouts of the current checkpoint for stage 1 (stage 0's policy is beta:
-    the offline ones serve) and sketches from them; COMPARE=full_dynamic trains on the whole pool with
-    --dynamic-sampling, and the report compares the two."""
+    """METHOD=cropi_onpolicy re-collects rollouts of the current checkpoint for stage 1 (stage 0's
+    policy is beta: the offline ones serve) and sketches from them; COMPARE=full_dynamic trains on
+    the whole pool with --dynamic-sampling, and the report compares the two."""
     out = tmp_path / "onpolicy"
     result = run_loop(out, METHOD="cropi_onpolicy", COMPARE="full_dynamic")
     assert "Done:" in result.stdout
@@ -157,10 +224,16 @@ def test_onpolicy_collects_per_stage_rollouts_and_full_dynamic_samples_dynamical
         assert (out / "stage_1" / "rollouts" / f"{name}.jsonl").is_file(), name
     sketch_meta = json.loads((out / "stage_1" / "train_sketch.json").read_text())
     assert sketch_meta["rollouts"].endswith("stage_1/rollouts/train.jsonl")
-    dynamic = [json.loads(l) for l in (out / "compare_full_dynamic" / "stage_0" / "metrics.jsonl").read_text()
-               .splitlines()]
+    dynamic = [
+        json.loads(line)
+        for line in (out / "compare_full_dynamic" / "stage_0" / "metrics.jsonl")
+        .read_text()
+        .splitlines()
+    ]
     assert all(row["sampling_rounds"] >= 1 for row in dynamic if "eval" not in row)
-    settings = json.loads((out / "compare_full_dynamic" / "stage_0" / "checkpoint" / "grpo_train.json").read_text())
-    assert settings["dynamic_sampling"] == 10  # DYNAMIC_ROUNDS
+    settings = json.loads(
+        (out / "compare_full_dynamic" / "stage_0" / "checkpoint" / "grpo_train.json").read_text()
+    )
+    assert settings["settings"]["dynamic_sampling"] == 10  # DYNAMIC_ROUNDS
     report = (out / "report.md").read_text()
     assert "| cropi_onpolicy |" in report and "| full_dynamic |" in report

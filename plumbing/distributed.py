@@ -1,0 +1,182 @@
+"""Several processes: torchrun, one process per GPU (gloo on a CPU machine); the one helper that
+places tensors; FSDP2 sharding and whole state dicts."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def get_device(local_rank: int = 0) -> torch.device:
+    """cuda:<local_rank> when a GPU is present, else cpu: the one place that decides placement."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; under torchrun, join the process group first."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, get_device()
+    device = get_device(int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op on CPU, so CPU and GPU run the same code."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def finish_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_sum(values, device: torch.device):
+    """Sum over all processes of a list of numbers (a new list, in float64) or of a tensor (in
+    place); the values themselves with one process."""
+    is_tensor = isinstance(values, torch.Tensor)
+    tensor = values if is_tensor else torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor if is_tensor else tensor.tolist()
+
+
+def all_gather(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast(obj):
+    """Rank 0's obj, on every process."""
+    box = [obj]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This process's share: every world-th item, starting at its rank."""
+    return items[rank::world]
+
+
+def open_chunk_store(store, rank: int) -> set[int]:
+    """Rank 0 opens (creates or checks) the ChunkStore; every rank gets the finished pieces."""
+    return set(broadcast(sorted(store.open()) if rank == 0 else None))
+
+
+def run_chunks(store, count: int, compute, rank: int, world: int, shared: bool = False):
+    """compute(c) of every chunk c the ChunkStore has not finished, each saved when done: every
+    process its share of the chunks, or (shared) every chunk on every process, rank 0 saving.
+    Returns all chunks' results in order on rank 0 (None on the others) once all are done."""
+    todo = [c for c in range(count) if c not in open_chunk_store(store, rank)]
+    for c in todo if shared else shard(todo, rank, world):
+        result = compute(c)
+        if rank == 0 or not shared:
+            store.save(c, result)
+    barrier()
+    return [store.load(c) for c in range(count)] if rank == 0 else None
+
+
+def equal_pass_count(batches: list[list[int]]) -> list[list[int]]:
+    """Split the largest micro-batches until this process has as many passes as the process with
+    the most: a sharded model gathers its weights in every pass, a collective all must join."""
+    most, batches = max(all_gather(len(batches))), list(batches)
+    while len(batches) < most:
+        largest = batches.pop(max(range(len(batches)), key=lambda i: len(batches[i])))
+        if len(largest) < 2:
+            raise RuntimeError(f"{most} passes needed but this process holds {len(batches) + 1}")
+        batches += [largest[: len(largest) // 2], largest[len(largest) // 2 :]]
+    return batches
+
+
+def shard_model(model) -> None:
+    """FSDP2: every decoder layer (the model's _no_split_modules) split over the processes and
+    gathered for its own forward and backward only, then the rest as the root. Gradients are
+    averaged over the processes. Build the optimizer after this (parameters become DTensors)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module)
+    fully_shard(model)
+
+
+def is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local_rows(grad) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gradient as this process holds it, [rows, -1], and the indices of those rows in the whole
+    tensor: all of them, or a sharded gradient's own (FSDP2 splits rows as torch.chunk does)."""
+    if not is_sharded(grad):
+        return grad.reshape(len(grad), -1), torch.arange(len(grad), device=grad.device)
+    local, mesh = grad.to_local(), grad.device_mesh
+    first = min(mesh.get_local_rank() * -(-grad.shape[0] // mesh.size()), grad.shape[0])
+    return local.reshape(len(local), -1), torch.arange(
+        first, first + len(local), device=local.device
+    )
+
+
+def full_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the whole model, one at a time, a sharded tensor gathered first (a
+    collective: every process must iterate, in the same order)."""
+    for name, tensor in model.state_dict().items():
+        yield name, tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def gradient_sync(model, now: bool):
+    """DDP all-reduces only the last backward of a step (no_sync before it)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and not now:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def training_state(model, optimizer=None) -> dict:
+    """Whole (unsharded) model and optimizer state on rank 0's CPU: every process must call it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:  # tied weights (an LM head that is the embedding) stay one tensor
+        weights, first_name = get_model_state_dict(model, options=options), {}
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            if name in weights:
+                weights[name] = weights[first_name.setdefault(id(parameter), name)]
+        return {"model": weights}
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def load_training_state(model, optimizer, state: dict) -> None:
+    """training_state's dict back into a model and optimizer, sharded or not."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )

@@ -1,0 +1,157 @@
+"""Files: atomic writes (a reader sees the old file or the whole new one), .jsonl, and the one
+resumable chunk store of every long stage."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from plumbing.cli import DataError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary file (or folder) next to `path`; on success it is renamed onto `path`, on
+    error deleted. Unwritable or full storage ends in one line naming the path."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as error:
+        raise DataError(f"{path}: cannot write there ({error.strerror})") from None
+    try:
+        yield tmp
+        os.chmod(tmp, (0o777 if folder else 0o666) & ~_umask())  # mkstemp makes 0600 files
+        if folder and path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True) if folder else tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.strerror:
+            raise DataError(f"{path}: cannot write it ({error.strerror})") from None
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """One line appended by a single write (a resumed run first cuts the file to its saved size)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: cannot read it as JSON ({error})") from None
+
+
+def already_done(marker: str | os.PathLike, settings: dict) -> bool:
+    """A stage's output is complete and made with these settings: its marker file (written last)
+    holds them under "settings". The one "nothing to do" check of every stage."""
+    marker = Path(marker)
+    return marker.is_file() and read_json(marker).get("settings") == settings
+
+
+class ChunkStore:
+    """The finished pieces of a long stage, so that a killed run resumes where it stopped.
+
+    FOLDER/settings.json records what the pieces depend on; FOLDER/chunk_<index>.<npy|jsonl|pt>
+    is one finished piece, written atomically. A rerun with the same settings skips the finished
+    pieces; with other settings it is refused, naming what differs. The stage removes the folder
+    when its output is complete.
+    """
+
+    def __init__(self, folder: str | os.PathLike, settings: dict):
+        self.folder, self.settings = Path(folder), settings
+
+    def open(self) -> set[int]:
+        """Create the folder (or check its settings); the indices of the finished pieces."""
+        settings_file = self.folder / "settings.json"
+        if not settings_file.exists():
+            write_json(settings_file, self.settings)
+        earlier = read_json(settings_file)
+        changed = sorted(
+            k
+            for k in earlier.keys() | self.settings.keys()
+            if earlier.get(k) != self.settings.get(k)
+        )
+        if changed:
+            details = "; ".join(
+                f"{k}: was {earlier.get(k)!r}, now {self.settings.get(k)!r}" for k in changed
+            )
+            raise DataError(
+                f"{self.folder} holds pieces of a run with other settings ({details}); "
+                "rerun with the same settings, or delete that folder to start over"
+            )
+        return {int(f.name[6:12]) for f in self.folder.glob("chunk_*.*")}
+
+    def _path(self, index: int) -> Path:
+        found = sorted(self.folder.glob(f"chunk_{index:06d}.*"))
+        if not found:
+            raise DataError(f"{self.folder}: piece {index} is missing; rerun to resume")
+        return found[0]
+
+    def save(self, index: int, value) -> None:
+        """An ndarray as .npy, a list of dicts as .jsonl, anything else (training state) as .pt"""
+        stem = self.folder / f"chunk_{index:06d}"
+        if isinstance(value, np.ndarray):
+            save_npy(stem.with_suffix(".npy"), value)
+        elif isinstance(value, list):
+            write_jsonl(stem.with_suffix(".jsonl"), value)
+        else:
+            import torch
+
+            with atomic_path(stem.with_suffix(".pt")) as tmp:
+                torch.save(value, tmp)
+        for other in self.folder.glob("chunk_*.pt"):  # a training state needs its latest save only
+            if other.stem != stem.name:
+                other.unlink()
+
+    def load(self, index: int):
+        path = self._path(index)
+        if path.suffix == ".npy":
+            return np.load(path)
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        import torch
+
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,197 @@
+"""Each prompt's exact gradient out of ONE forward+backward of many prompts (sketch_grads.py's
+batched backward). A "group" is the responses of one prompt; the loss is the sum of the groups'."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from plumbing.cli import DataError
+
+
+def group_runs(row_group: torch.Tensor) -> list[tuple[int, slice]]:
+    """(group, slice of its rows) for each run of equal consecutive entries (views, no copies)."""
+    groups, counts = torch.unique_consecutive(row_group, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return [(g, slice(end - c, end)) for g, c, end in zip(groups.tolist(), counts.tolist(), ends)]
+
+
+class GroupGradientHooks:
+    """The backward gives every token's delta_t = dL/d(a layer's output); a group's gradient is the
+    sum over its own tokens, taken per layer as the backward passes:
+      W of a Linear / Conv1D, or of the LM head:   G_b = sum_{t in b} delta_t x_t^T
+      an embedding E [V, H] (token v_t):            row v_t of G_b gets the output gradient g_t
+      a bias:                                       sum_{t in b} delta_t
+      norm weights and biases (token by token):     the vjp of the module re-run on each row
+    Each share goes to sink.add(group, parameter, values, rows): values shaped like the parameter,
+    or (rows given) its rows `rows`; group None: values [groups, ...] for every group at once.
+    The parameters are frozen while hooked: the backward computes no summed dW (nobody reads it).
+    """
+
+    def __init__(self, model, sink):
+        from transformers.pytorch_utils import Conv1D
+
+        self.model, self.sink, self.active, self.handles = model, sink, False, []
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.head = model.get_output_embeddings()
+        self.exact, self.transposed = [], set()  # exact: summed per group, handed over at the end
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if module is self.head or not own:
+                continue
+            if isinstance(module, (torch.nn.Linear, Conv1D)):  # Conv1D (GPT-2) stores [in, out]
+                if isinstance(module, Conv1D):
+                    self.transposed.add(id(module.weight))
+                self.exact += [p for p in own if p is not module.weight]
+                self.handles.append(module.register_forward_hook(self.linear_hook))
+            elif isinstance(module, torch.nn.Embedding):
+                self.handles.append(module.register_forward_hook(self.embedding_hook))
+            elif type(module).__name__.endswith("Norm"):
+                self.exact += own
+                self.handles.append(module.register_forward_hook(self.norm_hook))
+            else:
+                raise DataError(f"--batched-backward has no rule for {name} ({type(module)})")
+        if getattr(self.head, "bias", None) is not None:
+            raise DataError("--batched-backward: an LM head with a bias is not supported")
+        self.handles.append(model.register_forward_hook(self.model_hook))
+        for p in self.parameters:
+            p.requires_grad_(False)
+
+    @classmethod
+    def attach(cls, model, sink, required: bool):
+        """The hooks, or None (saying so) for a model with a module they have no rule for, unless
+        they are required."""
+        try:
+            return cls(model, sink)
+        except DataError as no_rule:
+            if required:
+                raise
+            print(f"a backward per prompt: {no_rule}")
+            return None
+
+    def start(self, groups: int) -> None:
+        device = self.parameters[0].device
+        self.sums = {id(p): torch.zeros(groups, p.numel(), device=device) for p in self.exact}
+
+    def finish(self) -> None:
+        """Hand over the exact parameters' sums, every group at once."""
+        for p in self.exact:
+            self.sink.add(None, p, self.sums[id(p)])
+
+    @contextlib.contextmanager
+    def recording(self, row_group: list[int], response_lengths: list[int]):
+        """Within it, the forward of a micro-batch: row i belongs to group row_group[i] and ends
+        with a response of response_lengths[i] tokens (the tokens the LM head sees, in order)."""
+        device = self.parameters[0].device
+        self.row_group = torch.tensor(row_group, device=device)
+        self.head_group = torch.repeat_interleave(
+            self.row_group, torch.tensor(response_lengths, device=device)
+        )
+        self.head_seen, self.active, self.head_tap = 0, True, None
+        try:
+            yield
+        finally:
+            self.active = False
+            if self.head_tap is not None:
+                self.head_tap.__exit__(None, None, None)
+
+    def add_matrix(self, weight, delta: torch.Tensor, x: torch.Tensor, row_group) -> None:
+        """G_b = sum over group b's rows and tokens of delta_t x_t^T, in the weight's layout."""
+        for group, rows in group_runs(row_group):
+            d, inputs = delta[rows].flatten(0, -2).float(), x[rows].flatten(0, -2).float()
+            grad = inputs.T @ d if id(weight) in self.transposed else d.T @ inputs
+            self.sink.add(group, weight, grad)
+
+    def linear_hook(self, module, args, output):
+        if not self.active:  # gradient checkpointing re-runs the forward in the backward
+            return
+        x, row_group = args[0].detach(), self.row_group
+
+        def backward(delta):
+            self.add_matrix(module.weight, delta, x, row_group)
+            if module.bias is not None:  # sum_t delta_t, per group
+                self.sums[id(module.bias)].index_add_(0, row_group, delta.float().sum(1))
+
+        output.register_hook(backward)
+
+    def embedding_hook(self, module, args, output):
+        if not self.active:
+            return None
+        ids, row_group = args[0], self.row_group
+        if not output.requires_grad:  # the parameters are frozen: the backward starts here
+            output.requires_grad_()
+        if ids.shape[0] != len(row_group):  # one lookup for all rows (GPT-2's positions)
+            ids, output = ids.expand(len(row_group), -1), output.expand(len(row_group), -1, -1)
+        # torch gives the padding token's row no gradient: its tokens do not count
+        counted = None if module.padding_idx is None else (ids != module.padding_idx)[..., None]
+
+        def backward(grad):
+            grad = grad.float() if counted is None else grad.float() * counted
+            for group, rows in group_runs(row_group):
+                rows_grad = grad[rows].reshape(-1, grad.shape[-1])
+                self.sink.add(group, module.weight, rows_grad, rows=ids[rows].reshape(-1))
+
+        output.register_hook(backward)
+        return output
+
+    def norm_hook(self, module, args, output):
+        if not self.active:
+            return
+        x, row_group = args[0].detach(), self.row_group
+        params = dict(module.named_parameters(recurse=False))
+        frozen = {name: p.detach() for name, p in params.items()}
+
+        def row_gradient(x_row, grad_row):  # a row alone: a norm works token by token
+            def call(weights):
+                return torch.func.functional_call(module, weights, (x_row,))
+
+            return torch.func.vjp(call, frozen)[1](grad_row)[0]
+
+        def backward(grad):
+            with torch.enable_grad():
+                per_row = torch.func.vmap(row_gradient)(x, grad)
+            for name, p in params.items():
+                values = per_row[name].float().reshape(len(x), -1)
+                self.sums[id(p)].index_add_(0, row_group, values)
+
+        output.register_hook(backward)
+
+    def model_hook(self, module, args, output):
+        """The LM head is applied after the model's forward as a function (common.head_logprobs),
+        not as a module: a TorchFunctionMode sees those calls until the recording ends."""
+        if self.active and self.head_tap is None:
+            self.head_tap = HeadTap(self)
+            self.head_tap.__enter__()
+
+    def head_hook(self, ins: torch.Tensor, logits: torch.Tensor) -> None:
+        """A chunk of response tokens through the head: ins = h_t / T [n, H], logits z_t [n, V]
+        (their gradient is delta_t); a chunk's padding tokens get no gradient."""
+        count = len(ins)
+        token_group = self.head_group[self.head_seen : self.head_seen + count]
+        token_group = torch.nn.functional.pad(token_group, (0, count - len(token_group)))
+        self.head_seen += count
+        ins = ins.detach()[:, None]
+        logits.register_hook(
+            lambda delta: self.add_matrix(self.head.weight, delta[:, None], ins, token_group)
+        )
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for p in self.parameters:
+            p.requires_grad_(True)
+
+
+class HeadTap(torch.overrides.TorchFunctionMode):
+    """Calls of F.linear with the LM head's weight go to GroupGradientHooks.head_hook."""
+
+    def __init__(self, hooks: GroupGradientHooks):
+        super().__init__()
+        self.hooks = hooks
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.nn.functional.linear and args[1] is self.hooks.head.weight:
+            self.hooks.head_hook(args[0], out)
+        return out

@@ -1,0 +1,316 @@
+"""Tests of the plumbing/ package: files, the resumable chunk store, batching, the generation
+engines' pure pieces, the command line, the memory plan. Expected numbers are worked by hand in the
+comments."""
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import pytest
+import torch
+
+from common import token_budget_batches
+from plumbing.cli import DataError, arg, parse_args
+from plumbing.data import read_jsonl
+from plumbing.distributed import shard
+from plumbing.engines import clean_response, stop_token_ids
+from plumbing.files import ChunkStore, already_done, atomic_path, write_json, write_jsonl
+from plumbing.memory_plan import check_memory_plan, count_parameters, memory_plan, use_fsdp
+from plumbing.models import derive_seed
+
+# -------------------------------------------------------------------------------------------- files
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out.jsonl"
+    write_jsonl(target, [{"a": 1}])
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert read_jsonl(target) == [{"a": 1}]  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no temp file left
+
+
+def test_atomic_folder_replaces_whole_folder(tmp_path):
+    target = tmp_path / "ckpt"
+    with atomic_path(target, folder=True) as folder:
+        (folder / "a").write_text("1")
+    with atomic_path(target, folder=True) as folder:
+        (folder / "b").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_chunk_store_saves_resumes_and_refuses_other_settings(tmp_path):
+    store = ChunkStore(tmp_path / "out.parts", {"seed": 0, "k": 4})
+    assert store.open() == set()
+    store.save(0, np.arange(3, dtype=np.float32))
+    store.save(2, [{"id": "a"}, {"id": "b"}])
+    store.save(5, {"step": 5, "weights": torch.ones(2)})
+    assert ChunkStore(tmp_path / "out.parts", {"seed": 0, "k": 4}).open() == {
+        0,
+        2,
+        5,
+    }  # a rerun sees them
+    np.testing.assert_array_equal(store.load(0), [0, 1, 2])
+    assert store.load(2) == [{"id": "a"}, {"id": "b"}]
+    assert torch.equal(store.load(5)["weights"], torch.ones(2))
+    assert not list((tmp_path / "out.parts").glob(".*tmp"))  # atomic writes leave no temp files
+    with pytest.raises(DataError, match=r"k: was 4, now 8"):
+        ChunkStore(tmp_path / "out.parts", {"seed": 0, "k": 8}).open()
+    store.save(
+        7, {"step": 7, "weights": torch.zeros(2)}
+    )  # a training state needs its latest save only
+    assert store.open() == {0, 2, 7}
+    assert torch.equal(store.load(7)["weights"], torch.zeros(2))
+    with pytest.raises(DataError, match="piece 5 is missing"):
+        store.load(5)
+    store.remove()
+    assert not (tmp_path / "out.parts").exists()
+
+
+def test_already_done_needs_the_marker_with_the_same_settings(tmp_path):
+    marker = tmp_path / "out.summary.json"
+    assert not already_done(marker, {"seed": 0})  # no marker: not done
+    write_json(marker, {"prompts": 3, "settings": {"seed": 0}})
+    assert already_done(marker, {"seed": 0})
+    assert not already_done(marker, {"seed": 1})
+    write_json(marker, {"prompts": 3})  # a marker without settings: not done with any
+    assert not already_done(marker, {})
+
+
+# ----------------------------------------------------------------------------------------- batching
+
+
+def test_token_budget_batches_longest_first_within_budget():
+    # lengths by index: 3, 10, 5, 7. Longest first: 1 (10), 3 (7), 2 (5), 0 (3).
+    # [1, 3]: 2 rows x width 10 = 20 <= 20; adding 2 would make 3 x 10 = 30
+    # -> new batch [2, 0]: 2 x 5 = 10.
+    assert token_budget_batches([3, 10, 5, 7], budget=20) == [[1, 3], [2, 0]]
+    assert token_budget_batches([30, 4], budget=10) == [[0], [1]]  # too long for the budget: alone
+
+
+def test_token_budget_batches_in_input_order():
+    # lengths 3, 10, 5, 7, budget 20: [0] then adding 1 gives 2 x 10 = 20 <= 20 -> [0, 1];
+    # adding 2: 3 x 10 = 30 -> new batch [2]; adding 3: 2 x 7 = 14 -> [2, 3].
+    assert token_budget_batches([3, 10, 5, 7], 20, longest_first=False) == [[0, 1], [2, 3]]
+    assert token_budget_batches([30, 4], 10, longest_first=False) == [[0], [1]]
+
+
+# ------------------------------------------------------------------------ engines, processes, seeds
+
+
+def test_clean_response_keeps_first_eos_and_drops_padding():
+    eos, pad = {1}, 0
+    assert clean_response([5, 6, 1, 0, 0], eos, pad) == [5, 6, 1]
+    assert clean_response([5, 6, 1, 7, 1], eos, pad) == [5, 6, 1]  # nothing after the first EOS
+    assert clean_response([5, 6, 7], eos, pad) == [5, 6, 7]  # cut by max_new_tokens: no EOS to keep
+    assert clean_response([5, 1, 1, 1], eos, 1) == [
+        5,
+        1,
+    ]  # pad == eos (tokenizers without a pad token)
+    assert clean_response([5, 9, 6, 1], {1, 9}, pad) == [
+        5,
+        9,
+    ]  # several stop tokens: the first one ends it
+
+
+def test_stop_token_ids_join_tokenizer_and_generation_config():
+    class Tokenizer:
+        eos_token_id = 1
+
+    class GenerationConfig:
+        eos_token_id = [7, 1]
+
+    assert stop_token_ids(Tokenizer(), GenerationConfig()) == {1, 7}
+    assert stop_token_ids(Tokenizer(), None) == {1}
+
+
+def test_derive_seed_is_stable_and_separates_streams():
+    assert derive_seed(0, 3) == derive_seed(0, 3)
+    assert len({derive_seed(0, 1), derive_seed(1, 0), derive_seed(0, 0), derive_seed(2, 0)}) == 4
+    assert 0 <= derive_seed(7, 123) < 2**62
+
+
+def test_shard_takes_every_world_th_item():
+    assert shard(list(range(7)), 1, 3) == [1, 4]
+    assert shard(list(range(7)), 0, 1) == list(range(7))
+
+
+# ------------------------------------------------------------------------------------- command line
+
+
+@dataclasses.dataclass
+class FlagArgs:
+    proj_dim: int = arg(8, "dims", at_least=1)
+    val_sketch: list[str] = arg([], "repeatable")
+    exact: bool = arg(False, "a switch")
+    seed: int | None = arg(None, "optional")
+    mode: Literal["auto", "on", "off"] = arg("auto", "a choice")
+    rate: float = arg(0.5, "a fraction", at_least=0.0)
+
+
+@dataclasses.dataclass
+class RequiredArgs:
+    model: str = arg("", "a model", required=True)
+    out: str = arg("", "an output", required=True)
+    steps: int = arg(1, "steps")
+
+
+def test_parse_args_flags():
+    args = parse_args(
+        FlagArgs,
+        [
+            "--proj-dim",
+            "16",
+            "--val-sketch",
+            "a",
+            "--val-sketch",
+            "b",
+            "--exact",
+            "--seed",
+            "3",
+            "--mode",
+            "off",
+            "--rate",
+            "0",
+        ],
+    )
+    assert args == FlagArgs(
+        proj_dim=16, val_sketch=["a", "b"], exact=True, seed=3, mode="off", rate=0.0
+    )
+    assert parse_args(FlagArgs, []) == FlagArgs()
+    assert (
+        parse_args(FlagArgs, []).val_sketch is not FlagArgs().val_sketch
+    )  # every parse its own list
+    assert parse_args(FlagArgs, ["--exact", "--no-exact"]).exact is False
+    with pytest.raises(SystemExit):
+        parse_args(FlagArgs, ["--proj-dim", "many"])
+
+
+def refused(capsys, args_class, argv: list[str]) -> str:
+    """The argparse error of a refused command line: exit code 2, the error on stderr's last line
+    (after the usage), nothing on stdout. Returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(args_class, argv)
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("usage: ")
+    lines = err.rstrip("\n").split("\n")
+    assert ": error: " in lines[-1] and not any(
+        ": error: " in line for line in lines[:-1]
+    )  # one error line
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--proj-dim", "0"], "--proj-dim must be >= 1, got 0"),
+        (["--proj-dim", "-3"], "--proj-dim must be >= 1, got -3"),
+        (["--rate", "-0.25"], "--rate must be >= 0.0, got -0.25"),
+    ],
+)
+def test_a_value_below_at_least_is_one_argparse_error_naming_the_flag(capsys, argv, message):
+    assert refused(capsys, FlagArgs, argv).endswith(f": error: {message}")
+
+
+def test_a_value_outside_a_literal_is_argparse_invalid_choice_naming_the_flag(capsys):
+    line = refused(capsys, FlagArgs, ["--mode", "yes"])
+    assert line.endswith(
+        ": error: argument --mode: invalid choice: 'yes' (choose from 'auto', 'on', 'off')"
+    ) or (
+        line.endswith(": error: argument --mode: invalid choice: 'yes' (choose from auto, on, off)")
+    )  # Python 3.12+
+
+
+def test_missing_required_flags_are_refused_naming_them(capsys):
+    line = refused(capsys, RequiredArgs, ["--steps", "3"])
+    assert line.endswith(": error: the following arguments are required: --model, --out")
+    line = refused(capsys, RequiredArgs, ["--out", "x"])
+    assert line.endswith(": error: the following arguments are required: --model")
+    assert parse_args(RequiredArgs, ["--model", "m", "--out", "o"]) == RequiredArgs(
+        model="m", out="o"
+    )
+
+
+# -------------------------------------------------------------------------------------- memory plan
+
+
+def test_memory_plan_by_hand():
+    from transformers import GPT2Config
+
+    config = GPT2Config(
+        vocab_size=1024, n_embd=64, n_layer=2, n_head=2
+    )  # intermediate 4 x 64 = 256
+    plan = memory_plan(
+        config,
+        num_params=2**28,
+        stage="grpo",
+        token_budget=2**20,
+        checkpointing=True,
+        vllm_share=0.5,
+        card_gib=10,
+    )
+    # weights 2^28 x (4 + 2) B = 1.5 GiB; grads x 4 = 1; AdamW x 8 = 2; vLLM 0.5 x 10 = 5
+    # activations: layer inputs 2^20 x 64 x 2 B x 2 layers = 0.25 GiB
+    #              + one layer 2^20 x (16 x 64 + 4 x 256) x 2 B = 4
+    # logits: 2^26 // 1024 = 2^16 tokens x 1024 x 4 B x 3 = 0.75 GiB
+    assert plan == {
+        "weights": 1.5,
+        "grads": 1.0,
+        "optimizer": 2.0,
+        "vllm": 5.0,
+        "activations": 4.25,
+        "logits": 0.75,
+        "hashes": 0,
+        "total": 14.5,
+    }
+    without = memory_plan(
+        config, 2**28, "grpo", token_budget=2**20, checkpointing=False, vllm_share=0.5, card_gib=10
+    )
+    assert without["activations"] == 8.0  # every layer's internals: 2 x 4 GiB
+    sketch = memory_plan(config, 2**28, "sketch", token_budget=2**20, checkpointing=True)
+    assert (
+        sketch["optimizer"] == 0 and sketch["hashes"] == 1.0
+    )  # 2^28 x 4 B = 1 GiB of hash draws, the cap
+    with pytest.raises(TypeError):  # everything after the stage by keyword: no positional mix-up
+        memory_plan(config, 2**28, "sketch", 2**20, True)
+    with pytest.raises(
+        DataError, match="needs 14.5 GiB per GPU, the card has 10; lower --micro-batch-tokens"
+    ):
+        check_memory_plan(plan, 10, "grpo", "--micro-batch-tokens")
+    assert count_parameters(config) == 1024 * 64 + 1024 * 64 + 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64
+    # sharded over 4 processes: weights, grads and optimizer state / 4 (0.375 GiB rounds to 0.38);
+    # the rest unchanged
+    sharded = memory_plan(
+        config,
+        2**28,
+        "grpo",
+        token_budget=2**20,
+        checkpointing=True,
+        vllm_share=0.5,
+        card_gib=10,
+        shards=4,
+    )
+    assert (sharded["weights"], sharded["grads"], sharded["optimizer"], sharded["total"]) == (
+        0.38,
+        0.25,
+        0.5,
+        11.13,
+    )
+
+
+def test_fsdp_is_chosen_when_the_replicated_state_takes_over_half_a_card():
+    # weights + grads + optimizer state 1.5 + 1 + 2 = 4.5 GiB: over half a card of 8, not of 10
+    plan = {
+        "weights": 1.5,
+        "grads": 1.0,
+        "optimizer": 2.0,
+        "vllm": 5.0,
+        "activations": 4.25,
+        "logits": 0.75,
+    }
+    assert use_fsdp("auto", 8, plan, card=8) and not use_fsdp("auto", 8, plan, card=10)
+    assert not use_fsdp("auto", 1, plan, card=8)  # one process: nothing to share the state with
+    assert use_fsdp("on", 8, plan, card=80) and not use_fsdp("off", 8, plan, card=8)
