@@ -62,18 +62,8 @@ class Args:
 
 
 # What the rows depend on: finished chunks and a finished OUT made with other values are not reused.
-SAMPLING_SETTINGS = (
-    "model",
-    "data",
-    "k",
-    "temperature",
-    "top_p",
-    "max_new_tokens",
-    "seed",
-    "system_prompt",
-    "chunk_size",
-    "hf_batch_size",
-)
+SAMPLING_SETTINGS = ("model", "data", "k", "temperature", "top_p", "max_new_tokens", "seed")
+SAMPLING_SETTINGS += ("system_prompt", "chunk_size", "hf_batch_size")
 
 
 def summarize(rows: list[dict], seconds: float, tokens: int) -> dict:
@@ -99,15 +89,8 @@ def collect_chunk(
     prompt_ids = [example["prompt_ids"] for example in examples]
     # 1. y_k ~ beta(. | x), K per prompt, with the chunk's own seed
     start = time.perf_counter()
-    groups = engine.generate(
-        prompt_ids,
-        args.k,
-        args.temperature,
-        args.top_p,
-        args.max_new_tokens,
-        seed=seed,
-        progress=progress,
-    )
+    sampling = (args.k, args.temperature, args.top_p, args.max_new_tokens)
+    groups = engine.generate(prompt_ids, *sampling, seed=seed, progress=progress)
     sampling_seconds = time.perf_counter() - start
     engine.release_memory(keep_weights=True)  # vLLM sleeps (CUDA): the pass below gets its memory
     # 2. log beta(y_{k,t} | x, y_{k,<t}) at the sampling temperature, recomputed by a forward pass
@@ -156,15 +139,8 @@ def collect_rollouts(args: Args, settings: dict, examples: list[dict], tokenizer
     timing = {"tokens": 0, "seconds": 0.0}
 
     def collect(c: int) -> list[dict]:
-        rows, seconds = collect_chunk(
-            args,
-            engine,
-            model,
-            tokenizer,
-            chunks[c],
-            seed=derive_seed(args.seed, c),
-            progress=progress,
-        )
+        models, seed = (engine, model, tokenizer), derive_seed(args.seed, c)
+        rows, seconds = collect_chunk(args, *models, chunks[c], seed=seed, progress=progress)
         timing["tokens"] += sum(len(r) for row in rows for r in row["response_ids"])
         timing["seconds"] += seconds
         return rows
@@ -210,10 +186,8 @@ def main(args: Args) -> None:
     check_model(args.model)
     load_data_files(args.data)  # every data file parsed before any model is loaded
     settings = {key: getattr(args, key) for key in SAMPLING_SETTINGS}
-    settings |= {
-        "backend": choose_backend(args.backend),
-        "data": [str(Path(p).resolve()) for p in args.data],
-    }
+    settings["data"] = [str(Path(p).resolve()) for p in args.data]
+    settings["backend"] = choose_backend(args.backend)
     if Path(args.model).exists():
         settings["model"] = str(Path(args.model).resolve())
     if already_done(summary_path(args), settings) and Path(args.out).is_file():

@@ -134,30 +134,18 @@ def chunked_head_logprobs(hidden, head, targets, temperature: float, with_entrop
     count, padding = len(targets), -len(targets) % chunk
     hidden = torch.nn.functional.pad(hidden, (0, 0, 0, padding))
     targets = torch.nn.functional.pad(targets, (0, padding))
-    pieces = [
-        torch.utils.checkpoint.checkpoint(
-            head_logprobs,
-            h,
-            head.weight,
-            head.bias,
-            y,
-            temperature,
-            with_entropy,
-            use_reentrant=False,
+    pieces = []
+    for h, y in zip(hidden.split(chunk), targets.split(chunk)):
+        inputs = (h, head.weight, head.bias, y, temperature, with_entropy)
+        pieces.append(
+            torch.utils.checkpoint.checkpoint(head_logprobs, *inputs, use_reentrant=False)
         )
-        for h, y in zip(hidden.split(chunk), targets.split(chunk))
-    ]
     logprobs = torch.cat([p[0] for p in pieces])[:count]
     return logprobs, torch.cat([p[1] for p in pieces])[:count] if with_entropy else None
 
 
 def response_logprobs(
-    model,
-    prompt_ids,
-    response_ids,
-    temperature: float,
-    pad_token_id: int = 0,
-    with_entropy: bool = False,
+    model, prompt_ids, response_ids, temperature, pad_token_id=0, with_entropy=False
 ):
     """log pi(y_t | x, y_<t) of every response token at sampling temperature T, as (logprobs
     [B, Lr], mask [B, Lr], entropy [B, Lr] or None). Rows are prompt + response, right-padded;
@@ -178,12 +166,8 @@ def response_logprobs(
     captured = []
     hook = causal_lm.base_model.register_forward_hook(lambda m, a, out: captured.append(out[0]))
     try:
-        model(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            logits_to_keep=1,
-            use_cache=False,
-        )
+        inputs = dict(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        model(**inputs, logits_to_keep=1, use_cache=False)
     finally:
         hook.remove()
     # response token t of row i sits at len(p_i) + t, predicted by the hidden state before it

@@ -80,11 +80,8 @@ def row_to_example(obj: dict, where: str, default_id: str) -> dict:
         raise DataError(f"{where}: empty or non-text prompt")
     if answer is None or not str(answer).strip():
         raise DataError(f"{where}: missing or empty answer")
-    example = {
-        "id": str(obj.get("id", default_id)),
-        "prompt": prompt,
-        "answer": str(answer).strip(),
-    }
+    example = {"id": str(obj.get("id", default_id)), "prompt": prompt}
+    example["answer"] = str(answer).strip()
     return example | {key: obj[key] for key in ("source", "skill") if key in obj}
 
 
@@ -127,17 +124,8 @@ def load_data_files(paths: list[str]) -> list[dict]:
     return examples
 
 
-ROLLOUT_FIELDS = (
-    "id",
-    "prompt",
-    "answer",
-    "prompt_ids",
-    "response_ids",
-    "responses",
-    "behavior_logprobs",
-    "rewards",
-    "temperature",
-)
+ROLLOUT_FIELDS = ("id", "prompt", "answer", "prompt_ids", "response_ids", "responses")
+ROLLOUT_FIELDS += ("behavior_logprobs", "rewards", "temperature")
 
 
 def check_rollout(row: dict, where: str) -> dict:
@@ -151,9 +139,7 @@ def check_rollout(row: dict, where: str) -> dict:
     if k == 0 or not row["prompt_ids"]:
         raise DataError(f"{where}: empty prompt_ids or response_ids")
     if not len(row["responses"]) == len(row["behavior_logprobs"]) == len(row["rewards"]) == k:
-        raise DataError(
-            f"{where}: responses, behavior_logprobs and rewards need K={k} entries each"
-        )
+        raise DataError(f"{where}: responses, behavior_logprobs, rewards need K={k} entries each")
     for ids, logprobs in zip(row["response_ids"], row["behavior_logprobs"]):
         if len(ids) != len(logprobs) or not ids:
             raise DataError(

@@ -152,31 +152,24 @@ def gradient_sync(model, now: bool):
 
 def training_state(model, optimizer=None) -> dict:
     """Whole (unsharded) model and optimizer state on rank 0's CPU: every process must call it."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_state_dict,
-    )
+    from torch.distributed.checkpoint import state_dict as dcp
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
     if optimizer is None:  # tied weights (an LM head that is the embedding) stay one tensor
-        weights, first_name = get_model_state_dict(model, options=options), {}
+        weights, first_name = dcp.get_model_state_dict(model, options=options), {}
         for name, parameter in model.named_parameters(remove_duplicate=False):
             if name in weights:
                 weights[name] = weights[first_name.setdefault(id(parameter), name)]
         return {"model": weights}
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    model_state, optimizer_state = dcp.get_state_dict(model, optimizer, options=options)
     return {"model": model_state, "optimizer": optimizer_state}
 
 
 def load_training_state(model, optimizer, state: dict) -> None:
     """training_state's dict back into a model and optimizer, sharded or not."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint import state_dict as dcp
 
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-        options=StateDictOptions(full_state_dict=True),
+    states = dict(model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    dcp.set_state_dict(
+        model, optimizer, **states, options=dcp.StateDictOptions(full_state_dict=True)
     )

@@ -51,15 +51,8 @@ def clean_response(token_ids: list[int], stop_ids: set[int], pad_token_id: int |
 
 # generate() fills unset options from the model's generation_config.json (Qwen2.5: top_k 20,
 # repetition penalty 1.05): pin them to plain temperature + top_p sampling, as vLLM samples.
-PLAIN_SAMPLING = dict(
-    top_k=0,
-    min_p=None,
-    typical_p=1.0,
-    repetition_penalty=1.0,
-    no_repeat_ngram_size=0,
-    epsilon_cutoff=0.0,
-    eta_cutoff=0.0,
-)
+PLAIN_SAMPLING = dict(top_k=0, min_p=None, typical_p=1.0, repetition_penalty=1.0)
+PLAIN_SAMPLING |= dict(no_repeat_ngram_size=0, epsilon_cutoff=0.0, eta_cutoff=0.0)
 
 
 class TransformersEngine:
@@ -113,15 +106,8 @@ class VLLMEngine:
     """A vLLM engine in this process (one per torchrun rank, data parallel, as TRL's colocate mode),
     fed with token ids; the trainer's weights are pushed into it."""
 
-    def __init__(
-        self,
-        model_path: str,
-        seed: int,
-        max_model_len=None,
-        gpu_memory_utilization=0.6,
-        kv_cache_gib=0.0,
-        enforce_eager=False,
-    ):
+    def __init__(self, model_path: str, seed: int, max_model_len=None, **options):
+        """options: gpu_memory_utilization (0.6), kv_cache_gib (0: by the share), enforce_eager."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: weights can be pushed
         from transformers import GenerationConfig
         from vllm import LLM
@@ -132,17 +118,14 @@ class VLLMEngine:
             generation_config = None
         self.stop_ids = stop_token_ids(load_tokenizer(model_path), generation_config)
         self.sleep_mode, self.asleep = torch.cuda.is_available(), False  # sleep mode: CUDA only
-        engine_args = dict(
-            model=model_path, tokenizer=model_path, seed=seed, enforce_eager=enforce_eager
-        )
+        kv_cache_bytes = int(options.get("kv_cache_gib", 0) * 2**30) or None
+        engine_args = dict(model=model_path, tokenizer=model_path, seed=seed, dtype="float32")
         engine_args |= dict(max_model_len=max_model_len, enable_prefix_caching=False)
-        engine_args |= dict(
-            enable_sleep_mode=self.sleep_mode,
-            kv_cache_memory_bytes=int(kv_cache_gib * 2**30) or None,
-        )
-        engine_args["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
+        engine_args |= dict(enforce_eager=options.get("enforce_eager", False))
+        engine_args |= dict(enable_sleep_mode=self.sleep_mode, kv_cache_memory_bytes=kv_cache_bytes)
         if torch.cuda.is_available():
-            engine_args["gpu_memory_utilization"] = gpu_memory_utilization
+            engine_args["dtype"] = "bfloat16"
+            engine_args["gpu_memory_utilization"] = options.get("gpu_memory_utilization", 0.6)
         else:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GB of KV cache on a CPU
         if dist.is_initialized() and dist.get_world_size() > 1:

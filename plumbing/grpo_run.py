@@ -11,21 +11,12 @@ import torch
 
 import common
 from plumbing import distributed as dist
+from plumbing import models
 from plumbing.cli import DataError
 from plumbing.data import load_examples
 from plumbing.engines import choose_backend, make_engine
 from plumbing.files import ChunkStore, append_jsonl, atomic_path, write_json
 from plumbing.memory_plan import plan_memory
-from plumbing.models import (
-    context_length,
-    load_model,
-    load_policy,
-    load_tokenizer,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    use_checkpointing,
-)
 
 
 class TrainingRun:
@@ -35,9 +26,9 @@ class TrainingRun:
         if args.batch_prompts % (self.world * args.mini_batches):
             share = f"the processes ({self.world}) x --mini-batches ({args.mini_batches})"
             raise DataError(f"--batch-prompts {args.batch_prompts} must be divisible by {share}")
-        seed_everything(args.seed + self.rank)  # each rank samples its own responses
+        models.seed_everything(args.seed + self.rank)  # each rank samples its own responses
         self.backend = choose_backend(args.backend)
-        checkpointing = use_checkpointing(args.gradient_checkpointing, self.device)
+        checkpointing = models.use_checkpointing(args.gradient_checkpointing, self.device)
         plan = dict(token_budget=args.micro_batch_tokens, checkpointing=checkpointing)
         plan |= dict(fsdp=args.fsdp, world=self.world, vllm_share=args.gpu_memory_utilization)
         if self.backend != "vllm":
@@ -48,14 +39,16 @@ class TrainingRun:
             raise DataError("--dynamic-sampling with a sharded model (--fsdp) is not supported")
         self.examples = load_examples(args.data)
         self.eval_sets = {Path(p).stem: load_examples(p) for p in args.eval_data}
-        self.tokenizer = load_tokenizer(args.model)
+        self.tokenizer = models.load_tokenizer(args.model)
         self.pad = self.tokenizer.pad_token_id
-        self.model = load_policy(args.model, self.device, checkpointing, train=True)
+        self.model = models.load_policy(args.model, self.device, checkpointing, train=True)
         self.ref_model = None
         if args.kl_coef > 0:  # only log-probs: bf16 weights on CUDA (the log-softmax is float32)
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             reference = args.ref_model or args.model
-            self.ref_model = load_model(reference, self.device, dtype).eval().requires_grad_(False)
+            self.ref_model = (
+                models.load_model(reference, self.device, dtype).eval().requires_grad_(False)
+            )
         for model in filter(None, (self.model, self.ref_model) if self.sharded else ()):
             dist.shard_model(model)
         adamw = dict(lr=args.lr, weight_decay=args.weight_decay, fused=self.device.type == "cuda")
@@ -72,17 +65,12 @@ class TrainingRun:
             )
         sampler = self.model  # a sharded model would gather weights at every decoding step
         if self.sharded and self.backend == "hf":
-            sampler = load_model(args.model, self.device).eval()
-        self.engine = make_engine(
-            self.backend,
-            sampler,
-            self.tokenizer,
-            args.model,
-            seed=args.seed,
-            hf_batch_sequences=args.hf_generation_batch,
-            max_model_len=self.max_model_len(),
-            gpu_memory_utilization=args.gpu_memory_utilization,
+            sampler = models.load_model(args.model, self.device).eval()
+        options = dict(seed=args.seed, hf_batch_sequences=args.hf_generation_batch)
+        options |= dict(
+            max_model_len=self.max_model_len(), gpu_memory_utilization=args.gpu_memory_utilization
         )
+        self.engine = make_engine(self.backend, sampler, self.tokenizer, args.model, **options)
         self.engine_is_stale = True
 
     def encode(self, question: str) -> list[int]:
@@ -96,7 +84,7 @@ class TrainingRun:
         rows = self.examples + [r for rows in self.eval_sets.values() for r in rows]
         longest = max(len(self.encode(r["prompt"])) for r in rows)
         needed = longest + max(self.args.max_new_tokens, self.args.eval_max_new_tokens)
-        return min(needed, context_length(self.model.config) or needed)
+        return min(needed, models.context_length(self.model.config) or needed)
 
     def sync_engine(self) -> None:
         if self.engine_is_stale:
@@ -143,15 +131,11 @@ class TrainingRun:
         tokens, responses = total["tokens"], total["responses"]
         rollout_time, update_time, step_time = times
         row = {"step": self.args.step_offset + step + 1, "stage_step": step + 1}
-        row |= {
-            "reward_mean": total["reward"] / responses,
-            "accuracy": total["correct"] / responses,
-        }
+        row["reward_mean"] = total["reward"] / responses
+        row["accuracy"] = total["correct"] / responses
         row |= {key: total[key] / tokens for key in per_token}
-        row |= {
-            "all_equal_share": total["equal"] / total["groups"],
-            "response_length": tokens / responses,
-        }
+        row["all_equal_share"] = total["equal"] / total["groups"]
+        row["response_length"] = tokens / responses
         row |= {"tokens_per_s": tokens / step_time, "step_time_s": step_time}
         row |= {"rollout_time_s": rollout_time, "update_time_s": update_time}
         row |= {"loss": total["loss"] / len(updates), "ratio_mean": total["ratio"] / tokens}
@@ -163,7 +147,7 @@ class TrainingRun:
     def save_resume_state(self, step: int) -> None:
         """<out>.resume/: model and optimizer state, every rank's RNG states, the step and the
         metrics file's size."""
-        rng_states = dist.all_gather(rng_state())
+        rng_states = dist.all_gather(models.rng_state())
         state = dist.training_state(self.model, self.optimizer)
         if self.rank == 0:
             metrics_bytes = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
@@ -178,7 +162,7 @@ class TrainingRun:
         step = max(finished)
         state = self.store.load(step)
         dist.load_training_state(self.model, self.optimizer, state)
-        set_rng_state(state["rng"][self.rank])
+        models.set_rng_state(state["rng"][self.rank])
         if self.rank == 0 and self.metrics_path.exists():  # lines written after the save go
             os.truncate(self.metrics_path, state["metrics_bytes"])
         print(f"resuming {self.store.folder} at step {step}/{self.args.steps}")

@@ -21,14 +21,14 @@ def count_parameters(config) -> int:
 
 def memory_plan(
     config,
-    num_params: int,
-    stage: str,
+    num_params,
+    stage,
     *,
-    token_budget: int,
-    checkpointing: bool,
-    vllm_share: float = 0.0,
-    card_gib: float = 80.0,
-    shards: int = 1,
+    token_budget,
+    checkpointing,
+    vllm_share=0.0,
+    card_gib=80.0,
+    shards=1,
 ) -> dict:
     """Estimated peak GiB per GPU of one stage ("collect", "sketch" or "grpo"), by part:
     weights      float32 policy, 4 B a parameter (GRPO's reference model: bf16, 2 B more)
@@ -86,16 +86,16 @@ def use_fsdp(fsdp: str, world: int, replicated_plan: dict, card: float) -> bool:
 
 
 def plan_memory(
-    model_path: str,
-    device: torch.device,
-    stage: str,
+    model_path,
+    device,
+    stage,
     *,
-    token_budget: int,
-    checkpointing: bool,
-    flags: str,
-    vllm_share: float = 0.0,
-    fsdp: str = "off",
-    world: int = 1,
+    token_budget,
+    checkpointing,
+    flags,
+    vllm_share=0.0,
+    fsdp="off",
+    world=1,
 ) -> bool:
     """On a GPU: print the stage's plan and refuse it before loading when it does not fit.
     Returns whether to shard the model over the `world` processes (on a CPU: --fsdp on only)."""
