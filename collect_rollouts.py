@@ -82,15 +82,13 @@ def summarize(rows: list[dict], seconds: float, tokens: int) -> dict:
     )
 
 
-def collect_chunk(
-    args: Args, engine, model, tokenizer, examples: list[dict], seed: int, progress=None
-) -> tuple[list[dict], float]:
+def collect_chunk(args: Args, examples: list[dict], *, engine, model, tokenizer, seed, progress):
     """Steps 1-3 for the prompts of one chunk; returns (rollout rows, seconds spent sampling)."""
     prompt_ids = [example["prompt_ids"] for example in examples]
     # 1. y_k ~ beta(. | x), K per prompt, with the chunk's own seed
     start = time.perf_counter()
-    sampling = (args.k, args.temperature, args.top_p, args.max_new_tokens)
-    groups = engine.generate(prompt_ids, *sampling, seed=seed, progress=progress)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=seed, progress=progress)
+    groups = engine.generate(prompt_ids, args.k, max_new_tokens=args.max_new_tokens, **sampling)
     sampling_seconds = time.perf_counter() - start
     engine.release_memory(keep_weights=True)  # vLLM sleeps (CUDA): the pass below gets its memory
     # 2. log beta(y_{k,t} | x, y_{k,<t}) at the sampling temperature, recomputed by a forward pass
@@ -98,20 +96,19 @@ def collect_chunk(
     responses = [r for group in groups for r in group]
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     batches = common.token_budget_batches(lengths, args.logprob_token_budget)
+    pass_settings = dict(temperature=args.temperature, pad_token_id=tokenizer.pad_token_id)
     flat_logprobs = common.batched_logprobs(
-        model, prompts, responses, args.temperature, tokenizer.pad_token_id, batches
+        model, prompts, responses, **pass_settings, batches=batches
     )
-    rows = []
+    rows, k = [], args.k
     for n, (example, group) in enumerate(zip(examples, groups)):
         # 3. r_k = reward(y_k, gold) in {0, 1}; one cut at the token limit needs an explicit answer
         answers = [example["answer"]] * len(group)
         row = {key: example[key] for key in ("id", "prompt", "answer", "prompt_ids")}
         row["response_ids"] = group
         row["responses"] = tokenizer.batch_decode(group, skip_special_tokens=True)
-        row["behavior_logprobs"] = [
-            lp.tolist() for lp in flat_logprobs[n * args.k : (n + 1) * args.k]
-        ]
-        row["rewards"] = common.score_responses(tokenizer, group, answers, engine.stop_ids)
+        row["behavior_logprobs"] = [lp.tolist() for lp in flat_logprobs[n * k : (n + 1) * k]]
+        row["rewards"] = common.score_responses(tokenizer, group, answers, stop_ids=engine.stop_ids)
         row["temperature"] = args.temperature
         rows.append(row | {key: example[key] for key in ("skill", "source") if key in example})
     return rows, sampling_seconds
@@ -139,14 +136,14 @@ def collect_rollouts(args: Args, settings: dict, examples: list[dict], tokenizer
     timing = {"tokens": 0, "seconds": 0.0}
 
     def collect(c: int) -> list[dict]:
-        models, seed = (engine, model, tokenizer), derive_seed(args.seed, c)
-        rows, seconds = collect_chunk(args, *models, chunks[c], seed=seed, progress=progress)
+        models = dict(engine=engine, model=model, tokenizer=tokenizer, progress=progress)
+        rows, seconds = collect_chunk(args, chunks[c], **models, seed=derive_seed(args.seed, c))
         timing["tokens"] += sum(len(r) for row in rows for r in row["response_ids"])
         timing["seconds"] += seconds
         return rows
 
     store = ChunkStore(f"{args.out}.parts", settings)
-    done = dist.run_chunks(store, len(chunks), collect, rank, world)
+    done = dist.run_chunks(store, len(chunks), collect, rank=rank, world=world)
     tokens, seconds = dist.all_sum([timing["tokens"], timing["seconds"]], device)
     if rank == 0:  # every prompt once, in input order; the summary last
         rows = [row for chunk in done for row in chunk]
@@ -195,7 +192,8 @@ def main(args: Args) -> None:
     else:
         if summary_path(args).is_file():
             print(f"{args.out} was made with other settings: collecting again")
-        collect_rollouts(args, settings, *read_examples(args))
+        examples, tokenizer = read_examples(args)
+        collect_rollouts(args, settings, examples, tokenizer)
     summary = json.loads(summary_path(args).read_text())
     if summary["prompts_with_mixed_rewards"] < args.min_mixed:  # they alone carry a gradient
         raise DataError(

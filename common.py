@@ -177,7 +177,7 @@ def response_logprobs(
     hidden = captured[0][rows, prompt_lengths[rows] - 1 + steps]
     head = causal_lm.get_output_embeddings()
     token_logprobs, token_entropy = chunked_head_logprobs(
-        hidden, head, targets, temperature, with_entropy
+        hidden, head, targets, temperature, with_entropy=with_entropy
     )
     longest = int(response_lengths.max())
     mask = (torch.arange(longest, device=device)[None, :] < response_lengths[:, None]).float()
@@ -216,7 +216,9 @@ def batched_logprobs(model, prompt_ids, response_ids, temperature, pad_token_id,
     for batch in batches:
         prompts, responses = [prompt_ids[i] for i in batch], [response_ids[i] for i in batch]
         with autocast(device):
-            logprobs = response_logprobs(model, prompts, responses, temperature, pad_token_id)[0]
+            logprobs = response_logprobs(
+                model, prompts, responses, temperature, pad_token_id=pad_token_id
+            )[0]
         for row, i in zip(logprobs, batch):
             result[i] = row[: len(response_ids[i])].float().cpu()
     return result

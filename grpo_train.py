@@ -174,10 +174,12 @@ def grpo_update(
         inputs = (prompts, responses, args.temperature)
         if ref_model is not None:
             with torch.no_grad(), dist.autocast(device):
-                ref_logprobs = common.response_logprobs(ref_model, *inputs, pad_id)[0]
+                ref_logprobs = common.response_logprobs(ref_model, *inputs, pad_token_id=pad_id)[0]
         with dist.gradient_sync(model, now=n == len(batches) - 1):  # DDP: in the last backward
             with dist.autocast(device):
-                logprobs, mask, entropy = common.response_logprobs(model, *inputs, pad_id, True)
+                logprobs, mask, entropy = common.response_logprobs(
+                    model, *inputs, pad_token_id=pad_id, with_entropy=True
+                )
             pi_old = logprobs.detach()  # one update per step: pi_old is this forward pass
             if old is not None:
                 pi_old = torch.nn.utils.rnn.pad_sequence([old[i] for i in batch], True).to(device)
@@ -207,21 +209,24 @@ def sample_round(run: TrainingRun, step: int, round_: int):
     """1-2. This rank's share of round r's prompts, G responses each from the current policy and
     their 0/1 rewards: ([(prompt ids, [G response ids])], rewards [prompts, G])."""
     args, share, g = run.args, run.args.batch_prompts // run.world, run.args.group_size
-    indices = round_indices(len(run.examples), args.batch_prompts, step, round_, args.seed)
+    indices = round_indices(
+        len(run.examples), args.batch_prompts, step, round_=round_, seed=args.seed
+    )
     rows = [run.examples[i] for i in indices[run.rank * share : (run.rank + 1) * share]]
     prompt_ids = [run.encode(row["prompt"]) for row in rows]
     seed = derive_seed(args.seed, step, run.rank, round_) if run.backend == "vllm" else None
-    sampling = (args.temperature, args.top_p, args.max_new_tokens)  # hf: seed None, torch's RNG
-    groups = run.engine.generate(prompt_ids, g, *sampling, seed=seed)
-    rewards = score(
-        run, [r for group in groups for r in group], [r["answer"] for r in rows for _ in range(g)]
+    sampling = dict(
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens
     )
+    groups = run.engine.generate(prompt_ids, g, **sampling, seed=seed)  # hf: seed None, torch's RNG
+    answers = [row["answer"] for row in rows for _ in range(g)]
+    rewards = score(run, [r for group in groups for r in group], answers)
     return list(zip(prompt_ids, groups)), torch.tensor(rewards).view(-1, g)
 
 
 def score(run: TrainingRun, response_ids, answers) -> list[float]:
-    stop_ids, last_number = run.engine.stop_ids, run.args.last_number_when_cut
-    return common.score_responses(run.tokenizer, response_ids, answers, stop_ids, last_number)
+    rule = dict(stop_ids=run.engine.stop_ids, last_number_when_cut=run.args.last_number_when_cut)
+    return common.score_responses(run.tokenizer, response_ids, answers, **rule)
 
 
 def grpo_train(args: Args) -> None:
@@ -249,17 +254,23 @@ def grpo_train(args: Args) -> None:
         old = None
         if args.ppo_epochs * args.mini_batches > 1:
             batches = micro_batches(prompt_ids, response_ids, args.micro_batch_tokens)
-            inputs = (prompt_ids, response_ids, args.temperature, run.pad, batches)
-            old = common.batched_logprobs(run.model, *inputs)
-        updates, models = [], (run.trainer, run.ref_model, run.optimizer)
+            pass_settings = dict(
+                temperature=args.temperature, pad_token_id=run.pad, batches=batches
+            )
+            old = common.batched_logprobs(run.model, prompt_ids, response_ids, **pass_settings)
+        updates, models = (
+            [],
+            (run.trainer, run.ref_model, run.optimizer),
+        )  # policy, reference, AdamW
         for _ in range(args.ppo_epochs):
             for part in np.array_split(np.arange(len(groups)), args.mini_batches):  # whole groups
                 seqs = slice(part[0] * args.group_size, (part[-1] + 1) * args.group_size)
-                batch = (prompt_ids[seqs], response_ids[seqs], advantages[seqs], args, run.pad)
-                updates.append(grpo_update(*models, *batch, old[seqs] if old else None))
+                batch = dict(prompt_ids=prompt_ids[seqs], response_ids=response_ids[seqs])
+                batch |= dict(advantages=advantages[seqs], old=old[seqs] if old else None)
+                updates.append(grpo_update(*models, **batch, args=args, pad_id=run.pad))
         run.engine_is_stale = True
         times = (rollout_time, time.perf_counter() - update_start, time.perf_counter() - step_start)
-        row = run.log_step(step, rewards, response_ids, updates, times, rounds)
+        row = run.log_step(step, rewards, response_ids, updates, times=times, rounds=rounds)
         progress.set_postfix(reward=f"{row['reward_mean']:.3f}", s=f"{row['step_time_s']:.1f}")
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             run.evaluate(step + 1)

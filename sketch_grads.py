@@ -91,18 +91,17 @@ def surrogate_terms(groups: list[list[dict]], weight: float) -> list[Term]:
     return terms
 
 
-def surrogate(model, terms: list[Term], pad_token_id: int) -> torch.Tensor:
+def surrogate(model, terms: list[Term], pad: int) -> torch.Tensor:
     """sum over the terms of w (1/|y_k|) sum_t rho_{k,t} (one temperature per micro-batch)."""
-    prompts = [t.row["prompt_ids"] for t in terms]
     responses = [t.row["response_ids"][t.k] for t in terms]
+    inputs = ([t.row["prompt_ids"] for t in terms], responses, terms[0].row["temperature"])
     with dist.autocast(next(model.parameters()).device):
-        inputs = (prompts, responses, terms[0].row["temperature"], pad_token_id)
-        logprobs, mask, _ = response_logprobs(model, *inputs)
+        logprobs, mask, _ = response_logprobs(model, *inputs, pad_token_id=pad)
     behavior = torch.zeros_like(logprobs)
     for j, t in enumerate(terms):
         behavior[j, : len(responses[j])] = torch.tensor(t.row["behavior_logprobs"][t.k])
     weights = torch.tensor([t.weight for t in terms], device=logprobs.device)
-    return popi_surrogate(logprobs.float(), behavior, mask, weights, 1)
+    return popi_surrogate(logprobs.float(), behavior, mask, weights, num_responses=1)
 
 
 def micro_batches(terms: list[Term], token_budget: int) -> list[list[Term]]:
@@ -155,8 +154,8 @@ class CountSketch:
         if self.cached[0] is not p:
             first, count = self.offset[id(p)], p.numel()
             blocks = range(first // HASH_BLOCK, (first + count - 1) // HASH_BLOCK + 1)
-            settings = (self.width, self.sparse_ratio, self.exact, self.device)
-            drawn = [block_draws(self.seed, b, *settings) for b in blocks]
+            settings = dict(proj_dim=self.width, sparse_ratio=self.sparse_ratio, exact=self.exact)
+            drawn = [block_draws(self.seed, b, **settings, device=self.device) for b in blocks]
             drawn = drawn[0] if len(drawn) == 1 else torch.cat(drawn)  # a copy only across blocks
             start = first - blocks[0] * HASH_BLOCK
             self.cached = (p, drawn[start : start + count])
@@ -193,11 +192,9 @@ class Sketcher:
         if args.batched_backward == "on" and sharded:
             raise DataError("--batched-backward on: not with a sharded model (--fsdp)")
         # auto: not sharded, nor with checkpointing (CUDA's default), whose memory hooks would undo
-        auto = not sharded and not checkpointing
-        if {"on": True, "off": False, "auto": auto}[args.batched_backward]:
-            self.hooks = GroupGradientHooks.attach(
-                self.model, self.sketch, args.batched_backward == "on"
-            )
+        on = args.batched_backward == "on"
+        if on or (args.batched_backward == "auto" and not sharded and not checkpointing):
+            self.hooks = GroupGradientHooks.attach(self.model, self.sketch, required=on)
         self.pad_token_id = self.model.config.pad_token_id or 0
 
     def sketch_groups(self, groups: list[list[dict]], weight: float = 1.0) -> torch.Tensor:
@@ -257,7 +254,9 @@ def sketch_file(sketcher: Sketcher, rows: list[dict], rollouts: str, out: str, m
         return to_numpy(dist.all_sum(part, sketcher.device) if sharded else part)
 
     store = ChunkStore(f"{out}.parts", settings)
-    parts = dist.run_chunks(store, len(chunks), sketch_chunk, rank, world, shared=sharded)
+    parts = dist.run_chunks(
+        store, len(chunks), sketch_chunk, rank=rank, world=world, shared=sharded
+    )
     if rank != 0:
         return None
     zero_rows = [i for i, row in enumerate(rows) if is_zero_gradient(row["rewards"])]
@@ -286,12 +285,13 @@ def main(args: Args) -> dict | None:
         raise DataError(f"--sparse-ratio must be in (0, 1], got {args.sparse_ratio}")
     check_model(args.model)
     val_files = [(read_rollouts(p), p, out) for p, out in zip(args.val_rollouts, args.val_out)]
-    pool = (read_rollouts(args.rollouts), args.rollouts, args.out)  # every file checked first
+    pool = read_rollouts(args.rollouts)  # every file read and checked before the model loads
     rank, world, device = dist.init_distributed()
     sketcher = Sketcher(args, device, rank, world)
     for rows, path, out in val_files:
-        sketch_file(sketcher, rows, path, out, args.mean_of_rows)
-    meta = sketch_file(sketcher, *pool, 0 if val_files else args.mean_of_rows)
+        sketch_file(sketcher, rows, path, out, mean_of_rows=args.mean_of_rows)
+    pool_mean = 0 if val_files else args.mean_of_rows  # --rollouts alone may be a validation set
+    meta = sketch_file(sketcher, pool, args.rollouts, args.out, mean_of_rows=pool_mean)
     dist.finish_distributed()
     return meta
 

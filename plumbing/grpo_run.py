@@ -105,13 +105,11 @@ class TrainingRun:
         for name, rows in self.eval_sets.items():
             mine = dist.shard(rows, self.rank, self.world)
             prompts = [self.encode(r["prompt"]) for r in mine]
-            max_new = self.args.eval_max_new_tokens
-            responses = (
-                [g[0] for g in self.engine.generate(prompts, 1, 0.0, 1.0, max_new)] if mine else []
-            )
-            answers, stop_ids = [r["answer"] for r in mine], self.engine.stop_ids
+            greedy = dict(temperature=0.0, top_p=1.0, max_new_tokens=self.args.eval_max_new_tokens)
+            responses = [g[0] for g in self.engine.generate(prompts, 1, **greedy)] if mine else []
+            rule = dict(stop_ids=self.engine.stop_ids, last_number_when_cut=last_number)
             rewards = common.score_responses(
-                self.tokenizer, responses, answers, stop_ids, last_number
+                self.tokenizer, responses, [r["answer"] for r in mine], **rule
             )
             correct, total = dist.all_sum([sum(rewards), len(mine)], self.device)
             accuracies[name] = correct / total

@@ -112,4 +112,4 @@ def iter_chunks(sketch: np.memmap, chunk_rows: int) -> Iterator[tuple[int, np.me
             offset, size = sketch.offset + start * row_bytes, chunk_rows * row_bytes
             for ahead in range(offset + size, offset + 2 * size, step):
                 os.posix_fadvise(f.fileno(), ahead, step, os.POSIX_FADV_WILLNEED)
-            yield start, np.memmap(sketch.filename, sketch.dtype, "r", offset, shape)
+            yield start, np.memmap(sketch.filename, sketch.dtype, "r", offset=offset, shape=shape)
