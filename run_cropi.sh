@@ -25,6 +25,29 @@ cd "$(dirname "$0")"
 fail() { echo "run_cropi.sh: error: $*" >&2; exit 1; }
 
 # ------------------------------------------------------------------------------------------ configuration
+# Settings come from the environment or as NAME=VALUE arguments (bash run_cropi.sh STAGES=2 LR=1e-5); a name that is
+# not a setting is refused with the nearest one, before anything runs.
+known=$(sed -n 's/^setting \([A-Z_]*\) .*/\1/p' run_cropi.sh | tr '\n' ' ')" PRESET PYTHON"
+nearest() { python3 -c 'import difflib, sys; print(*difflib.get_close_matches(sys.argv[1], sys.argv[2:], 1, 0.75))' "$1" $known; }
+for arg in "$@"; do
+  case "$arg" in
+    -h|--help)
+      echo "usage: [NAME=VALUE ...] bash run_cropi.sh [NAME=VALUE ...]   (settings: name, real model, demo, smoke)"
+      sed -n 's/^setting /  /p' run_cropi.sh; exit 0 ;;
+    [A-Z]*=*) name=${arg%%=*}
+      match=$(nearest "$name"); hint=${match:+did you mean $match?}
+      [[ " $known " == *" $name "* ]] || fail "$name: unknown setting; ${hint:-see --help}"
+      export "$arg" ;;
+    *) fail "$arg: expected NAME=VALUE or --help" ;;
+  esac
+done
+# a misspelt setting in the environment would be ignored without a word: refuse the names near a setting
+misspelt=$(python3 -c 'import difflib, re, sys
+known = sys.argv[1].split()
+for name in sys.argv[2:]:
+    match = difflib.get_close_matches(name, known, 1, 0.75)
+    if re.fullmatch("[A-Z][A-Z_]*", name) and name not in known and match:
+        sys.exit(f"{name}: unknown setting; did you mean {match[0]}?")' "$known" $(compgen -e) 2>&1) || fail "$misspelt"
 PRESET=${PRESET:-}
 case "$PRESET" in ""|smoke) ;; *) fail "PRESET=$PRESET: expected 'smoke' or unset" ;; esac
 kind=real; [[ -z "${MODEL:-}" ]] && kind=demo; [[ $kind == demo && $PRESET == smoke ]] && kind=smoke
@@ -86,6 +109,13 @@ for v in STAGES STEPS_PER_STAGE K VAL_K VAL_MIN_MIXED VAL_MEAN_OF MAX_NEW_TOKENS
 done
 for v in RATIO TEMPERATURE ROLLOUT_TEMPERATURE LR KL_COEF ENTROPY_COEF; do is_float "$v" "${!v}"; done
 (( STAGES >= 1 )) || fail "STAGES must be >= 1"
+awk -v r="$RATIO" 'BEGIN { exit !(r > 0 && r <= 1) }' || fail "RATIO=$RATIO: the share of the pool selected per stage, in (0, 1]"
+IFS=, read -ra test_files <<< "$TEST_DATA"
+test_stems=(); for f in "${test_files[@]}"; do b=$(basename "$f"); test_stems+=("${b%.*}"); done
+IFS=, read -ra targeted <<< "$TARGETED"
+for t in "${targeted[@]}"; do  # the report averages these test sets as "targeted": each must be one of TEST_DATA
+  [[ " ${test_stems[*]} " == *" $t "* ]] || fail "TARGETED=$TARGETED: $t is not the name of a TEST_DATA file (${test_stems[*]:-none})"
+done
 (( NGPU >= 1 && NNODES >= 1 && NODE_RANK < NNODES )) || fail "NGPU and NNODES must be >= 1, NODE_RANK < NNODES"
 for method in $METHOD ${COMPARE//,/ }; do
   case "$method" in cropi|full|full_dynamic|random|learnability|pass_rate|influence_once|cropi_onpolicy) ;;

@@ -157,6 +157,12 @@ def test_kill_and_resume_gives_the_same_artefacts(smoke_run, tmp_path):
         ({"STAGES": "two"}, "STAGES=two is not a whole number"),
         ({"RATIO": "-1"}, "RATIO=-1 is not a number"),
         ({"PRESET": "huge"}, "PRESET=huge"),
+        ({"RATIO": "2"}, "RATIO=2: the share of the pool selected per stage, in (0, 1]"),
+        ({"RATIO": "0"}, "RATIO=0: the share of the pool selected per stage, in (0, 1]"),
+        (
+            {"TARGETED": "test_bogus"},
+            "TARGETED=test_bogus: test_bogus is not the name of a TEST_DATA file",
+        ),
         (
             {"MODEL": "/nonexistent/model", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y.jsonl"},
             "MODEL=/nonexistent/model: no such folder (and not a hub name 'org/name')",
@@ -171,6 +177,69 @@ def test_bad_configuration_is_rejected(tmp_path, env, message):
     result = run_loop(tmp_path / "bad", check=False, **env)
     assert result.returncode != 0
     assert message in result.stderr
+    assert not (
+        tmp_path / "bad"
+    ).exists()  # refused before the first step: nothing built or written
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (
+            [],
+            {"STEP_PER_STAGE": "2"},
+            "STEP_PER_STAGE: unknown setting; did you mean STEPS_PER_STAGE?",
+        ),
+        (
+            ["STEP_PER_STAGE=2"],
+            {},
+            "STEP_PER_STAGE: unknown setting; did you mean STEPS_PER_STAGE?",
+        ),
+        (["ZZZ=1"], {}, "ZZZ: unknown setting; see --help"),
+        (["--bogus"], {}, "--bogus: expected NAME=VALUE or --help"),
+    ],
+)
+def test_unknown_settings_and_arguments_are_refused_before_anything_runs(
+    tmp_path, args, env, message
+):
+    full_env = {**os.environ, "PRESET": "smoke", "OUT_DIR": str(tmp_path / "run"), **env}
+    result = subprocess.run(
+        ["bash", "run_cropi.sh", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and message in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_settings_as_arguments_and_help(tmp_path):
+    """NAME=VALUE arguments act as the environment does (a bad value refused in their words); --help
+    prints every setting with its defaults and runs nothing."""
+    full_env = {**os.environ, "PRESET": "smoke", "OUT_DIR": str(tmp_path / "run")}
+    bad = subprocess.run(
+        ["bash", "run_cropi.sh", "RATIO=2"],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0 and "RATIO=2: the share of the pool selected per stage" in bad.stderr
+    shown = subprocess.run(
+        ["bash", "run_cropi.sh", "--help"],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        shown.returncode == 0 and "STEPS_PER_STAGE" in shown.stdout and "runs/smoke" in shown.stdout
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_malformed_data_file_is_refused_before_any_model_is_loaded(tmp_path):
