@@ -11,9 +11,9 @@
 # sampling (grpo_train.py --dynamic-sampling DYNAMIC_ROUNDS).
 #   then a report with plots                                                                  report.py
 #
-# Configuration is by environment variables, all in the table below (printed at start). With no MODEL it runs the
-# embedded CPU demo: a tiny GPT-2 warm-started on a family of digit-string tasks (make_demo.py), validation sets aimed
-# at two of its eight skills.
+# Configuration: the settings in the table below (printed at start; --help prints the table), from the environment
+# or as NAME=VALUE arguments. With no MODEL it runs the embedded CPU demo: a tiny GPT-2 warm-started on a family of
+# digit-string tasks (make_demo.py), validation sets aimed at two of its eight skills.
 #   PRESET=smoke bash run_cropi.sh      the demo loop in a couple of minutes (the tests use it)
 #   NGPU=8 MODEL=... TRAIN_DATA=... VAL_DATA=... TEST_DATA=... bash run_cropi.sh     a GPU node (see README)
 # Every finished step leaves OUT_DIR/.../<step>.done (its wall-clock seconds and a key of its settings); a rerun
@@ -125,7 +125,7 @@ done
 [[ -x "$PYTHON" ]] || fail "PYTHON=$PYTHON not found: run 'bash install.sh' first"
 
 cat <<EOF
-CROPI run ($kind; edit by environment variables)
+CROPI run ($kind; settings: --help)
   PRESET=${PRESET:-<none>} OUT_DIR=$OUT_DIR METHOD=$METHOD COMPARE=${COMPARE:-<none>} SEED=$SEED NGPU=$NGPU NNODES=$NNODES
   MODEL=$MODEL
   TRAIN_DATA=$TRAIN_DATA
