@@ -221,7 +221,7 @@ class Sketcher:
                 surrogate(self.model, batch, self.pad_token_id).backward()
             for p in (p for p in self.parameters if p.grad is not None):
                 values, rows = dist.local_rows(p.grad)
-                self.sketch.add(b, p, values, rows=None if len(rows) == len(p) else rows)
+                self.sketch.add(b, p, values, rows=rows)
         self.model.zero_grad(set_to_none=True)
         return self.sketch.rows()
 

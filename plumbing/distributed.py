@@ -124,16 +124,16 @@ def is_sharded(tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def local_rows(grad) -> tuple[torch.Tensor, torch.Tensor]:
-    """A gradient as this process holds it, [rows, -1], and the indices of those rows in the whole
-    tensor: all of them, or a sharded gradient's own (FSDP2 splits rows as torch.chunk does)."""
+def local_rows(grad) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradient this process holds, and the indices of its rows in the whole tensor: (grad,
+    None) when it holds all of it; a sharded gradient's own rows [rows, -1] and their indices (FSDP2
+    splits rows as torch.chunk does)."""
     if not is_sharded(grad):
-        return grad.reshape(len(grad), -1), torch.arange(len(grad), device=grad.device)
+        return grad, None
     local, mesh = grad.to_local(), grad.device_mesh
     first = min(mesh.get_local_rank() * -(-grad.shape[0] // mesh.size()), grad.shape[0])
-    return local.reshape(len(local), -1), torch.arange(
-        first, first + len(local), device=local.device
-    )
+    rows = torch.arange(first, first + len(local), device=local.device)
+    return local.reshape(len(local), -1), rows
 
 
 def full_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
