@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 import common
 from plumbing import distributed as dist
+from plumbing import files
 from plumbing.cli import DataError, arg, run_main
 from plumbing.data import load_data_files, pass_rate_histogram
 from plumbing.engines import choose_backend, make_engine
-from plumbing.files import ChunkStore, already_done, write_json, write_jsonl
 from plumbing.memory_plan import plan_memory
 from plumbing.models import check_model, context_length, derive_seed, load_model, load_tokenizer
 
@@ -142,14 +142,14 @@ def collect_rollouts(args: Args, settings: dict, examples: list[dict], tokenizer
         timing["seconds"] += seconds
         return rows
 
-    store = ChunkStore(f"{args.out}.parts", settings)
+    store = files.ChunkStore(f"{args.out}.parts", settings)
     done = dist.run_chunks(store, len(chunks), collect, rank=rank, world=world)
     tokens, seconds = dist.all_sum([timing["tokens"], timing["seconds"]], device)
     if rank == 0:  # every prompt once, in input order; the summary last
         rows = [row for chunk in done for row in chunk]
-        write_jsonl(args.out, rows)
+        files.write_jsonl(args.out, rows)
         summary = summarize(rows, seconds, tokens) | {"backend": backend, "settings": settings}
-        write_json(summary_path(args), summary | {"tokens_generated_this_run": int(tokens)})
+        files.write_json(summary_path(args), summary | {"tokens_generated_this_run": int(tokens)})
         store.remove()
         print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
     dist.finish_distributed()
@@ -181,17 +181,21 @@ def main(args: Args) -> None:
     if args.temperature <= 0:
         raise DataError(f"--temperature must be > 0, got {args.temperature}")
     check_model(args.model)
+    files.check_writable(args.out)
     load_data_files(args.data)  # every data file parsed before any model is loaded
     settings = {key: getattr(args, key) for key in SAMPLING_SETTINGS}
     settings["data"] = [str(Path(p).resolve()) for p in args.data]
     settings["backend"] = choose_backend(args.backend)
     if Path(args.model).exists():
         settings["model"] = str(Path(args.model).resolve())
-    if already_done(summary_path(args), settings) and Path(args.out).is_file():
+    settings |= files.fingerprint([args.model, *args.data])
+    if files.already_done(summary_path(args), settings) and Path(args.out).is_file():
         print(f"{args.out} is already complete with these settings; nothing to do")
     else:
         if summary_path(args).is_file():
-            print(f"{args.out} was made with other settings: collecting again")
+            earlier = files.read_json(summary_path(args)).get("settings", {})
+            changed = files.differences(earlier, settings)
+            print(f"{args.out} was made otherwise ({changed}): collecting again")
         examples, tokenizer = read_examples(args)
         collect_rollouts(args, settings, examples, tokenizer)
     summary = json.loads(summary_path(args).read_text())

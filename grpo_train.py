@@ -30,8 +30,8 @@ import common
 from plumbing import distributed as dist
 from plumbing.cli import DataError, arg, run_main
 from plumbing.data import load_examples
-from plumbing.files import already_done
-from plumbing.grpo_run import TrainingRun
+from plumbing.files import already_done, check_writable
+from plumbing.grpo_run import TrainingRun, run_settings
 from plumbing.models import check_model, derive_seed
 
 AUTO_ON_OFF = Literal["auto", "on", "off"]
@@ -284,13 +284,14 @@ def grpo_train(args: Args) -> None:
 def main(args: Args) -> None:
     check_model(args.model)
     check_model(args.ref_model or args.model, "--ref-model")
+    check_writable(args.out, args.metrics or f"{args.out}.metrics.jsonl")
     for path in [args.data, *args.eval_data]:  # every data file parsed before any model loads
         load_examples(path)
     if args.dynamic_sampling and args.mini_batches > 1:
         raise DataError("--dynamic-sampling needs --mini-batches 1 (it can keep fewer groups)")
     if args.temperature <= 0:
         raise DataError(f"--temperature must be > 0 for sampling, got {args.temperature}")
-    if already_done(f"{args.out}/grpo_train.json", dataclasses.asdict(args)):
+    if already_done(f"{args.out}/grpo_train.json", run_settings(args)):
         print(f"{args.out} is already complete with these settings; nothing to do")
         return
     grpo_train(args)

@@ -138,14 +138,30 @@ CROPI run ($kind; settings: --help)
   EVAL_EVERY=$EVAL_EVERY MICRO_BATCH=$MICRO_BATCH SAVE_EVERY=$SAVE_EVERY
 EOF
 # ------------------------------------------------------------------------------------------ helpers
-# run_step NAME DONE_FILE OUTPUTS command...: run the command unless DONE_FILE holds the same settings key, and
-# record its wall-clock seconds and key. The key hashes the command line (paths relative to OUT_DIR, the launcher
-# left out) and the key of the step before, so a changed setting redoes its step and every later one; the stale
-# OUTPUTS (paths, one per line: see `paths`) of a redone step are deleted first, and only inside the run's own
-# folders (OUT_DIR, DEMO_DIR). DONE_FILE.key marks a step that was started, so that an interrupted step is resumed
-# with the same settings or started over with new ones.
+# run_step NAME DONE_FILE OUTPUTS INPUTS command...: run the command unless DONE_FILE holds the same key, and record
+# its wall-clock seconds, key and inputs' hashes. The key hashes the command line (paths relative to OUT_DIR, the
+# launcher left out), the content of the INPUTS (files or folders it reads: data, checkpoints, what the steps before
+# wrote) and the key of the step before, so that a changed setting or an input edited in place redoes its step and
+# every later one (saying which input changed); the stale OUTPUTS of a redone step are deleted first, and only inside
+# the run's own folders (OUT_DIR, DEMO_DIR). OUTPUTS and INPUTS are paths, one per line (see `paths`). DONE_FILE.key
+# marks a step that was started, so that an interrupted step is resumed with the same key or started over.
 chain="" ran=0
 paths() { printf '%s\n' "$@"; }
+content_hashes() {  # a line "<sha256 of the content> PATH" per path (a folder: its files' names and contents)
+  local path hash; local -A seen=()
+  for path in "$@"; do
+    [[ -n "$path" && -z "${seen[$path]+once}" ]] || continue
+    seen[$path]=1
+    if [[ -d "$path" ]]; then
+      hash=$(cd -- "$path" && find . -type f -not -path '*/.*' -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum | sha256sum)
+    elif [[ -f "$path" ]]; then hash=$(sha256sum < "$path")
+    else hash=missing; fi
+    echo "${hash:0:16} $path"
+  done
+}
+relative() {  # paths in OUT_DIR written as <OUT_DIR>/...: a run folder can be moved or copied
+  awk -v dir="$OUT_DIR" '{ while ((i = index($0, dir)) > 0) $0 = substr($0, 1, i - 1) "<OUT_DIR>" substr($0, i + length(dir)); print }'
+}
 inside_run() {  # inside_run PATH: PATH lies strictly inside OUT_DIR or DEMO_DIR (whatever characters they hold)
   local path root; path=$(realpath -m -- "$1")
   for root in "$OUT_DIR" "$DEMO_DIR"; do
@@ -156,26 +172,31 @@ inside_run() {  # inside_run PATH: PATH lies strictly inside OUT_DIR or DEMO_DIR
   return 1
 }
 run_step() {
-  local name=$1 done_file=$2 outputs path; shift 2
-  mapfile -t outputs <<< "$1"; shift
-  local key; key=$(printf '%s\n' "$chain" "${@:2}" | awk -v dir="$OUT_DIR" \
-    '{ while ((i = index($0, dir)) > 0) $0 = substr($0, 1, i - 1) "<OUT_DIR>" substr($0, i + length(dir)); print }' \
-    | sha256sum | cut -c1-16)
+  local name=$1 done_file=$2 outputs inputs record key changed reason path; shift 2
+  mapfile -t outputs <<< "$1"; mapfile -t inputs <<< "$2"; shift 2
+  record=$(echo "after $chain"; content_hashes "${inputs[@]}" | relative)  # what the key covers, besides the command
+  key=$({ printf '%s\n' "${@:2}" | relative; echo "$record"; } | sha256sum | cut -c1-16)
   chain=$key
   if [[ -f "$done_file" && "$(sed -n 2p "$done_file")" == "$key" ]]; then echo "[skip] $name (done)"; return; fi
-  if [[ -f "$done_file" || ( -f "$done_file.key" && "$(cat "$done_file.key")" != "$key" ) ]]; then
+  local earlier=$done_file; [[ -f "$done_file" ]] || earlier=$done_file.key
+  if [[ -f "$earlier" && "$(sed -n 2p "$earlier")" != "$key" ]]; then
     for path in "${outputs[@]}" "$done_file"; do
       inside_run "$path" || fail "step '$name': will not delete $path, which is outside OUT_DIR=$OUT_DIR"
     done
-    echo "[redo] $name: made with other settings or inputs; deleting ${outputs[*]}"
+    changed=$(comm -13 <(sed 1,2d "$earlier" | sort) <(sort <<< "$record"))  # lines of the record that differ
+    reason="its settings changed"
+    [[ "$changed" == *"after "* ]] && reason="a step before it was redone"
+    inputs=$(sed '/^after /d' <<< "$changed" | cut -d' ' -f2- | paste -sd, -)
+    [[ -n "$inputs" ]] && reason="its inputs changed since it ran: $inputs"
+    echo "[redo] $name: $reason; deleting ${outputs[*]}"
     rm -rf -- "${outputs[@]}" "$done_file"
   fi
   echo "[run ] $name"
   ran=1
-  mkdir -p "$(dirname "$done_file")" && echo "$key" > "$done_file.key"
+  mkdir -p "$(dirname "$done_file")" && printf '%s\n%s\n%s\n' started "$key" "$record" > "$done_file.key"
   local start=$SECONDS
   "$@" || fail "step '$name' failed (exit $?); fix it and rerun: finished steps are kept"
-  printf '%s\n%s\n' $((SECONDS - start)) "$key" > "$done_file" && rm -f "$done_file.key"
+  printf '%s\n%s\n%s\n' $((SECONDS - start)) "$key" "$record" > "$done_file" && rm -f "$done_file.key"
 }
 # Several GPUs: every stage runs under torchrun, one process per GPU; one node picks a free port by itself
 # (--standalone), several meet at MASTER_ADDR:MASTER_PORT. Several nodes need OUT_DIR on storage they share.
@@ -192,7 +213,7 @@ files_to_flags() { local flag=$1 f; IFS=, read -ra files <<< "$2"; for f in "${f
 if [[ $kind != real ]]; then
   is_int DEMO_SEED "$DEMO_SEED"
   read -ra demo_args <<< "$DEMO_ARGS"
-  run_step "build the demo task and model" "$DEMO_DIR/demo.done" "$(paths "$DEMO_DIR/model" "$DEMO_DIR/data" "$DEMO_DIR/demo.json")" \
+  run_step "build the demo task and model" "$DEMO_DIR/demo.done" "$(paths "$DEMO_DIR/model" "$DEMO_DIR/data" "$DEMO_DIR/demo.json")" "" \
     "$PYTHON" make_demo.py --out "$DEMO_DIR" --seed "$DEMO_SEED" "${demo_args[@]}"
 fi
 # Every input checked before the first expensive step: the model folder (or a hub name), every data file parsed.
@@ -227,7 +248,9 @@ R=$OUT_DIR/rollouts
 # The steps, one function each; rollouts and sketches are named after their data file (train, or a VAL_DATA stem).
 collect() {  # collect ROLLOUT_DIR CHECKPOINT SEED NAME K MIN_MIXED data-flags...
   local dir=$1 checkpoint=$2 seed=$3 name=$4 k=$5 min_mixed=$6; shift 6
+  local inputs=("$checkpoint" "${@/#--data/}")  # the model and the data files (each --data flag emptied)
   run_step "collect rollouts: $name" "$dir/$name.done" "$(paths "$dir/$name.jsonl" "$dir/$name.summary.json" "$dir/$name.jsonl.parts")" \
+    "$(paths "${inputs[@]}")" \
     launch collect_rollouts.py --model "$checkpoint" "$@" --out "$dir/$name.jsonl" --k "$k" --temperature "$TEMPERATURE" \
       --max-new-tokens "$MAX_NEW_TOKENS" --seed "$seed" --system-prompt "$SYSTEM_PROMPT" --min-mixed "$min_mixed"
 }
@@ -239,22 +262,27 @@ collect_all() {  # collect_all ROLLOUT_DIR CHECKPOINT SEED: K responses per trai
   done
 }
 sketch() {  # sketch STAGE_DIR CHECKPOINT ROLLOUT_DIR MEAN_SEED: the pool and every validation set, one model load
-  local dir=$1 checkpoint=$2 rollouts=$3 mean_seed=$4 name v outputs=() val_flags=()
-  for name in train "${val_sets[@]}"; do outputs+=("$dir/${name}_sketch.npy" "$dir/${name}_sketch.json" "$dir/${name}_sketch.npy.parts"); done
+  local dir=$1 checkpoint=$2 rollouts=$3 mean_seed=$4 name v outputs=() val_flags=() inputs=("$checkpoint")
+  for name in train "${val_sets[@]}"; do
+    outputs+=("$dir/${name}_sketch.npy" "$dir/${name}_sketch.json" "$dir/${name}_sketch.npy.parts")
+    inputs+=("$rollouts/$name.jsonl")
+  done
   for v in "${val_sets[@]}"; do val_flags+=(--val-rollouts "$rollouts/$v.jsonl" --val-out "$dir/${v}_sketch.npy"); done
   run_step "sketch gradients: train and ${#val_sets[@]} validation sets" "$dir/sketch.done" "$(paths "${outputs[@]}")" \
+    "$(paths "${inputs[@]}")" \
     launch sketch_grads.py --model "$checkpoint" --rollouts "$rollouts/train.jsonl" --out "$dir/train_sketch.npy" \
       "${val_flags[@]}" --mean-of-rows "$VAL_MEAN_OF" --mean-seed "$mean_seed" --seed "$SEED" "${sketch_flags[@]}"
 }
-select_top() {  # select_top STAGE_DIR STAGE METHOD ROLLOUT_DIR extra-flags...
-  local dir=$1 m=$2 method=$3 rollouts=$4; shift 4
+select_top() {  # select_top STAGE_DIR STAGE METHOD ROLLOUT_DIR INPUTS extra-flags...: INPUTS, the files the flags name
+  local dir=$1 m=$2 method=$3 rollouts=$4 inputs=$5; shift 5
   run_step "select data ($method)" "$dir/select.done" "$(paths "$dir/subset.jsonl" "$dir/scores.npy" "$dir/selection.json")" \
+    "$(paths "$rollouts/train.jsonl" "$inputs")" \
     "$PYTHON" select_data.py --train-rollouts "$rollouts/train.jsonl" "$@" --ratio "$RATIO" --method "$method" \
       --seed "$((SEED + m))" --out "$dir"
   [[ -s "$dir/subset.jsonl" ]] || fail "stage $m selected nothing ($dir/subset.jsonl is empty)"
 }
 select_stage() {  # select_stage METHOD STAGE_DIR STAGE CHECKPOINT: steps 1a-f for cropi; a baseline's own rule otherwise
-  local method=$1 dir=$2 m=$3 checkpoint=$4 rollouts=$R v flags=()
+  local method=$1 dir=$2 m=$3 checkpoint=$4 rollouts=$R v flags=() sketches=() stage_0
   if [[ $method == cropi_onpolicy && $m -gt 0 ]]; then  # on-policy: fresh rollouts of pi_theta(m) (at stage 0, beta's)
     rollouts=$dir/rollouts
     collect_all "$rollouts" "$checkpoint" "$((SEED + m))"
@@ -263,16 +291,19 @@ select_stage() {  # select_stage METHOD STAGE_DIR STAGE CHECKPOINT: steps 1a-f f
     # 1a-b for the pool; 1c: each validation set's mean over VAL_MEAN_OF sampled prompts, one row (P S is linear)
     sketch "$dir" "$checkpoint" "$rollouts" "$((SEED + m))"
     for v in "${val_sets[@]}"; do flags+=(--val-sketch "$dir/${v}_sketch.npy"); done
-    select_top "$dir" "$m" cropi "$rollouts" --train-sketch "$dir/train_sketch.npy" "${flags[@]}"   # 1c-f
+    for v in train "${val_sets[@]}"; do sketches+=("$dir/${v}_sketch.npy" "$dir/${v}_sketch.json"); done
+    select_top "$dir" "$m" cropi "$rollouts" "$(paths "${sketches[@]}")" --train-sketch "$dir/train_sketch.npy" "${flags[@]}"   # 1c-f
   elif [[ $method == influence_once ]]; then
-    select_top "$dir" "$m" influence_once "$R" --reuse-selection "$(dirname "$dir")/stage_0"
+    stage_0=$(dirname "$dir")/stage_0
+    select_top "$dir" "$m" influence_once "$R" "$(paths "$stage_0"/{selection.json,subset.jsonl,scores.npy})" --reuse-selection "$stage_0"
   else
-    select_top "$dir" "$m" "${method%_dynamic}" "$R"   # full_dynamic: the whole pool, sampled dynamically by GRPO
+    select_top "$dir" "$m" "${method%_dynamic}" "$R" ""   # full_dynamic: the whole pool, sampled dynamically by GRPO
   fi
 }
 grpo() {  # grpo STAGE_DIR STAGE CHECKPOINT METHOD
   local dynamic=(); [[ $4 == full_dynamic ]] && dynamic=(--dynamic-sampling "$DYNAMIC_ROUNDS")
   run_step "GRPO: $STEPS_PER_STAGE steps" "$1/train.done" "$(paths "$1/checkpoint" "$1/checkpoint.resume" "$1/metrics.jsonl")" \
+    "$(paths "$3" "$MODEL" "$1/subset.jsonl" "${test_files[@]}")" \
     launch grpo_train.py --model "$3" --ref-model "$MODEL" --data "$1/subset.jsonl" --steps "$STEPS_PER_STAGE" \
       --step-offset "$(($2 * STEPS_PER_STAGE))" --out "$1/checkpoint" --metrics "$1/metrics.jsonl" \
       "${test_flags[@]}" --eval-every "$EVAL_EVERY" --seed "$((SEED + $2))" --batch-prompts "$BATCH_PROMPTS" \
@@ -300,7 +331,7 @@ run_stages "$METHOD" "$OUT_DIR"
 compare_dirs=()
 for method in ${COMPARE//,/ }; do run_stages "$method" "$OUT_DIR/compare_$method"; compare_dirs+=("$OUT_DIR/compare_$method"); done
 
-run_step "report" "$OUT_DIR/report.done" "$(paths "$OUT_DIR/report.md")" \
+run_step "report" "$OUT_DIR/report.done" "$(paths "$OUT_DIR/report.md")" "" \
   "$PYTHON" report.py --out-dir "$OUT_DIR" --stages "$STAGES" --targeted "$TARGETED" --method "$METHOD" \
     --compare "$(IFS=,; echo "${compare_dirs[*]}")"
 if (( ran )); then echo "Done: $OUT_DIR/report.md"; else echo "Already finished: the report is $OUT_DIR/report.md"; fi

@@ -25,10 +25,10 @@ from typing import Literal
 
 import numpy as np
 
+from plumbing import files
 from plumbing import sketch_files as sf
 from plumbing.cli import DataError, arg, run_main
 from plumbing.data import iter_jsonl, pass_rate_histogram, read_jsonl
-from plumbing.files import already_done, read_json, save_npy, write_json, write_jsonl
 
 Method = Literal["cropi", "full", "random", "learnability", "pass_rate", "influence_once"]
 POOL_FIELDS = ("id", "prompt", "answer", "skill", "source")  # what subset.jsonl keeps of a row
@@ -156,7 +156,7 @@ def ids_sha256(ids: list[str]) -> str:
 def reuse_selection(args: Args, pool: list[dict], n_select: int):
     """influence_once: the stage-0 cropi selection of the same pool and N_sel, read back."""
     folder = Path(args.reuse_selection)
-    earlier, where = read_json(folder / "selection.json"), f"--reuse-selection {folder}"
+    earlier, where = files.read_json(folder / "selection.json"), f"--reuse-selection {folder}"
     if earlier.get("method") != "cropi":
         raise DataError(f"{where}: made with method {earlier.get('method')!r}, not 'cropi'")
     if earlier.get("train_ids_sha256") != ids_sha256([row["id"] for row in pool]):
@@ -169,7 +169,7 @@ def reuse_selection(args: Args, pool: list[dict], n_select: int):
     row_of = {row["id"]: i for i, row in enumerate(pool)}
     selected = np.array([row_of[i] for i in subset_ids], dtype=np.int64)
     report = {key: earlier[key] for key in CROPI_REPORT} | {"reused_from": str(folder)}
-    scores = np.load(folder / "scores.npy")[:, 1:]  # the pass rate (column 0) is added again
+    scores = files.load_npy(folder / "scores.npy")[:, 1:]  # the pass rate (column 0) is added again
     return selected, scores, earlier["score_columns"][1:], report
 
 
@@ -215,9 +215,9 @@ def select_data(args: Args) -> dict:
         selected = pass_rate_order(pass_rates, n_select, args.seed)
     elif args.method == "random":
         selected = np.random.default_rng(args.seed).permutation(len(pool))[:n_select]
-    write_jsonl(Path(args.out) / "subset.jsonl", (pool[i] for i in selected))
+    files.write_jsonl(Path(args.out) / "subset.jsonl", (pool[i] for i in selected))
     scores = np.column_stack([pass_rates, scores]).astype(np.float32)
-    save_npy(Path(args.out) / "scores.npy", scores)
+    files.save_npy(Path(args.out) / "scores.npy", scores)
     selection = {"method": args.method, "pool_size": len(pool), "n_select": n_select}
     selection |= {"num_selected": len(selected), "score_columns": ["pass_rate"] + columns, **report}
     if len(selected) < n_select:
@@ -226,9 +226,17 @@ def select_data(args: Args) -> dict:
     selection["train_ids_sha256"] = ids_sha256([row["id"] for row in pool])
     selection["subset_ids_sha256"] = ids_sha256([pool[i]["id"] for i in selected])
     selection["seconds"] = round(time.perf_counter() - began, 2)
-    selection["settings"] = dataclasses.asdict(args)
-    write_json(Path(args.out) / "selection.json", selection)  # last: the completion marker
+    selection["settings"] = settings(args)
+    files.write_json(Path(args.out) / "selection.json", selection)  # last: the completion marker
     return selection
+
+
+def settings(args: Args) -> dict:
+    """The flags and the content of every file the selection reads."""
+    sketches = [args.train_sketch, *args.val_sketch]
+    sketches += [str(Path(s).with_suffix(".json")) for s in sketches if s]
+    reused = args.reuse_selection and str(Path(args.reuse_selection) / "selection.json")
+    return dataclasses.asdict(args) | files.fingerprint([args.train_rollouts, *sketches, reused])
 
 
 def main(args: Args) -> None:
@@ -236,7 +244,8 @@ def main(args: Args) -> None:
         raise DataError("--method cropi needs --train-sketch and at least one --val-sketch")
     if args.method == "influence_once" and not args.reuse_selection:
         raise DataError("--method influence_once needs --reuse-selection (a cropi run's --out)")
-    if already_done(Path(args.out) / "selection.json", dataclasses.asdict(args)):
+    files.check_writable(Path(args.out) / "selection.json")
+    if files.already_done(Path(args.out) / "selection.json", settings(args)):
         print(f"{args.out}/selection.json exists with the same settings: nothing to do")
         return
     s = select_data(args)

@@ -6,8 +6,7 @@
 1b  P S g: S keeps a random share F of the d coordinates (--sparse-ratio; release: 0.1, default: 1);
     P is a CountSketch to N dims: sketch[h(i)] += s(i) g_i, bucket h(i) and sign s(i) = +-1 drawn
     from (seed, i); s(i) = 0 where S drops i. --projector none: P = I, the exact gradient.
-1c  a validation set (--mean-of-rows M): the mean gradient of up to M prompts with mixed rewards (a
-    seeded sample) as ONE row, from one backward (P S is linear).
+1c  --mean-of-rows M: a validation set's mean gradient over M seeded mixed-reward prompts, ONE row.
 Writes --out SKETCH.npy [rows, N] (a row per prompt, in file order) + SKETCH.json (settings, ids,
 zero_rows, mean_of); SKETCH.npy.parts/ while running (a killed run resumes). Under torchrun each
 process takes its share of the prompts (--fsdp: of every prompt's responses).
@@ -27,7 +26,7 @@ from common import group_advantages, response_logprobs, token_budget_batches
 from plumbing import distributed as dist
 from plumbing.cli import DataError, arg, run_main
 from plumbing.data import read_rollouts
-from plumbing.files import ChunkStore
+from plumbing.files import ChunkStore, check_writable, fingerprint
 from plumbing.grad_hooks import GroupGradientHooks
 from plumbing.models import block_generator, check_model, load_trainable
 from plumbing.sketch_files import write_sketch
@@ -233,9 +232,9 @@ def sketch_file(sketcher: Sketcher, rows: list[dict], rollouts: str, out: str, m
     split = (lambda items: items) if sharded else (lambda items: dist.shard(items, rank, world))
     if sharded and min(len(row["response_ids"]) for row in rows) < world:
         raise DataError(f"{rollouts}: a prompt has fewer responses than the {world} processes")
-    settings = {key: getattr(args, key) for key in SETTINGS} | {"rows": len(rows)}
+    settings = {key: getattr(args, key) for key in SETTINGS} | fingerprint([args.model, rollouts])
     settings |= dict(model=str(Path(args.model).resolve()), rollouts=str(Path(rollouts).resolve()))
-    settings["num_params"] = sum(p.numel() for p in sketcher.parameters)
+    settings |= dict(rows=len(rows), num_params=sum(p.numel() for p in sketcher.parameters))
     settings["proj_dim"], settings["rng_device"] = sketcher.sketch.width, sketcher.device.type
     to_numpy = lambda sketch: sketch.to(getattr(torch, args.dtype)).cpu().numpy()  # noqa: E731
     if mean_of_rows:  # 1c: (1/m) sum_i P S g(s_i) = P S (1/m) sum_i g(s_i), parts of all processes
@@ -278,17 +277,18 @@ def mean_sample(rows: list[dict], max_rows: int, seed: int, rollouts: str) -> li
 
 def main(args: Args) -> dict | None:
     """The validation sets first (seconds each), then --rollouts, with one model load."""
-    outs = [args.out, *args.val_out]
-    if len(args.val_rollouts) != len(args.val_out) or len(set(outs)) < len(outs):
+    outs = {args.out, *args.val_out}
+    if len(args.val_rollouts) != len(args.val_out) or len(outs) <= len(args.val_out):
         raise DataError("give one --val-out per --val-rollouts, each a file of its own")
     if not 0 < args.sparse_ratio <= 1:
         raise DataError(f"--sparse-ratio must be in (0, 1], got {args.sparse_ratio}")
-    check_model(args.model)
-    val_files = [(read_rollouts(p), p, out) for p, out in zip(args.val_rollouts, args.val_out)]
-    pool = read_rollouts(args.rollouts)  # every file read and checked before the model loads
+    vocabulary = check_model(args.model)  # token ids must be below it
+    check_writable(*outs)
+    val_files = [(read_rollouts(path, vocabulary), path) for path in args.val_rollouts]
+    pool = read_rollouts(args.rollouts, vocabulary)  # all read and checked before the model loads
     rank, world, device = dist.init_distributed()
     sketcher = Sketcher(args, device, rank, world)
-    for rows, path, out in val_files:
+    for (rows, path), out in zip(val_files, args.val_out):
         sketch_file(sketcher, rows, path, out, mean_of_rows=args.mean_of_rows)
     pool_mean = 0 if val_files else args.mean_of_rows  # --rollouts alone may be a validation set
     meta = sketch_file(sketcher, pool, args.rollouts, args.out, mean_of_rows=pool_mean)

@@ -128,10 +128,10 @@ ROLLOUT_FIELDS = ("id", "prompt", "answer", "prompt_ids", "response_ids", "respo
 ROLLOUT_FIELDS += ("behavior_logprobs", "rewards", "temperature")
 
 
-def check_rollout(row: dict, where: str) -> dict:
-    """collect_rollouts.py's row: id, prompt, answer, prompt_ids, response_ids (K lists of int),
-    responses (K str), behavior_logprobs (K lists, a float per token), rewards (K in {0, 1}),
-    temperature (> 0)."""
+def check_rollout(row: dict, where: str, vocab_size: int | None = None) -> dict:
+    """collect_rollouts.py's row: id, prompt, answer, prompt_ids, response_ids (K lists of token
+    ids, each in [0, vocab_size)), responses (K str), behavior_logprobs (K lists, a float per
+    token), rewards (K in {0, 1}), temperature (> 0)."""
     missing = [field for field in ROLLOUT_FIELDS if field not in row]
     if missing:
         raise DataError(f"{where}: rollout row lacks {missing}")
@@ -145,6 +145,12 @@ def check_rollout(row: dict, where: str) -> dict:
             raise DataError(
                 f"{where}: a response of {len(ids)} tokens has {len(logprobs)} log-probs"
             )
+    for ids in [row["prompt_ids"], *row["response_ids"]] if vocab_size else []:
+        low, high = min(ids, key=float), max(ids, key=float)
+        if not (isinstance(low, int) and isinstance(high, int) and 0 <= low <= high < vocab_size):
+            raise DataError(
+                f"{where}: token ids {low}..{high} outside the vocabulary [0, {vocab_size})"
+            )
     if any(reward not in (0, 1) for reward in row["rewards"]):
         raise DataError(f"{where}: rewards must be 0 or 1, got {row['rewards']}")
     if not (isinstance(row["temperature"], (int, float)) and row["temperature"] > 0):
@@ -152,9 +158,9 @@ def check_rollout(row: dict, where: str) -> dict:
     return row
 
 
-def read_rollouts(path: str | os.PathLike) -> list[dict]:
-    """Every row of a rollouts file, schema-checked."""
-    rows = [check_rollout(row, f"{path}:{number}") for number, row in iter_jsonl(path)]
+def read_rollouts(path: str | os.PathLike, vocab_size: int | None = None) -> list[dict]:
+    """Every row of a rollouts file, schema-checked (token ids too, given the vocabulary size)."""
+    rows = [check_rollout(row, f"{path}:{number}", vocab_size) for number, row in iter_jsonl(path)]
     if not rows:
         raise DataError(f"{path}: no rollouts")
     return rows

@@ -4,6 +4,8 @@ resumable chunk store of every long stage."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -45,9 +47,36 @@ def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]
         os.replace(tmp, path)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True) if folder else tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.strerror:
-            raise DataError(f"{path}: cannot write it ({error.strerror})") from None
+        if isinstance(error, OSError):  # numpy's short write on a full disk has no strerror
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+            raise DataError(
+                f"{path}: cannot write it ({error.strerror or error}; {free})"
+            ) from None
         raise
+
+
+def check_writable(*paths: str | os.PathLike) -> None:
+    """Before any model loads: the folder of each output exists (or is made) and takes a file."""
+    for path in map(Path, paths):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path.parent).close()
+        except FileExistsError:
+            cause = "a file stands where a folder should be"
+            raise DataError(f"{path}: cannot write there ({cause})") from None
+        except OSError as error:
+            raise DataError(f"{path}: cannot write there ({error.strerror})") from None
+
+
+def load_npy(path: str | os.PathLike, mmap_mode: str | None = None) -> np.ndarray:
+    """np.load, naming the file in any error (not a .npy file, truncated, unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise ValueError("it does not start as a .npy file does")
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"{path}: cannot read it as a .npy array ({error})") from None
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
@@ -81,6 +110,35 @@ def read_json(path: str | os.PathLike) -> dict:
         raise DataError(f"{path}: cannot read it as JSON ({error})") from None
 
 
+def fingerprint(paths: Iterable[str]) -> dict[str, str]:
+    """{"content of PATH": its sha256} for each existing file or folder. A stage adds them to its
+    settings: an input edited in place is never taken for the one an output was made from."""
+    paths = [p for p in dict.fromkeys(paths) if p and Path(p).exists()]  # not "", not a hub name
+    return {f"content of {p}": content_sha256(p) for p in paths}
+
+
+@functools.cache  # once per process: the sketch and GRPO read the same model folder twice
+def content_sha256(path: str) -> str:
+    """A file's sha256, or a folder's: the names and contents of its files, hidden ones left out."""
+    path, digest = Path(path), hashlib.sha256()
+    files = [path]
+    if path.is_dir():
+        inside = (f.relative_to(path) for f in path.rglob("*") if f.is_file())
+        files = sorted(path / f for f in inside if not any(p[0] == "." for p in f.parts))
+    for file in files:
+        digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def differences(earlier: dict, now: dict) -> str:
+    """ "key: was A, now B; ..." for every key whose value differs."""
+    changed = sorted(k for k in earlier.keys() | now.keys() if earlier.get(k) != now.get(k))
+    return "; ".join(f"{k}: was {earlier.get(k)!r}, now {now.get(k)!r}" for k in changed)
+
+
 def already_done(marker: str | os.PathLike, settings: dict) -> bool:
     """A stage's output is complete and made with these settings: its marker file (written last)
     holds them under "settings". The one "nothing to do" check of every stage."""
@@ -105,16 +163,8 @@ class ChunkStore:
         settings_file = self.folder / "settings.json"
         if not settings_file.exists():
             write_json(settings_file, self.settings)
-        earlier = read_json(settings_file)
-        changed = sorted(
-            k
-            for k in earlier.keys() | self.settings.keys()
-            if earlier.get(k) != self.settings.get(k)
-        )
-        if changed:
-            details = "; ".join(
-                f"{k}: was {earlier.get(k)!r}, now {self.settings.get(k)!r}" for k in changed
-            )
+        details = differences(read_json(settings_file), self.settings)
+        if details:
             raise DataError(
                 f"{self.folder} holds pieces of a run with other settings ({details}); "
                 "rerun with the same settings, or delete that folder to start over"
@@ -146,7 +196,7 @@ class ChunkStore:
     def load(self, index: int):
         path = self._path(index)
         if path.suffix == ".npy":
-            return np.load(path)
+            return load_npy(path)
         if path.suffix == ".jsonl":
             return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         import torch

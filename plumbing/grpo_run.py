@@ -15,8 +15,14 @@ from plumbing import models
 from plumbing.cli import DataError
 from plumbing.data import load_examples
 from plumbing.engines import choose_backend, make_engine
-from plumbing.files import ChunkStore, append_jsonl, atomic_path, write_json
+from plumbing.files import ChunkStore, append_jsonl, atomic_path, fingerprint, write_json
 from plumbing.memory_plan import plan_memory
+
+
+def run_settings(args) -> dict:
+    """The flags and the content of every file the run reads (models, data)."""
+    paths = [args.model, args.ref_model, args.data, *args.eval_data]
+    return dataclasses.asdict(args) | fingerprint(paths)
 
 
 class TrainingRun:
@@ -54,8 +60,9 @@ class TrainingRun:
         adamw = dict(lr=args.lr, weight_decay=args.weight_decay, fused=self.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), **adamw)
         self.metrics_path = Path(args.metrics or f"{args.out}.metrics.jsonl")
-        settings = {**dataclasses.asdict(args), "world_size": self.world}
-        self.store = ChunkStore(f"{args.out}.resume", settings)
+        self.store = ChunkStore(
+            f"{args.out}.resume", run_settings(args) | {"world_size": self.world}
+        )
         self.start_step = self.load_resume_state()
         self.trainer = self.model
         if self.world > 1 and not self.sharded:  # gradients live in DDP's buckets: no 2nd copy
@@ -173,7 +180,7 @@ class TrainingRun:
             with atomic_path(self.args.out, folder=True) as folder:
                 self.model.save_pretrained(folder, state_dict=weights)
                 self.tokenizer.save_pretrained(folder)
-                meta = {"settings": dataclasses.asdict(self.args), "world_size": self.world}
+                meta = {"settings": run_settings(self.args), "world_size": self.world}
                 write_json(folder / "grpo_train.json", meta | {"backend": self.backend})
             self.store.remove()
             print(f"wrote {self.args.out}")

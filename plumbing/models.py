@@ -13,13 +13,24 @@ import torch
 from plumbing.cli import DataError
 
 
-def check_model(path: str, flag: str = "--model") -> None:
-    """Before any loading: a local folder with a config.json, or a hub name 'org/name'."""
+def check_model(path: str, flag: str = "--model") -> int | None:
+    """Before the weights load: a local folder with a config.json and a tokenizer (its vocabulary
+    size returned: token ids must be below it), or a hub name 'org/name'."""
     if Path(path).is_dir():
         if not (Path(path) / "config.json").is_file():
             raise DataError(f"{flag} {path}: the folder has no config.json (not a checkpoint)")
-    elif Path(path).exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path):
+        try:
+            tokens = len(load_tokenizer(path))
+        except (OSError, ValueError) as error:
+            raise DataError(f"{flag} {path}: its tokenizer does not load ({error})") from None
+        if tokens < 2:  # transformers makes an empty one when the files are missing
+            raise DataError(f"{flag} {path}: no tokenizer files in the folder (save the tokenizer)")
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path).get_text_config().vocab_size
+    if Path(path).exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", path):
         raise DataError(f"{flag} {path}: no such model folder (and not a hub name 'org/name')")
+    return None
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype = torch.float32):

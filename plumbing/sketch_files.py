@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from plumbing.cli import DataError
-from plumbing.files import read_json, save_npy, write_json
+from plumbing.files import load_npy, read_json, save_npy, write_json
 
 # Two sketches are comparable only when they agree on these: one projection of the same parameters.
 MATCHING_FIELDS = ("projector", "seed", "sparse_ratio", "proj_dim", "num_params")
@@ -44,7 +44,7 @@ def open_sketch(npy_path: str, flag: str) -> tuple[np.memmap, dict]:
     missing = [field for field in SKETCH_FIELDS if field not in meta]
     if missing:
         raise DataError(f"{json_path}: sketch metadata lacks {missing}")
-    sketch = np.load(npy_path, mmap_mode="r")
+    sketch = load_npy(npy_path, mmap_mode="r")
     if sketch.ndim != 2 or sketch.dtype not in (np.float16, np.float32):
         raise DataError(
             f"{npy_path}: expected 2-D float16 or float32 array, got {sketch.ndim}-D {sketch.dtype}"

@@ -274,11 +274,30 @@ def test_changed_settings_redo_the_affected_steps_and_those_after(smoke_run, tmp
     assert (
         "[skip] select data (cropi) (done)" in result.stdout
     )  # stage 0's selection does not depend on LR
-    assert "[redo] GRPO: 3 steps: made with other settings or inputs" in result.stdout
+    assert "[redo] GRPO: 3 steps: its settings changed" in result.stdout
     assert "[redo] sketch gradients: train" in result.stdout  # stage 1 sketches the new checkpoint
     assert "[redo] report" in result.stdout and "Done:" in result.stdout
     again = run_loop(out, LR="5e-5")
     assert "Already finished" in again.stdout and "[run ]" not in again.stdout
+
+
+def test_an_input_edited_in_place_redoes_the_steps_that_read_it_and_those_after(
+    smoke_run, tmp_path
+):
+    """A test file edited under the same name: the collection, stage 0's sketch and selection are
+    kept; the GRPO segments that evaluate on it, and what follows them, are redone, naming it."""
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run, out, symlinks=True)
+    edited = out / "demo" / "data" / "test_rev.jsonl"
+    edited.write_text("".join(edited.read_text().splitlines(keepends=True)[:-1]))
+    result = run_loop(out)
+    assert "[skip] collect rollouts: train (done)" in result.stdout
+    assert result.stdout.count("[skip] sketch gradients") == 1  # stage 0's; stage 1's is redone
+    changed = "its inputs changed since it ran: <OUT_DIR>/demo/data/test_rev.jsonl"
+    assert f"[redo] GRPO: 3 steps: {changed}; deleting" in result.stdout
+    assert "[redo] report: a step before it was redone" in result.stdout
+    evaluated = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "Done:" in result.stdout and evaluated  # the report of the new run
 
 
 def test_onpolicy_collects_per_stage_rollouts_and_full_dynamic_samples_dynamically(tmp_path):
