@@ -1,5 +1,5 @@
 """grpo_train.py's run state: processes, the policy (DDP-wrapped or FSDP2-sharded), the frozen
-reference, AdamW, the sampling engine, the resume state, the metrics file, the final checkpoint."""
+reference, AdamW, the sampling engine, the resume state, the metrics file, the HF checkpoints."""
 
 from __future__ import annotations
 
