@@ -460,6 +460,7 @@ def test_script_with_ppo_epochs_and_mini_batches(digit_toy, tmp_path):
     assert refused.returncode != 0 and "--mini-batches (3)" in refused.stderr
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process: DCP says so
 def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
