@@ -172,7 +172,7 @@ class TrainingRun:
 
     def save_resume_state(self, step: int) -> None:
         """<out>.resume/chunk_<step>.dcp/: every process writes its shards of the model and AdamW
-        state and its RNG states, in parallel, with the metrics file's size (rank 0's); the previous
+        state and its RNG state, in parallel, with the metrics file's size (rank 0's); the previous
         state goes once this one is complete."""
         size = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
         state = dist.training_state(self.model, self.optimizer)
