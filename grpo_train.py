@@ -11,7 +11,8 @@ From checkpoint --model, --steps GRPO steps on the prompts of --data; every step
      one update per step, so the ratio is 1 and the clip never acts).
 Reads   --model, --ref-model (HF folders), --data and --eval-data (.jsonl: id, prompt, answer).
 Writes  --out (HF folder + grpo_train.json, atomically), --metrics (a JSON line per step, plus
-        {"step", "eval": {file stem: greedy accuracy}}), --out.resume/ every --save-every steps.
+        {"step", "eval": {file stem: greedy accuracy}}); every --save-every steps the resume state
+        --out.resume/ and an HF checkpoint --out-<step>/ (the last --keep-checkpoints kept).
 Several GPUs: torchrun --nproc_per_node=N grpo_train.py ... (B/N prompts a rank; DDP or FSDP2).
 """
 
@@ -72,7 +73,8 @@ class Args:
     gpu_memory_utilization: float = arg(0.4, "vLLM's share of GPU memory (the trainer: the rest)")
     gradient_checkpointing: AUTO_ON_OFF = arg("auto", "recompute activations (auto: on CUDA)")
     fsdp: AUTO_ON_OFF = arg("auto", "shard the model (FSDP2; auto: when replicas do not fit)")
-    save_every: int = arg(50, "resume state <out>.resume/ every N steps (0: never)", at_least=0)
+    save_every: int = arg(50, "resume state + checkpoint every N steps (0: never)", at_least=0)
+    keep_checkpoints: int = arg(1, "HF checkpoints <out>-<step>/ kept (0: none)", at_least=0)
     seed: int = arg(0, "seed of the data order, the sampling and the update")
     dynamic_sampling: int = arg(0, "DAPO: sampling rounds per step at most (0: off)", at_least=0)
 
@@ -258,10 +260,7 @@ def grpo_train(args: Args) -> None:
                 temperature=args.temperature, pad_token_id=run.pad, batches=batches
             )
             old = common.batched_logprobs(run.model, prompt_ids, response_ids, **pass_settings)
-        updates, models = (
-            [],
-            (run.trainer, run.ref_model, run.optimizer),
-        )  # policy, reference, AdamW
+        updates, models = [], (run.trainer, run.ref_model, run.optimizer)  # policy, ref., AdamW
         for _ in range(args.ppo_epochs):
             for part in np.array_split(np.arange(len(groups)), args.mini_batches):  # whole groups
                 seqs = slice(part[0] * args.group_size, (part[-1] + 1) * args.group_size)
@@ -275,10 +274,10 @@ def grpo_train(args: Args) -> None:
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             run.evaluate(step + 1)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            run.save_resume_state(step + 1)
+            run.save(step + 1)
     if args.steps > 0 or not evaluated_at_start:
         run.evaluate(args.steps)
-    run.save_checkpoint()
+    run.finish()
 
 
 def main(args: Args) -> None:

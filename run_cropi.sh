@@ -302,7 +302,7 @@ select_stage() {  # select_stage METHOD STAGE_DIR STAGE CHECKPOINT: steps 1a-f f
 }
 grpo() {  # grpo STAGE_DIR STAGE CHECKPOINT METHOD
   local dynamic=(); [[ $4 == full_dynamic ]] && dynamic=(--dynamic-sampling "$DYNAMIC_ROUNDS")
-  run_step "GRPO: $STEPS_PER_STAGE steps" "$1/train.done" "$(paths "$1/checkpoint" "$1/checkpoint.resume" "$1/metrics.jsonl")" \
+  run_step "GRPO: $STEPS_PER_STAGE steps" "$1/train.done" "$(paths "$1/checkpoint" "$1/checkpoint.resume" "$1/metrics.jsonl" "$1"/checkpoint-*)" \
     "$(paths "$3" "$MODEL" "$1/subset.jsonl" "${test_files[@]}")" \
     launch grpo_train.py --model "$3" --ref-model "$MODEL" --data "$1/subset.jsonl" --steps "$STEPS_PER_STAGE" \
       --step-offset "$(($2 * STEPS_PER_STAGE))" --out "$1/checkpoint" --metrics "$1/metrics.jsonl" \

@@ -1,14 +1,21 @@
 """Several processes: torchrun, one process per GPU (gloo on a CPU machine); the one helper that
-places tensors; FSDP2 sharding and whole state dicts."""
+places tensors; FSDP2 sharding; the training state saved and loaded in shards
+(torch.distributed.checkpoint); whole weights gathered one tensor at a time."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import warnings
+from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+# one process: torch.distributed.checkpoint saves and loads as such, warning every time
+warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninit")
 
 
 def get_device(local_rank: int = 0) -> torch.device:
@@ -30,6 +37,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; a no-op on CPU, so CPU and GPU run the same code."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def barrier() -> None:
@@ -150,26 +161,53 @@ def gradient_sync(model, now: bool):
     return contextlib.nullcontext()
 
 
-def training_state(model, optimizer=None) -> dict:
-    """Whole (unsharded) model and optimizer state on rank 0's CPU: every process must call it."""
+def training_state(model, optimizer) -> dict:
+    """The model's and the optimizer's state as this process holds them (its shards of a sharded
+    model, the whole of a replicated one), keyed by parameter name: the tensors themselves."""
     from torch.distributed.checkpoint import state_dict as dcp
 
-    options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if optimizer is None:  # tied weights (an LM head that is the embedding) stay one tensor
-        weights, first_name = dcp.get_model_state_dict(model, options=options), {}
-        for name, parameter in model.named_parameters(remove_duplicate=False):
-            if name in weights:
-                weights[name] = weights[first_name.setdefault(id(parameter), name)]
-        return {"model": weights}
-    model_state, optimizer_state = dcp.get_state_dict(model, optimizer, options=options)
+    model_state, optimizer_state = dcp.get_state_dict(model, optimizer)
     return {"model": model_state, "optimizer": optimizer_state}
 
 
-def load_training_state(model, optimizer, state: dict) -> None:
-    """training_state's dict back into a model and optimizer, sharded or not."""
-    from torch.distributed.checkpoint import state_dict as dcp
+def save_state(state: dict, folder: Path) -> None:
+    """Every process writes its own shards of `state` into `folder`, in parallel (a replicated
+    tensor by one of them; torch.distributed.checkpoint): into .<folder>.tmp, renamed once all have
+    written, so that a kill leaves no half-written state. Every process must call it."""
+    import torch.distributed.checkpoint as dcp
 
-    states = dict(model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    dcp.set_state_dict(
-        model, optimizer, **states, options=dcp.StateDictOptions(full_state_dict=True)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftovers
+    barrier()
+    dcp.save(state, checkpoint_id=tmp)  # returns once every process has written
+    if rank() == 0:
+        os.replace(tmp, folder)
+    barrier()
+
+
+def load_training_state(model, optimizer, folder: Path, others: dict) -> dict:
+    """save_state's folder back into the model and optimizer, sharded or not: each process reads
+    the shards it holds, whoever wrote them. `others`: the other entries to read, each with a value
+    of its structure; returned filled."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = training_state(model, optimizer) | others  # a fresh AdamW's state is made first
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
+    return state
+
+
+def gathered_weights(model) -> dict | None:
+    """The whole model's weights on rank 0's CPU (None on the others), gathered one tensor at a
+    time (full_weights); a tied weight (an LM head that is the embedding) stays one tensor."""
+    weights, first_name = {}, {}
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in full_weights(model):
+        first = first_name.setdefault(id(parameters.get(name, tensor)), name)
+        if rank() == 0:
+            weights[name] = weights[first] if first != name else tensor.cpu()
+    return weights if rank() == 0 else None

@@ -149,8 +149,9 @@ def already_done(marker: str | os.PathLike, settings: dict) -> bool:
 class ChunkStore:
     """The finished pieces of a long stage, so that a killed run resumes where it stopped.
 
-    FOLDER/settings.json records what the pieces depend on; FOLDER/chunk_<index>.<npy|jsonl|pt>
-    is one finished piece, written atomically. A rerun with the same settings skips the finished
+    FOLDER/settings.json records what the pieces depend on; FOLDER/chunk_<index>.<npy|jsonl|dcp>
+    is one finished piece, written atomically (.dcp: a folder of a training state, written by
+    every process; see distributed.save_state). A rerun with the same settings skips the finished
     pieces; with other settings it is refused, naming what differs. The stage removes the folder
     when its output is complete.
     """
@@ -178,30 +179,27 @@ class ChunkStore:
         return found[0]
 
     def save(self, index: int, value) -> None:
-        """An ndarray as .npy, a list of dicts as .jsonl, anything else (training state) as .pt"""
+        """An ndarray as .npy, a list of dicts as .jsonl."""
         stem = self.folder / f"chunk_{index:06d}"
         if isinstance(value, np.ndarray):
             save_npy(stem.with_suffix(".npy"), value)
-        elif isinstance(value, list):
-            write_jsonl(stem.with_suffix(".jsonl"), value)
         else:
-            import torch
+            write_jsonl(stem.with_suffix(".jsonl"), value)
 
-            with atomic_path(stem.with_suffix(".pt")) as tmp:
-                torch.save(value, tmp)
-        for other in self.folder.glob("chunk_*.pt"):  # a training state needs its latest save only
-            if other.stem != stem.name:
-                other.unlink()
+    def keep_only(self, index: int) -> None:
+        """Delete every piece but `index` (a training state needs its latest save only)."""
+        for other in self.folder.glob("chunk_*.*"):
+            if int(other.name[6:12]) != index:
+                shutil.rmtree(other) if other.is_dir() else other.unlink()
 
     def load(self, index: int):
+        """Piece `index`: an .npy or .jsonl's contents, else its path (a folder of another kind)."""
         path = self._path(index)
         if path.suffix == ".npy":
             return load_npy(path)
         if path.suffix == ".jsonl":
             return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        import torch
-
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return path
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

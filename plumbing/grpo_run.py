@@ -1,10 +1,11 @@
 """grpo_train.py's run state: processes, the policy (DDP-wrapped or FSDP2-sharded), the frozen
-reference, AdamW, the sampling engine, the resume state, the metrics file, the final checkpoint."""
+reference, AdamW, the sampling engine, the resume state, the metrics file, the HF checkpoints."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from plumbing import models
 from plumbing.cli import DataError
 from plumbing.data import load_examples
 from plumbing.engines import choose_backend, make_engine
-from plumbing.files import ChunkStore, append_jsonl, atomic_path, fingerprint, write_json
+from plumbing.files import ChunkStore, append_jsonl, atomic_path, fingerprint, read_json, write_json
 from plumbing.memory_plan import plan_memory
 
 
@@ -43,6 +44,10 @@ class TrainingRun:
         self.sharded = plan_memory(args.model, self.device, "grpo", **plan, flags=flags)
         if self.sharded and args.dynamic_sampling:  # processes may keep different group counts
             raise DataError("--dynamic-sampling with a sharded model (--fsdp) is not supported")
+        # a resume state made with other settings or another process count: refused up front
+        settings = run_settings(args) | {"world_size": self.world}
+        self.store = ChunkStore(f"{args.out}.resume", settings)
+        finished = dist.open_chunk_store(self.store, self.rank)
         self.examples = load_examples(args.data)
         self.eval_sets = {Path(p).stem: load_examples(p) for p in args.eval_data}
         self.tokenizer = models.load_tokenizer(args.model)
@@ -60,10 +65,7 @@ class TrainingRun:
         adamw = dict(lr=args.lr, weight_decay=args.weight_decay, fused=self.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), **adamw)
         self.metrics_path = Path(args.metrics or f"{args.out}.metrics.jsonl")
-        self.store = ChunkStore(
-            f"{args.out}.resume", run_settings(args) | {"world_size": self.world}
-        )
-        self.start_step = self.load_resume_state()
+        self.start_step = self.load_resume_state(finished)
         self.trainer = self.model
         if self.world > 1 and not self.sharded:  # gradients live in DDP's buckets: no 2nd copy
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -149,39 +151,72 @@ class TrainingRun:
         self.log(row)
         return row
 
-    def save_resume_state(self, step: int) -> None:
-        """<out>.resume/: model and optimizer state, every rank's RNG states, the step and the
-        metrics file's size."""
-        rng_states = dist.all_gather(models.rng_state())
-        state = dist.training_state(self.model, self.optimizer)
-        if self.rank == 0:
-            metrics_bytes = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
-            self.store.save(step, {**state, "metrics_bytes": metrics_bytes, "rng": rng_states})
-        dist.barrier()
+    def save(self, step: int) -> None:
+        """Every --save-every steps: a Hugging Face checkpoint <out>-<logged step>/ (the last
+        --keep-checkpoints of them kept), then the resume state (so that a kill between the two
+        redoes the checkpoint)."""
+        if self.args.keep_checkpoints:
+            logged_step = self.args.step_offset + step
+            self.save_checkpoint(f"{self.args.out}-{logged_step}", step=logged_step)
+            if self.rank == 0:
+                for folder in self.checkpoints(logged_step)[: -self.args.keep_checkpoints]:
+                    shutil.rmtree(folder)
+        self.save_resume_state(step)
 
-    def load_resume_state(self) -> int:
+    def checkpoints(self, step: int) -> list[Path]:
+        """The checkpoints <out>-<n>/ written with this --out (their grpo_train.json says so), in
+        the order in which to keep the last ones: any after `step` (an earlier run's) first, then
+        by n."""
+        out = Path(self.args.out)
+        found = {p: p.name[len(out.name) + 1 :] for p in out.parent.glob(f"{out.name}-*")}
+        found = {p: int(n) for p, n in found.items() if n.isdigit() and self.is_ours(p)}
+        return sorted(found, key=lambda p: (found[p] <= step, found[p]))
+
+    def is_ours(self, folder: Path) -> bool:
+        marker = folder / "grpo_train.json"
+        return marker.is_file() and read_json(marker)["settings"]["out"] == self.args.out
+
+    def save_resume_state(self, step: int) -> None:
+        """<out>.resume/chunk_<step>.dcp/: every process writes its shards of the model and AdamW
+        state and its RNG state, in parallel, with the metrics file's size (rank 0's); the previous
+        state goes once this one is complete."""
+        size = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+        state = dist.training_state(self.model, self.optimizer)
+        state |= {"metrics_bytes": dist.broadcast(size), f"rng_{self.rank}": models.rng_state()}
+        dist.save_state(state, self.store.folder / f"chunk_{step:06d}.dcp")
+        if self.rank == 0:
+            self.store.keep_only(step)
+
+    def load_resume_state(self, finished: set[int]) -> int:
         """The step to start from: 0, or that of the latest resume state (all restored)."""
-        finished = dist.open_chunk_store(self.store, self.rank)
         if not finished:
             return 0
-        step = max(finished)
-        state = self.store.load(step)
-        dist.load_training_state(self.model, self.optimizer, state)
-        models.set_rng_state(state["rng"][self.rank])
+        step, mine = max(finished), f"rng_{self.rank}"
+        others = {"metrics_bytes": 0, mine: models.rng_state()}
+        folder = self.store.load(step)
+        state = dist.load_training_state(self.model, self.optimizer, folder, others)
+        models.set_rng_state(state[mine])
         if self.rank == 0 and self.metrics_path.exists():  # lines written after the save go
             os.truncate(self.metrics_path, state["metrics_bytes"])
         print(f"resuming {self.store.folder} at step {step}/{self.args.steps}")
         return step
 
-    def save_checkpoint(self) -> None:
-        """The output checkpoint, written atomically; then the resume state goes."""
-        weights = dist.training_state(self.model)["model"] if self.sharded else None
+    def save_checkpoint(self, folder: str, step: int) -> None:
+        """The policy in Hugging Face format (safetensors, config, tokenizer) and grpo_train.json,
+        written atomically; the weights gathered on rank 0 one tensor at a time."""
+        weights = dist.gathered_weights(self.model)
         if self.rank == 0:
-            with atomic_path(self.args.out, folder=True) as folder:
-                self.model.save_pretrained(folder, state_dict=weights)
-                self.tokenizer.save_pretrained(folder)
+            with atomic_path(folder, folder=True) as tmp:
+                self.model.save_pretrained(tmp, state_dict=weights)
+                self.tokenizer.save_pretrained(tmp)
                 meta = {"settings": run_settings(self.args), "world_size": self.world}
-                write_json(folder / "grpo_train.json", meta | {"backend": self.backend})
+                write_json(tmp / "grpo_train.json", meta | {"backend": self.backend, "step": step})
+        dist.barrier()
+
+    def finish(self) -> None:
+        """The output checkpoint --out; then the resume state goes."""
+        self.save_checkpoint(self.args.out, step=self.args.step_offset + self.args.steps)
+        if self.rank == 0:
             self.store.remove()
             print(f"wrote {self.args.out}")
         dist.finish_distributed()

