@@ -10,9 +10,9 @@ From checkpoint --model, --steps GRPO steps on the prompts of --data; every step
      clipped token-level surrogate + k3 KL to the frozen reference - entropy bonus (the release:
      one update per step, so the ratio is 1 and the clip never acts).
 Reads   --model, --ref-model (HF folders), --data and --eval-data (.jsonl: id, prompt, answer).
-Writes  --out (HF folder + grpo_train.json, atomically), --metrics (a JSON line per step, plus
-        {"step", "eval": {file stem: greedy accuracy}}); every --save-every steps the resume state
-        --out.resume/ and an HF checkpoint --out-<step>/ (the last --keep-checkpoints kept).
+Writes  --out (HF folder + grpo_train.json, atomically), --metrics (a JSON line per step, TRL's
+        names: README "Metrics"; --report-to: live curves too); every --save-every steps the
+        resume state --out.resume/ and an HF checkpoint --out-<step>/ (the last --keep-checkpoints).
 Several GPUs: torchrun --nproc_per_node=N grpo_train.py ... (B/N prompts a rank; DDP or FSDP2).
 """
 
@@ -36,6 +36,7 @@ from plumbing.grpo_run import TrainingRun, run_settings
 from plumbing.models import check_model, derive_seed
 
 AUTO_ON_OFF = Literal["auto", "on", "off"]
+TRACKERS = Literal["none", "tensorboard", "wandb", "trackio"]
 
 
 @dataclasses.dataclass
@@ -76,6 +77,8 @@ class Args:
     save_every: int = arg(50, "resume state + checkpoint every N steps (0: never)", at_least=0)
     keep_checkpoints: int = arg(1, "HF checkpoints <out>-<step>/ kept (0: none)", at_least=0)
     seed: int = arg(0, "seed of the data order, the sampling and the update")
+    report_to: TRACKERS = arg("none", "live curves (TRL's report_to); tensorboard beside --metrics")
+    run_name: str = arg("", "W&B/Trackio run GROUP/NAME (default: --out's folder name)")
     dynamic_sampling: int = arg(0, "DAPO: sampling rounds per step at most (0: off)", at_least=0)
 
 
@@ -168,7 +171,8 @@ def grpo_update(
     counts = [float(sum(len(r) for r in response_ids)), float(len(response_ids))]
     tokens, responses = dist.all_sum(counts, device)
     normalizer = tokens if agg == "token-mean" else responses
-    sums = dict.fromkeys(("loss", "pg_loss", "kl", "entropy", "clip_fraction", "ratio"), 0.0)
+    statistics = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "clip_high", "ratio")
+    sums = dict.fromkeys(statistics, 0.0)
     optimizer.zero_grad(set_to_none=True)
     batches = micro_batches(prompt_ids, response_ids, args.micro_batch_tokens)
     for n, batch in enumerate(batches):
@@ -198,6 +202,7 @@ def grpo_update(
         sums["loss"] += loss.item()  # statistics: sums, divided by the counts when logged
         sums["pg_loss"] += pg_loss.item()
         token_values = dict(kl=kl, entropy=entropy, clip_fraction=clipped, ratio=ratio)
+        token_values["clip_high"] = clipped * (a > 0)[:, None]  # r > 1 + eps (else r < 1 - eps)
         for name, values in token_values.items():
             sums[name] += float((values.detach() * mask).sum())
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -217,9 +222,8 @@ def sample_round(run: TrainingRun, step: int, round_: int):
     rows = [run.examples[i] for i in indices[run.rank * share : (run.rank + 1) * share]]
     prompt_ids = [run.encode(row["prompt"]) for row in rows]
     seed = derive_seed(args.seed, step, run.rank, round_) if run.backend == "vllm" else None
-    sampling = dict(
-        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens
-    )
+    sampling = dict(temperature=args.temperature, top_p=args.top_p)
+    sampling["max_new_tokens"] = args.max_new_tokens
     groups = run.engine.generate(prompt_ids, g, **sampling, seed=seed)  # hf: seed None, torch's RNG
     answers = [row["answer"] for row in rows for _ in range(g)]
     rewards = score(run, [r for group in groups for r in group], answers)
@@ -234,8 +238,8 @@ def score(run: TrainingRun, response_ids, answers) -> list[float]:
 def grpo_train(args: Args) -> None:
     run = TrainingRun(args)  # processes, models, optimizer, engine, data, resume state, metrics
     evaluated_at_start = run.start_step == 0 and (args.step_offset == 0 or args.eval_at_start)
-    if evaluated_at_start:
-        run.evaluate(0)
+    if evaluated_at_start and (evaluation := run.evaluate()):
+        run.log({"step": args.step_offset} | evaluation)
     steps = range(run.start_step, args.steps)
     progress = tqdm(steps, "GRPO", initial=run.start_step, total=args.steps, disable=run.rank > 0)
     for step in progress:
@@ -256,10 +260,8 @@ def grpo_train(args: Args) -> None:
         old = None
         if args.ppo_epochs * args.mini_batches > 1:
             batches = micro_batches(prompt_ids, response_ids, args.micro_batch_tokens)
-            pass_settings = dict(
-                temperature=args.temperature, pad_token_id=run.pad, batches=batches
-            )
-            old = common.batched_logprobs(run.model, prompt_ids, response_ids, **pass_settings)
+            options = dict(temperature=args.temperature, pad_token_id=run.pad, batches=batches)
+            old = common.batched_logprobs(run.model, prompt_ids, response_ids, **options)
         updates, models = [], (run.trainer, run.ref_model, run.optimizer)  # policy, ref., AdamW
         for _ in range(args.ppo_epochs):
             for part in np.array_split(np.arange(len(groups)), args.mini_batches):  # whole groups
@@ -269,14 +271,12 @@ def grpo_train(args: Args) -> None:
                 updates.append(grpo_update(*models, **batch, args=args, pad_id=run.pad))
         run.engine_is_stale = True
         times = (rollout_time, time.perf_counter() - update_start, time.perf_counter() - step_start)
-        row = run.log_step(step, rewards, response_ids, updates, times=times, rounds=rounds)
-        progress.set_postfix(reward=f"{row['reward_mean']:.3f}", s=f"{row['step_time_s']:.1f}")
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            run.evaluate(step + 1)
+        row = run.log_step(step, rewards, groups, updates, times=times, rounds=rounds)
+        progress.set_postfix(reward=f"{row['reward']:.3f}", s=f"{row['timing_s/step']:.1f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             run.save(step + 1)
-    if args.steps > 0 or not evaluated_at_start:
-        run.evaluate(args.steps)
+    if args.steps == 0 and not evaluated_at_start and (evaluation := run.evaluate()):
+        run.log({"step": args.step_offset} | evaluation)
     run.finish()
 
 

@@ -46,18 +46,26 @@ def load_metrics(out_dir: Path, stages: int) -> list[dict]:
     return rows
 
 
+def eval_accuracies(row: dict) -> dict[str, float]:
+    """{test set: accuracy} of a metrics line's eval/<test set>/accuracy keys ({} if none)."""
+    prefix, suffix = "eval/", "/accuracy"
+    return {
+        key[len(prefix) : -len(suffix)]: value
+        for key, value in row.items()
+        if key.startswith(prefix) and key.endswith(suffix)
+    }
+
+
 def accuracy_curves(metrics: list[dict], targeted: list[str]) -> dict[str, list[tuple[int, float]]]:
-    """{"targeted": [(step, mean acc)], "untargeted": [...], "<test set>": [...]} from the eval
-    lines."""
+    """{"targeted": [(step, mean acc)], "untargeted": [...], "<test set>": [...]} from the
+    eval/<test set>/accuracy keys of the metrics lines."""
     curves: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
     seen_steps = set()
     for row in metrics:
-        if (
-            "eval" not in row or row["step"] in seen_steps
-        ):  # stage m's final eval == stage m+1's first
+        accuracies = eval_accuracies(row)
+        if not accuracies or row["step"] in seen_steps:  # stage m's final eval == m+1's first
             continue
         seen_steps.add(row["step"])
-        accuracies = row["eval"]
         for name, value in accuracies.items():
             curves[name].append((row["step"], value))
         for group, names in (
@@ -241,18 +249,16 @@ def main(args: Args) -> None:
 
     # Training: per-step reward of the sampled responses and share of groups whose rewards are all
     # equal
-    train_rows = [row for row in metrics if "reward_mean" in row]
+    train_rows = [row for row in metrics if "reward" in row]
     if train_rows:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         steps = [row["step"] for row in train_rows]
         ax.plot(
-            steps,
-            [row["reward_mean"] for row in train_rows],
-            label="mean reward of the GRPO samples",
+            steps, [row["reward"] for row in train_rows], label="mean reward of the GRPO samples"
         )
         ax.plot(
             steps,
-            [row["all_equal_share"] for row in train_rows],
+            [row["frac_reward_zero_std"] for row in train_rows],
             label="share of groups with all-equal rewards",
         )
         ax.set(xlabel="GRPO step", ylim=(-0.02, 1.02), title="training signal")
@@ -272,8 +278,8 @@ def main(args: Args) -> None:
         for m in sorted({row["stage"] for row in train_rows}):
             rows = [row for row in train_rows if row["stage"] == m]
             lines.append(
-                f"| {m} | {np.mean([r['reward_mean'] for r in rows]):.3f} | "
-                f"{np.mean([r['all_equal_share'] for r in rows]):.2f} | "
+                f"| {m} | {np.mean([r['reward'] for r in rows]):.3f} | "
+                f"{np.mean([r['frac_reward_zero_std'] for r in rows]):.2f} | "
                 f"{np.mean([r['kl'] for r in rows]):.4f} |"
             )
 

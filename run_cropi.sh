@@ -91,6 +91,7 @@ setting ENTROPY_COEF     0.001                     0.0
 setting EVAL_EVERY       50                        10
 setting MICRO_BATCH      16384                     65536                    # padded tokens per forward/backward in GRPO
 setting SAVE_EVERY       50                        20                       1
+setting REPORT_TO        none                      none                     # live curves: none, tensorboard (stage_<m>/tensorboard), wandb, trackio
 setting DEMO_ARGS        ""                        ""                       "--pool-per-skill 15 --val-per-skill 16 --test-per-skill 8 --warmup-per-skill 100 --warmup-steps 300"
 setting NGPU             1                         1                        # processes (GPUs) per node
 setting NNODES           1                         1                        # nodes: run this script on each, same settings
@@ -109,6 +110,7 @@ for v in STAGES STEPS_PER_STAGE K VAL_K VAL_MIN_MIXED VAL_MEAN_OF MAX_NEW_TOKENS
 done
 for v in RATIO TEMPERATURE ROLLOUT_TEMPERATURE LR KL_COEF ENTROPY_COEF; do is_float "$v" "${!v}"; done
 (( STAGES >= 1 )) || fail "STAGES must be >= 1"
+case "$REPORT_TO" in none|tensorboard|wandb|trackio) ;; *) fail "REPORT_TO=$REPORT_TO: expected none, tensorboard, wandb or trackio" ;; esac
 awk -v r="$RATIO" 'BEGIN { exit !(r > 0 && r <= 1) }' || fail "RATIO=$RATIO: the share of the pool selected per stage, in (0, 1]"
 IFS=, read -ra test_files <<< "$TEST_DATA"
 test_stems=(); for f in "${test_files[@]}"; do b=$(basename "$f"); test_stems+=("${b%.*}"); done
@@ -135,16 +137,16 @@ CROPI run ($kind; settings: --help)
   K=$K VAL_K=$VAL_K VAL_MIN_MIXED=$VAL_MIN_MIXED TEMPERATURE=$TEMPERATURE (offline) ROLLOUT_TEMPERATURE=$ROLLOUT_TEMPERATURE (GRPO) MAX_NEW_TOKENS=$MAX_NEW_TOKENS
   PROJECTOR=${PROJECTOR:-<default>} PROJ_DIM=${PROJ_DIM:-<default>} SPARSE_RATIO=${SPARSE_RATIO:-<default>} VAL_MEAN_OF=$VAL_MEAN_OF
   BATCH_PROMPTS=$BATCH_PROMPTS GROUP_SIZE=$GROUP_SIZE LR=$LR KL_COEF=$KL_COEF ENTROPY_COEF=$ENTROPY_COEF DYNAMIC_ROUNDS=$DYNAMIC_ROUNDS
-  EVAL_EVERY=$EVAL_EVERY MICRO_BATCH=$MICRO_BATCH SAVE_EVERY=$SAVE_EVERY
+  EVAL_EVERY=$EVAL_EVERY MICRO_BATCH=$MICRO_BATCH SAVE_EVERY=$SAVE_EVERY REPORT_TO=$REPORT_TO
 EOF
 # ------------------------------------------------------------------------------------------ helpers
 # run_step NAME DONE_FILE OUTPUTS INPUTS command...: run the command unless DONE_FILE holds the same key, and record
-# its wall-clock seconds, key and inputs' hashes. The key hashes the command line (paths relative to OUT_DIR, the
-# launcher left out), the content of the INPUTS (files or folders it reads: data, checkpoints, what the steps before
-# wrote) and the key of the step before, so that a changed setting or an input edited in place redoes its step and
-# every later one (saying which input changed); the stale OUTPUTS of a redone step are deleted first, and only inside
-# the run's own folders (OUT_DIR, DEMO_DIR). OUTPUTS and INPUTS are paths, one per line (see `paths`). DONE_FILE.key
-# marks a step that was started, so that an interrupted step is resumed with the same key or started over.
+# its wall-clock seconds, key and inputs' hashes. The key hashes the command line (paths relative to OUT_DIR; the
+# launcher and --report-to/--run-name left out: they change no result), the content of the INPUTS (files or folders
+# it reads: data, checkpoints, what the steps before wrote) and the key of the step before, so that a changed setting
+# or an input edited in place redoes its step and every later one (saying which input changed); the stale OUTPUTS of
+# a redone step are deleted first, and only inside the run's own folders (OUT_DIR, DEMO_DIR). OUTPUTS and INPUTS are
+# paths, one per line (see `paths`). DONE_FILE.key marks a started step: it is resumed with the same key or redone.
 chain="" ran=0
 paths() { printf '%s\n' "$@"; }
 content_hashes() {  # a line "<sha256 of the content> PATH" per path (a folder: its files' names and contents)
@@ -175,7 +177,7 @@ run_step() {
   local name=$1 done_file=$2 outputs inputs record key changed reason path; shift 2
   mapfile -t outputs <<< "$1"; mapfile -t inputs <<< "$2"; shift 2
   record=$(echo "after $chain"; content_hashes "${inputs[@]}" | relative)  # what the key covers, besides the command
-  key=$({ printf '%s\n' "${@:2}" | relative; echo "$record"; } | sha256sum | cut -c1-16)
+  key=$({ printf '%s\n' "${@:2}" | sed '/^--\(report-to\|run-name\)$/,+1d' | relative; echo "$record"; } | sha256sum | cut -c1-16)
   chain=$key
   if [[ -f "$done_file" && "$(sed -n 2p "$done_file")" == "$key" ]]; then echo "[skip] $name (done)"; return; fi
   local earlier=$done_file; [[ -f "$done_file" ]] || earlier=$done_file.key
@@ -302,7 +304,7 @@ select_stage() {  # select_stage METHOD STAGE_DIR STAGE CHECKPOINT: steps 1a-f f
 }
 grpo() {  # grpo STAGE_DIR STAGE CHECKPOINT METHOD
   local dynamic=(); [[ $4 == full_dynamic ]] && dynamic=(--dynamic-sampling "$DYNAMIC_ROUNDS")
-  run_step "GRPO: $STEPS_PER_STAGE steps" "$1/train.done" "$(paths "$1/checkpoint" "$1/checkpoint.resume" "$1/metrics.jsonl" "$1"/checkpoint-*)" \
+  run_step "GRPO: $STEPS_PER_STAGE steps" "$1/train.done" "$(paths "$1/checkpoint" "$1/checkpoint.resume" "$1/metrics.jsonl" "$1/tensorboard" "$1"/checkpoint-*)" \
     "$(paths "$3" "$MODEL" "$1/subset.jsonl" "${test_files[@]}")" \
     launch grpo_train.py --model "$3" --ref-model "$MODEL" --data "$1/subset.jsonl" --steps "$STEPS_PER_STAGE" \
       --step-offset "$(($2 * STEPS_PER_STAGE))" --out "$1/checkpoint" --metrics "$1/metrics.jsonl" \
@@ -310,7 +312,7 @@ grpo() {  # grpo STAGE_DIR STAGE CHECKPOINT METHOD
       --group-size "$GROUP_SIZE" --lr "$LR" --kl-coef "$KL_COEF" --entropy-coef "$ENTROPY_COEF" \
       --temperature "$ROLLOUT_TEMPERATURE" --max-new-tokens "$MAX_NEW_TOKENS" \
       --eval-max-new-tokens "$MAX_NEW_TOKENS" --micro-batch-tokens "$MICRO_BATCH" --save-every "$SAVE_EVERY" \
-      --system-prompt "$SYSTEM_PROMPT" "${dynamic[@]}"
+      --system-prompt "$SYSTEM_PROMPT" "${dynamic[@]}" --report-to "$REPORT_TO" --run-name "$(basename "$OUT_DIR")/${1#"$OUT_DIR"/}"
 }
 
 # ------------------------------------------------------------------------------------------ the loop

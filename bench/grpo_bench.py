@@ -3,7 +3,7 @@ tokens/s per backend, and a learning curve of full-data GRPO on the demo task.
 
 Side by side in one run, same model, prompts, B, G, lengths, temperature, lr, KL and entropy
 coefficients:
-  * ours:  `grpo_train.py` run as a user runs it (subprocess); step time = its `step_time_s` metric;
+  * ours:  `grpo_train.py` run as a user runs it (subprocess); step time: its `timing_s/step`;
   * TRL:   `trl.GRPOTrainer` (loss_type "dapo" = token mean, as ours; disable_dropout; on the CPU;
            no vLLM); step time = wall time from the Trainer's on_step_begin to on_step_end
            (generation + scoring + update).
@@ -41,6 +41,7 @@ from plumbing.cli import arg, parse_args  # noqa: E402
 from plumbing.data import load_examples, read_jsonl  # noqa: E402
 from plumbing.files import atomic_path, write_json, write_jsonl  # noqa: E402
 from plumbing.models import load_tokenizer  # noqa: E402
+from report import eval_accuracies  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -249,7 +250,7 @@ def step_time_comparison(
         batch_prompts,
         "hf",
     )
-    ours_times = [m["step_time_s"] for m in ours if "step_time_s" in m]
+    ours_times = [m["timing_s/step"] for m in ours if "timing_s/step" in m]
     trl = run_trl(args, model, data, scratch, steps, batch_prompts)
     result = {
         "ours_step_s_median": median_after_warmup(ours_times),
@@ -257,7 +258,7 @@ def step_time_comparison(
         "ours_step_s": ours_times,
         "trl_step_s": trl["step_times"],
         "ours_response_length": statistics.mean(
-            m["response_length"] for m in ours if "response_length" in m
+            m["completions/mean_length"] for m in ours if "completions/mean_length" in m
         ),
         "trl_response_length": statistics.mean(
             h.get("completions/mean_length", float("nan")) for h in trl["logs"]
@@ -289,15 +290,15 @@ def rollout_throughput(args: Args, demo: Path, scratch: Path) -> dict:
                 args.batch_prompts,
                 backend,
             )
-            if "rollout_time_s" in m
+            if "timing_s/gen" in m
         ]
         per_step = [
-            m["response_length"] * args.batch_prompts * args.group_size / m["rollout_time_s"]
+            m["completions/mean_length"] * args.batch_prompts * args.group_size / m["timing_s/gen"]
             for m in rows
         ]
         result[backend] = {
             "rollout_tokens_per_s": median_after_warmup(per_step),
-            "rollout_s": median_after_warmup([m["rollout_time_s"] for m in rows]),
+            "rollout_s": median_after_warmup([m["timing_s/gen"] for m in rows]),
         }
         print(f"rollout tokens/s, {backend}: {result[backend]['rollout_tokens_per_s']:.0f}")
     return result
@@ -320,9 +321,9 @@ def learning_curve(args: Args, demo: Path, scratch: Path, results: Path) -> dict
         tuple(extra),
     )
     write_jsonl(results / "grpo_learning_curve.jsonl", rows)
-    evals = [r for r in rows if "eval" in r]
-    train = [r for r in rows if "reward_mean" in r]
-    mean_accuracy = [statistics.mean(r["eval"].values()) for r in evals]
+    evals = [(r["step"], eval_accuracies(r)) for r in rows if eval_accuracies(r)]
+    train = [r for r in rows if "reward" in r]
+    mean_accuracy = [statistics.mean(accuracies.values()) for _, accuracies in evals]
 
     import matplotlib
 
@@ -330,18 +331,17 @@ def learning_curve(args: Args, demo: Path, scratch: Path, results: Path) -> dict
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for name in evals[0]["eval"]:
-        left.plot(
-            [r["step"] for r in evals], [r["eval"][name] for r in evals], label=name, alpha=0.7
-        )
-    left.plot([r["step"] for r in evals], mean_accuracy, color="black", linewidth=2, label="mean")
+    eval_steps = [step for step, _ in evals]
+    for name in evals[0][1]:
+        left.plot(eval_steps, [a[name] for _, a in evals], label=name, alpha=0.7)
+    left.plot(eval_steps, mean_accuracy, color="black", linewidth=2, label="mean")
     left.set(
         xlabel="GRPO step", ylabel="greedy validation accuracy", title="demo task, full-data GRPO"
     )
     left.legend(fontsize=7)
     window = 10
     smoothed = [
-        statistics.mean(r["reward_mean"] for r in train[max(0, i - window + 1) : i + 1])
+        statistics.mean(r["reward"] for r in train[max(0, i - window + 1) : i + 1])
         for i in range(len(train))
     ]
     right.plot([r["step"] for r in train], smoothed)
@@ -354,13 +354,13 @@ def learning_curve(args: Args, demo: Path, scratch: Path, results: Path) -> dict
     with atomic_path(results / "grpo_learning_curve.png") as tmp:
         figure.savefig(tmp, format="png", dpi=80)
     summary = {
-        "eval_steps": [r["step"] for r in evals],
+        "eval_steps": eval_steps,
         "mean_val_accuracy": mean_accuracy,
-        "val_accuracy_start": evals[0]["eval"],
-        "val_accuracy_end": evals[-1]["eval"],
-        "train_reward_first_10": statistics.mean(r["reward_mean"] for r in train[:10]),
-        "train_reward_last_10": statistics.mean(r["reward_mean"] for r in train[-10:]),
-        "median_step_s": statistics.median(r["step_time_s"] for r in train),
+        "val_accuracy_start": evals[0][1],
+        "val_accuracy_end": evals[-1][1],
+        "train_reward_first_10": statistics.mean(r["reward"] for r in train[:10]),
+        "train_reward_last_10": statistics.mean(r["reward"] for r in train[-10:]),
+        "median_step_s": statistics.median(r["timing_s/step"] for r in train),
     }
     print(
         f"learning curve: mean validation accuracy {mean_accuracy[0]:.3f} -> "

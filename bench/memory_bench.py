@@ -275,7 +275,7 @@ def measure(stage: str, length: int, model_dir: Path, work: Path, args: Args) ->
         ]
         point = child_peak(run_script_code("grpo_train.py"), argv, args.threads, args.limit_gb)
         metrics = json.loads(Path(f"{scratch}/ckpt.metrics.jsonl").read_text().splitlines()[-1])
-        return point | {"response_length_mean": metrics["response_length"]}
+        return point | {"response_length_mean": metrics["completions/mean_length"]}
 
 
 # ----------------------------------------------------------------------------------------------

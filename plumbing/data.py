@@ -1,5 +1,6 @@
-"""Data files: rows of GSM8K, MATH or generic {prompt, answer} -> {id, prompt, answer}, and the
-rollouts schema of collect_rollouts.py. Every error names the file and line."""
+"""Data files: rows of GSM8K, MATH, verl (the authors' release) or generic {prompt, answer} ->
+{id, prompt, answer}, and the rollouts schema of collect_rollouts.py. Every error names the file
+and line."""
 
 from __future__ import annotations
 
@@ -57,8 +58,9 @@ def last_boxed_content(text: str) -> str | None:
 
 
 def row_to_example(obj: dict, where: str, default_id: str) -> dict:
-    """GSM8K (question, answer with "#### N"), MATH (problem, solution with \\boxed{}) or (prompt,
-    answer) -> {id, prompt, answer} (+ skill, source)."""
+    """GSM8K (question, answer with "#### N"), MATH (problem, solution with \\boxed{}), verl
+    (prompt = [{"role": "user", "content"}], reward_model = {"ground_truth"}, data_source) or
+    (prompt, answer) -> {id, prompt, answer} (+ skill, source)."""
     if "question" in obj and "answer" in obj:
         solution = str(obj["answer"])
         if "####" not in solution:
@@ -69,32 +71,45 @@ def row_to_example(obj: dict, where: str, default_id: str) -> dict:
         if answer is None:
             raise DataError(f"{where}: MATH-style row has no \\boxed{{...}} in its solution")
         prompt = obj["problem"]
+    elif "prompt" in obj and "reward_model" in obj:
+        messages, answer = obj["prompt"], (obj["reward_model"] or {}).get("ground_truth")
+        roles = [m.get("role") for m in messages] if isinstance(messages, list) else None
+        if roles != ["user"]:  # the system prompt is --system-prompt's
+            raise DataError(f"{where}: a verl prompt must be one user message; it has {roles}")
+        prompt, obj = messages[0].get("content"), {"source": obj.get("data_source")} | obj
     elif "prompt" in obj and "answer" in obj:
         prompt, answer = obj["prompt"], obj["answer"]
     else:
         raise DataError(
-            f"{where}: a row needs (question, answer), (problem, solution) or (prompt, answer); "
-            f"it has {sorted(obj)}"
+            f"{where}: a row needs (question, answer), (problem, solution), (prompt, answer) or "
+            f"verl's (prompt, reward_model); it has {sorted(obj)}"
         )
     if not isinstance(prompt, str) or not prompt.strip():
         raise DataError(f"{where}: empty or non-text prompt")
     if answer is None or not str(answer).strip():
         raise DataError(f"{where}: missing or empty answer")
-    example = {"id": str(obj.get("id", default_id)), "prompt": prompt}
+    example = {"id": str(default_id if obj.get("id") is None else obj["id"]), "prompt": prompt}
     example["answer"] = str(answer).strip()
-    return example | {key: obj[key] for key in ("source", "skill") if key in obj}
+    return example | {key: obj[key] for key in ("source", "skill") if obj.get(key) is not None}
 
 
 def load_examples(path: str | os.PathLike) -> list[dict]:
     """A .jsonl (or .parquet) data file as rows {id, prompt, answer}; ids are the row's "id", else
-    "<file stem>:<line>"."""
+    "<file stem>:<line>" (a parquet file's row, from 1)."""
     path = Path(path)
     if path.suffix == ".parquet":
         try:
-            import pandas as pd
+            import pyarrow.parquet
         except ImportError:
-            raise DataError(f"{path}: reading .parquet needs pandas and pyarrow") from None
-        records = enumerate(pd.read_parquet(path).to_dict("records"), start=1)
+            raise DataError(
+                f"{path}: reading .parquet needs pyarrow: .venv/bin/pip install pyarrow"
+            ) from None
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        try:
+            records = enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1)
+        except pyarrow.ArrowException as error:
+            raise DataError(f"{path}: not a readable parquet file ({error})") from None
     else:
         records = iter_jsonl(path)
     examples, seen = [], set()

@@ -1,11 +1,14 @@
 """grpo_train.py's run state: processes, the policy (DDP-wrapped or FSDP2-sharded), the frozen
-reference, AdamW, the sampling engine, the resume state, the metrics file, the HF checkpoints."""
+reference, AdamW, the sampling engine, the resume state, the metrics (TRL's names), the Hugging
+Face checkpoints."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -14,16 +17,19 @@ import common
 from plumbing import distributed as dist
 from plumbing import models
 from plumbing.cli import DataError
-from plumbing.data import load_examples
+from plumbing.data import load_examples, read_jsonl
 from plumbing.engines import choose_backend, make_engine
 from plumbing.files import ChunkStore, append_jsonl, atomic_path, fingerprint, read_json, write_json
 from plumbing.memory_plan import plan_memory
+from plumbing.trackers import open_tracker
 
 
 def run_settings(args) -> dict:
-    """The flags and the content of every file the run reads (models, data)."""
+    """The flags and the content of every file the run reads (models, data); not where the
+    curves go (--report-to, --run-name), which changes no result."""
     paths = [args.model, args.ref_model, args.data, *args.eval_data]
-    return dataclasses.asdict(args) | fingerprint(paths)
+    settings = dataclasses.asdict(args) | fingerprint(paths)
+    return {k: v for k, v in settings.items() if k not in ("report_to", "run_name")}
 
 
 class TrainingRun:
@@ -48,6 +54,8 @@ class TrainingRun:
         settings = run_settings(args) | {"world_size": self.world}
         self.store = ChunkStore(f"{args.out}.resume", settings)
         finished = dist.open_chunk_store(self.store, self.rank)
+        self.metrics_path = Path(args.metrics or f"{args.out}.metrics.jsonl")
+        self.report = open_tracker(args, self.metrics_path.parent) if self.rank == 0 else None
         self.examples = load_examples(args.data)
         self.eval_sets = {Path(p).stem: load_examples(p) for p in args.eval_data}
         self.tokenizer = models.load_tokenizer(args.model)
@@ -64,8 +72,9 @@ class TrainingRun:
             dist.shard_model(model)
         adamw = dict(lr=args.lr, weight_decay=args.weight_decay, fused=self.device.type == "cuda")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), **adamw)
-        self.metrics_path = Path(args.metrics or f"{args.out}.metrics.jsonl")
         self.start_step = self.load_resume_state(finished)
+        logged = read_jsonl(self.metrics_path) if self.start_step and self.rank == 0 else []
+        self.num_tokens = next((r["num_tokens"] for r in logged[::-1] if "num_tokens" in r), 0)
         self.trainer = self.model
         if self.world > 1 and not self.sharded:  # gradients live in DDP's buckets: no 2nd copy
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -100,17 +109,21 @@ class TrainingRun:
             self.engine.push_weights(self.model)
             self.engine_is_stale = False
 
-    def log(self, row: dict, echo: bool = False) -> None:
+    def log(self, row: dict) -> None:
+        """One line of the metrics file, sent to the tracker too; evaluations also printed."""
         if self.rank == 0:
             append_jsonl(self.metrics_path, row)
-            print(row) if echo else None
+            self.report(row)
+            if any(key.startswith("eval/") for key in row):
+                print({k: v for k, v in row.items() if k == "step" or k.startswith("eval/")})
 
-    def evaluate(self, stage_step: int) -> None:
-        """Greedy accuracy (temperature 0) on every eval file, each rank every world-th prompt."""
+    def evaluate(self) -> dict:
+        """Greedy accuracy (temperature 0) on every eval file, each rank every world-th prompt:
+        {"eval/<file stem>/accuracy": a, ..., "timing_s/testing": seconds}."""
         if not self.eval_sets:
-            return
+            return {}
+        start, accuracies, last_number = time.perf_counter(), {}, self.args.last_number_when_cut
         self.sync_engine()
-        accuracies, last_number = {}, self.args.last_number_when_cut
         for name, rows in self.eval_sets.items():
             mine = dist.shard(rows, self.rank, self.world)
             prompts = [self.encode(r["prompt"]) for r in mine]
@@ -121,34 +134,56 @@ class TrainingRun:
                 self.tokenizer, responses, [r["answer"] for r in mine], **rule
             )
             correct, total = dist.all_sum([sum(rewards), len(mine)], self.device)
-            accuracies[name] = correct / total
-        self.log({"step": self.args.step_offset + stage_step, "eval": accuracies}, echo=True)
+            accuracies[f"eval/{name}/accuracy"] = correct / total
+        return accuracies | {"timing_s/testing": time.perf_counter() - start}
 
-    def log_step(self, step: int, rewards, response_ids, updates, times, rounds) -> dict:
-        """One metrics line for the whole batch (all ranks): token statistics averaged over the
-        epochs, sampling rounds over the ranks; times = (rollout, update, step) seconds."""
-        per_token = ("kl", "clip_fraction", "entropy")
-        sums = {key: sum(u[key] for u in updates) / self.args.ppo_epochs for key in per_token}
-        sums["ratio"] = sum(u["ratio"] for u in updates) / self.args.ppo_epochs
-        sums |= dict(reward=rewards.sum(), correct=(rewards == 1).sum(), responses=rewards.numel())
-        sums |= dict(groups=len(rewards), equal=(rewards == rewards[:, :1]).all(dim=1).sum())
-        sums |= dict(tokens=sum(map(len, response_ids)), loss=sum(u["loss"] for u in updates))
-        values = dist.all_sum([float(v) for v in sums.values()] + [float(rounds)], self.device)
-        total, rounds = dict(zip(sums, values)), values[-1]
-        tokens, responses = total["tokens"], total["responses"]
+    def log_step(self, step: int, rewards, groups, updates, times, rounds) -> dict:
+        """The metrics line of a step, for the whole batch (all ranks), under the names of TRL's
+        GRPOTrainer (verl's for the times and throughput), with the evaluation when one is due
+        (every --eval-every steps and the last). groups: [(prompt ids, [G response ids])];
+        updates: grpo_update's sums; times = (rollout, update, step) seconds."""
+        response_ids = [response for _, responses in groups for response in responses]
         rollout_time, update_time, step_time = times
-        row = {"step": self.args.step_offset + step + 1, "stage_step": step + 1}
-        row["reward_mean"] = total["reward"] / responses
-        row["accuracy"] = total["correct"] / responses
-        row |= {key: total[key] / tokens for key in per_token}
-        row["all_equal_share"] = total["equal"] / total["groups"]
-        row["response_length"] = tokens / responses
-        row |= {"tokens_per_s": tokens / step_time, "step_time_s": step_time}
-        row |= {"rollout_time_s": rollout_time, "update_time_s": update_time}
-        row |= {"loss": total["loss"] / len(updates), "ratio_mean": total["ratio"] / tokens}
-        row["grad_norm"] = sum(u["grad_norm"] for u in updates) / len(updates)
-        row["sampling_rounds"] = rounds / self.world
-        self.log(row)
+        per_token = ("kl", "entropy", "clip_fraction", "clip_high", "ratio")
+        sums = {key: sum(u[key] for u in updates) / self.args.ppo_epochs for key in per_token}
+        sums |= {key: sum(u[key] for u in updates) / len(updates) for key in ("loss", "pg_loss")}
+        sums |= dict(reward=rewards.sum(), reward_sq=(rewards**2).sum(), responses=rewards.numel())
+        sums |= dict(groups=len(rewards), equal=(rewards == rewards[:, :1]).all(dim=1).sum())
+        cut = sum(not ids or ids[-1] not in self.engine.stop_ids for ids in response_ids)
+        sums |= dict(cut=cut, tokens=sum(map(len, response_ids)), rounds=rounds)
+        sums["prompt_tokens"] = sum(len(prompt) * len(responses) for prompt, responses in groups)
+        total = dict(zip(sums, dist.all_sum([float(v) for v in sums.values()], self.device)))
+        tokens, n = total["tokens"], total["responses"]
+        mean, all_tokens = total["reward"] / n, total["prompt_tokens"] + tokens
+        self.num_tokens += int(all_tokens)  # prompt and completion tokens so far (TRL)
+        row = {
+            "step": self.args.step_offset + step + 1,
+            "stage_step": step + 1,
+            "reward": mean,
+            "reward_std": math.sqrt(max(total["reward_sq"] - n * mean**2, 0) / max(n - 1, 1)),
+            "frac_reward_zero_std": total["equal"] / total["groups"],
+            "completions/mean_length": tokens / n,
+            "completions/clipped_ratio": total["cut"] / n,
+            "kl": total["kl"] / tokens,
+            "entropy": total["entropy"] / tokens,
+            "clip_ratio/low_mean": (total["clip_fraction"] - total["clip_high"]) / tokens,
+            "clip_ratio/high_mean": total["clip_high"] / tokens,
+            "clip_ratio/region_mean": total["clip_fraction"] / tokens,
+            "ratio_mean": total["ratio"] / tokens,
+            "loss": total["loss"],
+            "policy_loss": total["pg_loss"],
+            "grad_norm": sum(u["grad_norm"] for u in updates) / len(updates),
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
+            "num_tokens": self.num_tokens,
+            "sampling_rounds": total["rounds"] / self.world,
+            "timing_s/gen": rollout_time,
+            "timing_s/update_actor": update_time,
+            "timing_s/step": step_time,
+            "perf/throughput": all_tokens / step_time / self.world,
+        }
+        stage_step, args = step + 1, self.args
+        due = stage_step == args.steps or args.eval_every and stage_step % args.eval_every == 0
+        self.log(row | (self.evaluate() if due else {}))
         return row
 
     def save(self, step: int) -> None:

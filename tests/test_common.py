@@ -3,6 +3,8 @@ it."""
 
 import json
 import math
+import re
+import sys
 import threading
 import time
 
@@ -363,6 +365,77 @@ def test_load_examples_formats(tmp_path):
     generic = tmp_path / "g.jsonl"
     generic.write_text(json.dumps({"prompt": "1+1", "answer": 2, "skill": "add"}) + "\n\n")
     assert load_examples(generic) == [{"id": "g:1", "prompt": "1+1", "answer": "2", "skill": "add"}]
+
+
+def write_parquet(path, rows: list[dict]):
+    import pyarrow
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    return path
+
+
+def test_load_examples_reads_verl_parquet_rows_and_the_other_shapes_from_parquet(tmp_path):
+    question = "Natalia sold 48 clips in April and half as many in May. How many in all?"
+    verl = [  # the authors' release: verl's rows (examples/data_preprocess/gsm8k.py, math)
+        {
+            "data_source": "openai/gsm8k",
+            "prompt": [{"role": "user", "content": question}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": "72"},
+            "extra_info": {"split": "train", "index": 0, "answer": "... #### 72"},
+        },
+        {
+            "data_source": "DigitalLearningGmbH/MATH-lighteval",
+            "prompt": [{"role": "user", "content": "Half of 1?"}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": "\\frac{1}{2}"},
+            "extra_info": {"split": "train", "index": 1, "answer": "\\boxed{\\frac{1}{2}}"},
+        },
+    ]
+    assert load_examples(write_parquet(tmp_path / "train.parquet", verl)) == [
+        {"id": "train:1", "prompt": question, "answer": "72", "source": "openai/gsm8k"},
+        {
+            "id": "train:2",
+            "prompt": "Half of 1?",
+            "answer": "\\frac{1}{2}",
+            "source": "DigitalLearningGmbH/MATH-lighteval",
+        },
+    ]
+    gsm = [{"question": "How many?", "answer": "3 + 4 = 7\n#### 1,007"}]
+    assert load_examples(write_parquet(tmp_path / "gsm.parquet", gsm)) == [
+        {"id": "gsm:1", "prompt": "How many?", "answer": "1007"}
+    ]
+    math_rows = [{"problem": "p", "solution": "so \\boxed{3}.", "id": "m7"}]
+    assert load_examples(write_parquet(tmp_path / "math.parquet", math_rows)) == [
+        {"id": "m7", "prompt": "p", "answer": "3"}
+    ]
+    generic = [{"prompt": "1+1", "answer": "2", "skill": "add"}, {"prompt": "2+2", "answer": "4"}]
+    assert load_examples(write_parquet(tmp_path / "g.parquet", generic)) == [
+        {"id": "g:1", "prompt": "1+1", "answer": "2", "skill": "add"},
+        {"id": "g:2", "prompt": "2+2", "answer": "4"},  # a null skill (parquet's columns): none
+    ]
+
+
+def test_load_examples_parquet_errors_are_one_line(tmp_path, monkeypatch):
+    system = {"role": "system", "content": "Be brief."}
+    with_system = dict(
+        prompt=[system, {"role": "user", "content": "1+1"}],
+        reward_model={"style": "rule", "ground_truth": "2"},
+    )
+    path = write_parquet(tmp_path / "bad.parquet", [with_system])
+    message = "bad.parquet:1: a verl prompt must be one user message; it has ['system', 'user']"
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_examples(path)
+    no_truth = dict(prompt=[{"role": "user", "content": "1+1"}], reward_model={"style": "rule"})
+    with pytest.raises(DataError, match="bad.parquet:1: missing or empty answer"):
+        load_examples(write_parquet(path, [no_truth]))
+    (tmp_path / "text.parquet").write_text("not parquet\n")
+    with pytest.raises(DataError, match="text.parquet: not a readable parquet file"):
+        load_examples(tmp_path / "text.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    with pytest.raises(DataError, match=r"needs pyarrow: \.venv/bin/pip install pyarrow"):
+        load_examples(path)
 
 
 def test_load_examples_real_gsm8k_if_present():

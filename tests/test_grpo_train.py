@@ -2,9 +2,11 @@
 (learning on a toy, save/load, resume == uninterrupted), vLLM weight sync on CPU, and 2 processes
 (torchrun, gloo) == 1 process."""
 
+import dataclasses
 import json
 import math
 import shutil
+import sys
 import textwrap
 from pathlib import Path
 
@@ -347,33 +349,54 @@ def test_script_learns_the_toy_and_writes_a_loadable_checkpoint(digit_toy, tmp_p
     )
     run_script(*flags, env=ENV)
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
-    train = [m for m in lines if "eval" not in m]
-    evals = [m for m in lines if "eval" in m]
+    train = [m for m in lines if "stage_step" in m]
+    evals = [m for m in lines if any(k.startswith("eval/") for k in m)]
+    assert [m["step"] for m in lines] == list(range(13))  # one line per step, step 0: evaluation
     assert [m["stage_step"] for m in train] == list(range(1, 13))
     keys = {
         "step",
         "stage_step",
-        "reward_mean",
-        "accuracy",
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "completions/mean_length",
+        "completions/clipped_ratio",
         "kl",
-        "clip_fraction",
         "entropy",
-        "all_equal_share",
-        "response_length",
-        "tokens_per_s",
-        "step_time_s",
-        "rollout_time_s",
-        "update_time_s",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "clip_ratio/region_mean",
+        "ratio_mean",
+        "loss",
+        "policy_loss",
+        "grad_norm",
+        "learning_rate",
+        "num_tokens",
+        "sampling_rounds",
+        "timing_s/gen",
+        "timing_s/update_actor",
+        "timing_s/step",
+        "perf/throughput",
     }
-    assert keys <= set(train[0])
-    assert [e["step"] for e in evals] == [0, 6, 12] and set(evals[0]["eval"]) == {"data"}
+    assert keys == set(train[0])
+    assert [e["step"] for e in evals] == [0, 6, 12]
+    assert {k for k in evals[0] if k.startswith("eval/")} == {"eval/data/accuracy"}
     first, last = (
-        sum(m["reward_mean"] for m in train[:3]) / 3,
-        sum(m["reward_mean"] for m in train[-3:]) / 3,
+        sum(m["reward"] for m in train[:3]) / 3,
+        sum(m["reward"] for m in train[-3:]) / 3,
     )
     assert last > first + 0.2, (first, last)
     assert train[0]["kl"] == 0.0 and train[-1]["kl"] > 0
-    assert evals[-1]["eval"]["data"] > evals[0]["eval"]["data"]
+    assert evals[-1]["eval/data/accuracy"] > evals[0]["eval/data/accuracy"]
+    assert all(m["learning_rate"] == 2e-3 for m in train)  # toy_flags' --lr
+    n = 8 * 8  # responses a step: --batch-prompts x --group-size
+    for m in train:  # 0/1 rewards: the sample std is sqrt(p (1 - p) n / (n - 1))
+        p = m["reward"]
+        assert m["reward_std"] == pytest.approx(math.sqrt(p * (1 - p) * n / (n - 1)))
+    assert train[0]["completions/clipped_ratio"] > 0  # the 3-token limit cuts answers
+    seen = [0] + [m["num_tokens"] for m in train]  # prompt + completion tokens so far, as TRL's
+    completions = [m["completions/mean_length"] * n for m in train]
+    assert all(b - a > c for a, b, c in zip(seen, seen[1:], completions))  # prompts count too
 
     before, after = (
         load_model(str(model_dir), torch.device("cpu")),
@@ -417,9 +440,8 @@ def test_script_learns_the_toy_and_writes_a_loadable_checkpoint(digit_toy, tmp_p
         env=ENV,
     )
     later = [json.loads(line) for line in metrics.read_text().splitlines()][len(lines) :]
-    assert [m["step"] for m in later] == [13, 14, 14] and "eval" in later[
-        -1
-    ]  # no step-0 eval at offset 12
+    assert [m["step"] for m in later] == [13, 14]  # no step-0 eval at offset 12
+    assert ["eval/data/accuracy" in m for m in later] == [False, True]
 
     # Other settings: the checkpoint is not taken as done, the segment runs again (0 steps here:
     # quick)
@@ -451,7 +473,8 @@ def test_script_with_ppo_epochs_and_mini_batches(digit_toy, tmp_path):
     lines = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
     assert [m["stage_step"] for m in lines] == [1, 2]
     assert all(
-        m["ratio_mean"] != pytest.approx(1.0, abs=1e-6) and m["clip_fraction"] > 0 for m in lines
+        m["ratio_mean"] != pytest.approx(1.0, abs=1e-6) and m["clip_ratio/region_mean"] > 0
+        for m in lines
     )
     refused = run_script(
         *toy_flags(model_dir, data, tmp_path / "x", 2, "--mini-batches", "3"), env=ENV, check=False
@@ -508,11 +531,12 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, mo
     resumed = load_file(tmp_path / "killed" / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert not (tmp_path / "killed.resume").exists()
-    timing = ("tokens_per_s", "step_time_s", "rollout_time_s", "update_time_s")
 
     def curve(path):
         rows = [json.loads(line) for line in path.read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+        return [
+            {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))} for r in rows
+        ]
 
     assert curve(tmp_path / "killed.metrics.jsonl") == curve(tmp_path / "straight.metrics.jsonl")
 
@@ -545,6 +569,57 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(digit_toy, tmp_path, mo
         torch.equal(w, at_step_4.state_dict()[k]) for k, w in checkpoint.state_dict().items()
     )
     assert greedy[0] != greedy[2]  # the check can fail: four steps changed the greedy answers
+
+
+def test_report_to_tensorboard_writes_the_metrics_lines(digit_toy, tmp_path):
+    """--report-to tensorboard: event files beside the metrics file hold every key of every line,
+    at its step (read back with TensorBoard's own reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model_dir, data = digit_toy
+    out, metrics = tmp_path / "ckpt", tmp_path / "stage" / "metrics.jsonl"
+    flags = ["--eval-data", str(data), "--metrics", str(metrics), "--report-to", "tensorboard"]
+    run_script(*toy_flags(model_dir, data, out, 2, *flags), env=ENV)
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "stage" / "tensorboard"))
+    events.Reload()
+    scalars = {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+    logged = {(tag, e.step): e.value for tag, found in scalars.items() for e in found}
+    expected = {(k, m["step"]): v for m in lines for k, v in m.items() if k != "step"}
+    assert [m["step"] for m in lines] == [0, 1, 2] and "eval/data/accuracy" in lines[-1]
+    assert logged.keys() == expected.keys()
+    assert all(logged[key] == pytest.approx(value, rel=1e-6) for key, value in expected.items())
+
+
+def test_report_to_wandb_or_trackio_opens_one_run_per_stage_in_the_group(tmp_path, monkeypatch):
+    """W&B and Trackio share init(project, group, name, config) and log(values, step): checked with
+    a stand-in module (the packages are not installed here); a missing package is one line."""
+    import types
+
+    from plumbing.grpo_run import open_tracker
+
+    calls = []
+    fake = types.SimpleNamespace(
+        init=lambda **kwargs: calls.append(("init", kwargs)),
+        log=lambda values, step: calls.append(("log", values, step)),
+        finish=lambda: None,
+    )
+    monkeypatch.setitem(sys.modules, "trackio", fake)
+    args = grpo_train.Args(out="x", report_to="trackio", run_name="demo/compare_full/stage_1")
+    send = open_tracker(args, tmp_path)
+    send({"step": 7, "reward": 0.5, "eval/test/accuracy": 0.25})
+    init = calls[0][1]
+    assert (init["project"], init["group"], init["name"]) == (
+        "cropi",
+        "demo",
+        "compare_full/stage_1",
+    )
+    assert init["config"]["run_name"] == "demo/compare_full/stage_1"
+    assert calls[1] == ("log", {"reward": 0.5, "eval/test/accuracy": 0.25}, 7)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(DataError) as missing:
+        open_tracker(dataclasses.replace(args, report_to="wandb"), tmp_path)
+    assert str(missing.value) == "--report-to wandb needs: .venv/bin/pip install wandb"
 
 
 def test_bad_flags_give_clear_errors(digit_toy, tmp_path, capsys):
@@ -663,9 +738,9 @@ def test_vllm_backend_trains_and_its_greedy_ids_equal_the_trainer_after_a_push(d
     )
 
     lines = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
-    assert [m.get("stage_step") for m in lines] == [None, 1, 2, None]
+    assert [m.get("stage_step") for m in lines] == [None, 1, 2]
     assert json.loads((out / "grpo_train.json").read_text())["backend"] == "vllm"
-    assert 0 < lines[1]["response_length"] <= 3
+    assert 0 < lines[1]["completions/mean_length"] <= 3
     assert found["vllm_after_training"] == found["hf_trained"]
     assert (
         found["vllm_stale"] != found["hf_perturbed"]
@@ -841,23 +916,20 @@ def test_script_under_torchrun_two_processes_replicated_and_sharded(digit_toy, t
             env=ENV,
         )
         lines = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
-        assert [m.get("stage_step") for m in lines] == [None, 1, 2, 3, None]
-        assert lines[1]["response_length"] > 0 and 0 <= lines[-1]["eval"]["data"] <= 1
+        assert [m.get("stage_step") for m in lines] == [None, 1, 2, 3]
+        assert lines[1]["completions/mean_length"] > 0 and 0 <= lines[-1]["eval/data/accuracy"] <= 1
         assert json.loads((out / "grpo_train.json").read_text())["world_size"] == 2
         assert not Path(f"{out}.resume").exists()
         curves[name] = [
-            {k: v for k, v in m.items() if not k.endswith(("_s", "tokens_per_s"))} for m in lines
+            {k: v for k, v in m.items() if not k.startswith(("timing_s/", "perf/"))} for m in lines
         ]
         weights[name] = load_file(out / "model.safetensors")
-    assert (
-        curves["ddp"][-1]["eval"]["data"] > curves["ddp"][0]["eval"]["data"]
-    )  # it learned something
+    accuracy = [m["eval/data/accuracy"] for m in curves["ddp"] if "eval/data/accuracy" in m]
+    assert accuracy[-1] > accuracy[0]  # it learned something
     for ddp_row, fsdp_row in zip(curves["ddp"], curves["fsdp"]):
-        assert (
-            fsdp_row == pytest.approx(ddp_row, rel=1e-5, abs=1e-7)
-            if "eval" not in ddp_row
-            else fsdp_row == ddp_row
-        )
+        evaluation = {k: v for k, v in ddp_row.items() if k.startswith("eval/")}
+        assert {k: fsdp_row.get(k) for k in evaluation} == evaluation  # greedy: exactly equal
+        assert fsdp_row == pytest.approx(ddp_row, rel=1e-5, abs=1e-7)
     assert sorted(weights["ddp"]) == sorted(weights["fsdp"])  # tied weights saved once in both
     assert all(
         torch.allclose(weights["ddp"][k], weights["fsdp"][k], atol=1e-6) for k in weights["ddp"]
@@ -942,13 +1014,13 @@ def test_two_processes_killed_after_a_resume_save_resume_exactly(
     assert "Loading" not in refused.stderr + refused.stdout  # before any model loads
     run_script(*torchrun, f"--master_port={port + 2}", *killed_run, env=ENV)
 
-    timing = ("tokens_per_s", "step_time_s", "rollout_time_s", "update_time_s")
-
-    def curve(out):
+    def curve(out):  # without the times
         rows = [json.loads(line) for line in Path(f"{out}.metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+        return [
+            {k: v for k, v in r.items() if not k.startswith(("timing_s/", "perf/"))} for r in rows
+        ]
 
-    assert curve(killed) == curve(straight) and len(curve(straight)) == 5
+    assert curve(killed) == curve(straight) and len(curve(straight)) == 4  # eval at 0, 3 steps
     weights = load_file(straight / "model.safetensors")
     resumed = load_file(killed / "model.safetensors")
     assert sorted(weights) == sorted(resumed)

@@ -17,15 +17,16 @@ from report import (
 )
 
 
+def accuracies(**by_set) -> dict:
+    return {f"eval/{name}/accuracy": value for name, value in by_set.items()}
+
+
 def test_accuracy_curves_targeted_and_untargeted_means():
     metrics = [
-        {"step": 1, "reward_mean": 0.5},  # a training line: ignored
-        {"step": 0, "eval": {"test_add": 0.2, "test_sub": 0.4, "test_max": 0.9}},
-        {"step": 10, "eval": {"test_add": 0.3, "test_sub": 0.5, "test_max": 0.7}},
-        {
-            "step": 10,
-            "eval": {"test_add": 0.0, "test_sub": 0.0, "test_max": 0.0},
-        },  # stage m+1 re-evaluates: skipped
+        {"step": 1, "reward": 0.5},  # a training line without evaluation: ignored
+        {"step": 0, **accuracies(test_add=0.2, test_sub=0.4, test_max=0.9)},
+        {"step": 10, "reward": 0.6, **accuracies(test_add=0.3, test_sub=0.5, test_max=0.7)},
+        {"step": 10, **accuracies(test_add=0.0, test_sub=0.0, test_max=0.0)},  # m+1's: skipped
     ]
     curves = accuracy_curves(metrics, targeted=["test_add", "test_sub"])
     assert curves["targeted"] == [(0, 0.30000000000000004), (10, 0.4)]  # (0.2+0.4)/2, (0.3+0.5)/2

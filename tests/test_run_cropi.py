@@ -150,6 +150,43 @@ def test_kill_and_resume_gives_the_same_artefacts(smoke_run, tmp_path):
     assert_same(final_artefacts(smoke_run), final_artefacts(out))
 
 
+def test_a_verl_parquet_pool_runs_the_loop_and_tensorboard_holds_each_stage(smoke_run, tmp_path):
+    """The authors' release ships verl parquet files: the smoke pool written in verl's shape is
+    TRAIN_DATA; with REPORT_TO=tensorboard each stage's metrics lines are in its event files."""
+    import pyarrow
+    import pyarrow.parquet
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "verl"
+    out.mkdir()
+    os.symlink(smoke_run / "demo", out / "demo")  # same demo model and validation sets
+    rows = [json.loads(line) for line in (out / "demo/data/train.jsonl").read_text().splitlines()]
+    verl = [
+        {
+            "data_source": row["skill"],
+            "prompt": [{"role": "user", "content": row["prompt"]}],
+            "ability": "digits",
+            "reward_model": {"style": "rule", "ground_truth": row["answer"]},
+            "extra_info": {"split": "train", "index": i},
+        }
+        for i, row in enumerate(rows)
+    ]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(verl), tmp_path / "pool.parquet")
+    result = run_loop(out, TRAIN_DATA=str(tmp_path / "pool.parquet"), REPORT_TO="tensorboard")
+    assert "Done:" in result.stdout and "REPORT_TO=tensorboard" in result.stdout
+    pool = [json.loads(line) for line in (out / "rollouts/train.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["prompt"], r["answer"], r["source"]) for r in pool] == [
+        (f"pool:{i}", row["prompt"], row["answer"], row["skill"]) for i, row in enumerate(rows, 1)
+    ]
+    for m in range(2):
+        stage = out / f"stage_{m}"
+        lines = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+        events = EventAccumulator(str(stage / "tensorboard"))
+        events.Reload()
+        assert set(events.Tags()["scalars"]) == {k for line in lines for k in line} - {"step"}
+        assert [e.step for e in events.Scalars("reward")] == [3 * m + 1, 3 * m + 2, 3 * m + 3]
+
+
 @pytest.mark.parametrize(
     "env, message",
     [
@@ -159,6 +196,7 @@ def test_kill_and_resume_gives_the_same_artefacts(smoke_run, tmp_path):
         ({"PRESET": "huge"}, "PRESET=huge"),
         ({"RATIO": "2"}, "RATIO=2: the share of the pool selected per stage, in (0, 1]"),
         ({"RATIO": "0"}, "RATIO=0: the share of the pool selected per stage, in (0, 1]"),
+        ({"REPORT_TO": "mlflow"}, "REPORT_TO=mlflow: expected none, tensorboard, wandb or trackio"),
         (
             {"TARGETED": "test_bogus"},
             "TARGETED=test_bogus: test_bogus is not the name of a TEST_DATA file",
@@ -318,7 +356,7 @@ def test_onpolicy_collects_per_stage_rollouts_and_full_dynamic_samples_dynamical
         .read_text()
         .splitlines()
     ]
-    assert all(row["sampling_rounds"] >= 1 for row in dynamic if "eval" not in row)
+    assert all(row["sampling_rounds"] >= 1 for row in dynamic if "stage_step" in row)
     settings = json.loads(
         (out / "compare_full_dynamic" / "stage_0" / "checkpoint" / "grpo_train.json").read_text()
     )
