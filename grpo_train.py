@@ -212,13 +212,12 @@ def sample_round(run: TrainingRun, step: int, round_: int):
     indices = round_indices(
         len(run.examples), args.batch_prompts, step, round_=round_, seed=args.seed
     )
-    rows = [run.examples[i] for i in indices[run.rank * share : (run.rank + 1) * share]]
+    rows = [run.examples[i] for i in indices[run.rank * share :][:share]]
     prompt_ids = [run.encode(row["prompt"]) for row in rows]
-    seed = derive_seed(args.seed, step, run.rank, round_) if run.backend == "vllm" else None
-    sampling = dict(
-        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens
-    )
-    groups = run.engine.generate(prompt_ids, g, **sampling, seed=seed)  # hf: seed None, torch's RNG
+    # the round's j-th prompt seeded by (seed, step, round, j) only, whichever rank samples it
+    seeds = [derive_seed(args.seed, step, round_, run.rank * share + j) for j in range(share)]
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seeds=seeds)
+    groups = run.engine.generate(prompt_ids, g, max_new_tokens=args.max_new_tokens, **sampling)
     answers = [row["answer"] for row in rows for _ in range(g)]
     rewards = score(run, [r for group in groups for r in group], answers)
     return list(zip(prompt_ids, groups)), torch.tensor(rewards).view(-1, g)
