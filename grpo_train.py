@@ -146,11 +146,12 @@ def aggregate(values, mask, mode: str, normalizer: float) -> torch.Tensor:
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
-def micro_batches(prompt_ids, response_ids, token_budget: int) -> list[list[int]]:
-    """Forward/backward passes by token budget, longest first, as many on every process (a sharded
-    model's passes are collectives)."""
+def micro_batches(prompt_ids, response_ids, token_budget: int, sharded=False) -> list[list[int]]:
+    """Forward/backward passes by token budget, longest first; sharded, as many on every process
+    (each pass gathers the weights, a collective; DDP's come once a step, whatever the passes)."""
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
-    return dist.equal_pass_count(common.token_budget_batches(lengths, token_budget))
+    batches = common.token_budget_batches(lengths, token_budget)
+    return dist.equal_pass_count(batches) if sharded else batches
 
 
 # ------------------------------------------------------------------------- one optimizer update
@@ -168,7 +169,8 @@ def grpo_update(
     normalizer = tokens if agg == "token-mean" else responses
     sums = dict.fromkeys(("loss", "pg_loss", "kl", "entropy", "clip_fraction", "ratio"), 0.0)
     optimizer.zero_grad(set_to_none=True)
-    batches = micro_batches(prompt_ids, response_ids, args.micro_batch_tokens)
+    sharded = dist.is_sharded(next(model.parameters()))
+    batches = micro_batches(prompt_ids, response_ids, args.micro_batch_tokens, sharded)
     for n, batch in enumerate(batches):
         prompts, responses = [prompt_ids[i] for i in batch], [response_ids[i] for i in batch]
         inputs = (prompts, responses, args.temperature)
@@ -252,15 +254,12 @@ def grpo_train(args: Args) -> None:
         run.engine.release_memory(keep_weights=False)  # vLLM sleeps (CUDA) during the update
         old = None
         if args.ppo_epochs * args.mini_batches > 1:
-            batches = micro_batches(prompt_ids, response_ids, args.micro_batch_tokens)
+            batches = micro_batches(prompt_ids, response_ids, args.micro_batch_tokens, run.sharded)
             pass_settings = dict(
                 temperature=args.temperature, pad_token_id=run.pad, batches=batches
             )
             old = common.batched_logprobs(run.model, prompt_ids, response_ids, **pass_settings)
-        updates, models = (
-            [],
-            (run.trainer, run.ref_model, run.optimizer),
-        )  # policy, reference, AdamW
+        updates, models = [], (run.trainer, run.ref_model, run.optimizer)  # policy, ref, AdamW
         for _ in range(args.ppo_epochs):
             for part in np.array_split(np.arange(len(groups)), args.mini_batches):  # whole groups
                 seqs = slice(part[0] * args.group_size, (part[-1] + 1) * args.group_size)

@@ -5,11 +5,13 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import run_script
 from test_grpo_train import ENV, digit_toy, toy_flags  # noqa: F401  (digit_toy: the module's fixture)
 
 import grpo_train
+import plumbing.distributed
 from grpo_train import dynamic_sampling
 
 
@@ -98,6 +100,17 @@ def test_a_prompt_is_seeded_by_its_place_in_the_round_whichever_rank_samples_it(
     one_process = seeds(step=3, round_=1, world=1)
     assert seeds(step=3, round_=1, world=2) == one_process and len(set(one_process)) == 4
     assert not set(one_process) & set(seeds(step=4, round_=1, world=1) + seeds(3, 0, world=1))
+
+
+def test_a_replicated_process_keeps_its_passes_when_another_runs_more(monkeypatch):
+    """Dynamic sampling can leave a process one group while another runs 8 passes. Replicated
+    (DDP: a buffer broadcast in the first forward, an all-reduce in the last backward) it runs its
+    own passes; only a sharded model's passes, collectives all, must match."""
+    monkeypatch.setattr(plumbing.distributed, "all_gather", lambda count: [count, 8])
+    prompts, responses = [[1] * 3] * 2, [[2] * 3] * 2  # one group of G = 2, 6 tokens each
+    assert grpo_train.micro_batches(prompts, responses, 6) == [[0], [1]]
+    with pytest.raises(RuntimeError, match="8 passes needed but this process holds 2"):
+        grpo_train.micro_batches(prompts, responses, 6, sharded=True)
 
 
 def test_script_logs_the_sampling_rounds(digit_toy, tmp_path):  # noqa: F811
