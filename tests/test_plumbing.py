@@ -3,11 +3,14 @@ engines' pure pieces, the command line, the memory plan. Expected numbers are wo
 comments."""
 
 import dataclasses
+import json
+import textwrap
 from typing import Literal
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_script
 
 from common import token_budget_batches
 from plumbing.cli import DataError, arg, parse_args
@@ -162,6 +165,61 @@ def test_hf_engine_samples_a_prompt_alike_alone_and_in_any_batch(tiny_model):
     assert len({tuple(r) for r in batch[0]}) == 4  # n distinct samples (a random model)
     twice = engine.generate([prompts[0]] * 2, 4, 1.0, 1.0, 6, seeds=seeds[:2])
     assert twice[0] == batch[0] and twice[1] != twice[0]
+
+
+BF16_LAYERS_CHECK = textwrap.dedent("""
+    import json, sys, torch
+    import common
+    from plumbing import distributed as D
+    from plumbing.models import load_model
+
+    if __name__ == "__main__":
+        rank, world, device = D.init_distributed()
+        reference, model = (load_model(sys.argv[1], device) for _ in range(2))
+        prompts, responses = [[5, 6, 7]] * 2, [[8, 9, 10, 1], [11, 12, 1]]
+        exact = common.response_logprobs(reference, prompts, responses, 1.0)[0]
+        precision = D.layer_precision
+        D.layer_precision = lambda device: precision(torch.device("cuda"))  # CUDA's policy
+        D.shard_model(model)
+        seen = {}
+        model.transformer.h[0].attn.register_forward_hook(
+            lambda module, inputs, out: seen.update(layer=str(module.c_attn.weight.dtype)))
+        head_logprobs = common.head_logprobs
+        def spy(hidden, weight, *rest):
+            seen.update(head=str(weight.dtype))
+            return head_logprobs(hidden, weight, *rest)
+        common.head_logprobs = spy
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as dist.autocast on CUDA
+            logprobs = common.response_logprobs(model, prompts, responses, 1.0)[0]
+        logprobs.sum().backward()
+        seen.update(logprobs=str(logprobs.dtype), error=float((logprobs - exact).abs().max()))
+        seen.update(grad=str(next(model.parameters()).grad.dtype))
+        if rank == 0:
+            print("RESULT " + json.dumps(seen))
+        D.finish_distributed()
+""")
+
+
+def test_fsdp_bf16_policy_keeps_the_lm_head_and_log_softmax_in_float32(tiny_model, tmp_path):
+    """CUDA's MixedPrecisionPolicy forced on 2 CPU processes: the layers compute with bf16 weights,
+    the LM head gets its float32 weights (common.head_logprobs computes in float32), the log-probs
+    are float32 and within bf16 error of float32's, and the gradients reach the float32 shards in
+    float32."""
+    script = tmp_path / "bf16_layers.py"
+    script.write_text(BF16_LAYERS_CHECK)
+    result = run_script(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29745",
+        str(script),
+        str(tiny_model),
+        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
+    seen = json.loads(next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    assert seen["layer"] == "torch.bfloat16"
+    assert seen["head"] == seen["logprobs"] == seen["grad"] == "torch.float32"
+    assert 0 < seen["error"] < 0.01  # bf16 layers: close to, not equal to, float32's
 
 
 def test_derive_seed_is_stable_and_separates_streams():
