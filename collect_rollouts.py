@@ -13,7 +13,7 @@ Reads   --model (HF folder or hub name), --data files (.jsonl/.parquet, plumbing
 Writes  OUT.jsonl, a line per prompt in input order: id, prompt, answer, prompt_ids, response_ids,
         responses, behavior_logprobs, rewards, temperature (+ skill/source), and OUT.summary.json
         (pass rates, tokens/s, the settings; written last). Finished chunks go to OUT.jsonl.parts/:
-        a killed run resumes there and gives the same rows (each chunk has its own seed).
+        a killed run resumes there and gives the same rows (each prompt has its own seed).
 Several GPUs: torchrun --nproc_per_node=G collect_rollouts.py ... (each takes every G-th chunk).
 """
 
@@ -49,13 +49,13 @@ class Args:
     temperature: float = arg(0.5, "sampling temperature; the behaviour log-probs use the same")
     top_p: float = arg(1.0, "nucleus sampling threshold (release: 1.0)")
     max_new_tokens: int = arg(2048, "longest response in tokens", at_least=1)
-    seed: int = arg(0, "sampling seed; chunk c is sampled with a seed derived from (seed, c)")
+    seed: int = arg(0, "sampling seed; prompt i is sampled with a seed derived from (seed, i)")
     backend: Literal["auto", "vllm", "hf"] = arg("auto", "sampler (auto: vLLM on CUDA)")
     system_prompt: str = arg(common.DEFAULT_SYSTEM_PROMPT, "system prompt ('' for none)")
     gpu_memory_utilization: float = arg(0.6, "vLLM's share of GPU memory (the rest: log-probs)")
     vllm_kv_cache_gib: float = arg(0.0, "vLLM KV-cache size in GiB (0: by the share above)")
     vllm_enforce_eager: bool = arg(False, "vLLM without compilation (quicker start: tests)")
-    chunk_size: int = arg(64, "prompts per chunk, each seeded on its own", at_least=1)
+    chunk_size: int = arg(64, "prompts per chunk (a piece of OUT.jsonl.parts)", at_least=1)
     hf_batch_size: int = arg(16, "hf: prompts per generate() call (K sequences each)", at_least=1)
     min_mixed: int = arg(0, "fail when fewer prompts have mixed rewards (0 < pass rate < 1)")
     logprob_token_budget: int = arg(16384, "log-prob pass: padded tokens a forward", at_least=1)
@@ -82,12 +82,12 @@ def summarize(rows: list[dict], seconds: float, tokens: int) -> dict:
     )
 
 
-def collect_chunk(args: Args, examples: list[dict], *, engine, model, tokenizer, seed, progress):
+def collect_chunk(args: Args, examples: list[dict], *, engine, model, tokenizer, seeds, progress):
     """Steps 1-3 for the prompts of one chunk; returns (rollout rows, seconds spent sampling)."""
     prompt_ids = [example["prompt_ids"] for example in examples]
-    # 1. y_k ~ beta(. | x), K per prompt, with the chunk's own seed
+    # 1. y_k ~ beta(. | x), K per prompt, each prompt with its own seed
     start = time.perf_counter()
-    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=seed, progress=progress)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seeds=seeds, progress=progress)
     groups = engine.generate(prompt_ids, args.k, max_new_tokens=args.max_new_tokens, **sampling)
     sampling_seconds = time.perf_counter() - start
     engine.release_memory(keep_weights=True)  # vLLM sleeps (CUDA): the pass below gets its memory
@@ -137,7 +137,10 @@ def collect_rollouts(args: Args, settings: dict, examples: list[dict], tokenizer
 
     def collect(c: int) -> list[dict]:
         models = dict(engine=engine, model=model, tokenizer=tokenizer, progress=progress)
-        rows, seconds = collect_chunk(args, chunks[c], **models, seed=derive_seed(args.seed, c))
+        # prompt i of the data (chunk c's j-th: i = c x chunk size + j) seeded by (seed, i) only
+        first = c * args.chunk_size
+        seeds = [derive_seed(args.seed, first + j) for j in range(len(chunks[c]))]
+        rows, seconds = collect_chunk(args, chunks[c], **models, seeds=seeds)
         timing["tokens"] += sum(len(r) for row in rows for r in row["response_ids"])
         timing["seconds"] += seconds
         return rows

@@ -151,11 +151,12 @@ def aggregate(values, mask, mode: str, normalizer: float) -> torch.Tensor:
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
-def micro_batches(prompt_ids, response_ids, token_budget: int) -> list[list[int]]:
-    """Forward/backward passes by token budget, longest first, as many on every process (a sharded
-    model's passes are collectives)."""
+def micro_batches(prompt_ids, response_ids, token_budget: int, sharded=False) -> list[list[int]]:
+    """Forward/backward passes by token budget, longest first; sharded, as many on every process
+    (each pass gathers the weights, a collective; DDP's come once a step, whatever the passes)."""
     lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
-    return dist.equal_pass_count(common.token_budget_batches(lengths, token_budget))
+    batches = common.token_budget_batches(lengths, token_budget)
+    return dist.equal_pass_count(batches) if sharded else batches
 
 
 # ------------------------------------------------------------------------- one optimizer update
@@ -174,7 +175,8 @@ def grpo_update(
     statistics = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "clip_high", "ratio")
     sums = dict.fromkeys(statistics, 0.0)
     optimizer.zero_grad(set_to_none=True)
-    batches = micro_batches(prompt_ids, response_ids, args.micro_batch_tokens)
+    sharded = dist.is_sharded(next(model.parameters()))
+    batches = micro_batches(prompt_ids, response_ids, args.micro_batch_tokens, sharded)
     for n, batch in enumerate(batches):
         prompts, responses = [prompt_ids[i] for i in batch], [response_ids[i] for i in batch]
         inputs = (prompts, responses, args.temperature)
@@ -219,20 +221,17 @@ def sample_round(run: TrainingRun, step: int, round_: int):
     indices = round_indices(
         len(run.examples), args.batch_prompts, step, round_=round_, seed=args.seed
     )
-    rows = [run.examples[i] for i in indices[run.rank * share : (run.rank + 1) * share]]
+    rows = [run.examples[i] for i in indices[run.rank * share :][:share]]
     prompt_ids = [run.encode(row["prompt"]) for row in rows]
-    seed = derive_seed(args.seed, step, run.rank, round_) if run.backend == "vllm" else None
-    sampling = dict(temperature=args.temperature, top_p=args.top_p)
-    sampling["max_new_tokens"] = args.max_new_tokens
-    groups = run.engine.generate(prompt_ids, g, **sampling, seed=seed)  # hf: seed None, torch's RNG
+    # the round's j-th prompt seeded by (seed, step, round, j) only, whichever rank samples it
+    seeds = [derive_seed(args.seed, step, round_, run.rank * share + j) for j in range(share)]
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seeds=seeds)
+    groups = run.engine.generate(prompt_ids, g, max_new_tokens=args.max_new_tokens, **sampling)
     answers = [row["answer"] for row in rows for _ in range(g)]
-    rewards = score(run, [r for group in groups for r in group], answers)
+    rule = dict(stop_ids=run.engine.stop_ids, last_number_when_cut=args.last_number_when_cut)
+    responses = [response for group in groups for response in group]
+    rewards = common.score_responses(run.tokenizer, responses, answers, **rule)
     return list(zip(prompt_ids, groups)), torch.tensor(rewards).view(-1, g)
-
-
-def score(run: TrainingRun, response_ids, answers) -> list[float]:
-    rule = dict(stop_ids=run.engine.stop_ids, last_number_when_cut=run.args.last_number_when_cut)
-    return common.score_responses(run.tokenizer, response_ids, answers, **rule)
 
 
 def grpo_train(args: Args) -> None:
@@ -259,7 +258,7 @@ def grpo_train(args: Args) -> None:
         run.engine.release_memory(keep_weights=False)  # vLLM sleeps (CUDA) during the update
         old = None
         if args.ppo_epochs * args.mini_batches > 1:
-            batches = micro_batches(prompt_ids, response_ids, args.micro_batch_tokens)
+            batches = micro_batches(prompt_ids, response_ids, args.micro_batch_tokens, run.sharded)
             options = dict(temperature=args.temperature, pad_token_id=run.pad, batches=batches)
             old = common.batched_logprobs(run.model, prompt_ids, response_ids, **options)
         updates, models = [], (run.trainer, run.ref_model, run.optimizer)  # policy, ref., AdamW

@@ -213,14 +213,14 @@ class Sketcher:
         for b in range(len(groups)):  # a backward per group, then its .grad sketched in place
             self.model.zero_grad(set_to_none=True)
             mine = [t for t in terms if t.group == b]
-            if self.share:  # this process's share of the responses, as many passes as the others
+            if self.share:  # its share; as many terms (pads of weight 0) and passes as the others
+                mine += [t._replace(weight=0.0) for t in mine[:1]] * (-len(mine) % self.share[1])
                 mine = dist.shard(mine, *self.share)
             batches = micro_batches(mine, self.args.token_budget)
             for batch in dist.equal_pass_count(batches) if self.share else batches:
                 surrogate(self.model, batch, self.pad_token_id).backward()
             for p in (p for p in self.parameters if p.grad is not None):
-                values, rows = dist.local_rows(p.grad)
-                self.sketch.add(b, p, values, rows=rows)
+                self.sketch.add(b, p, *dist.local_rows(p.grad))  # its values, their rows
         self.model.zero_grad(set_to_none=True)
         return self.sketch.rows()
 

@@ -125,8 +125,22 @@ def shard_model(model) -> None:
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     for module in model.modules():
         if type(module).__name__ in layer_classes:
-            fully_shard(module)
+            fully_shard(module, **layer_precision(next(model.parameters()).device))
     fully_shard(model)
+
+
+def layer_precision(device: torch.device) -> dict:
+    """On CUDA the decoder layers compute in bf16: their float32 shards are gathered as bf16 and
+    their inputs cast to it, and gradients are reduced in float32 into the float32 shards the
+    optimizer steps (torch/distributed/fsdp/_fully_shard/_fsdp_api.py, MixedPrecisionPolicy).
+    The root keeps float32: the embeddings, the final norm and the LM head, which stays whole
+    after the forward (the root is not resharded, _fsdp_state.py), so that common.head_logprobs'
+    LM head and log-softmax run in float32. On a CPU: no policy, float32 throughout."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type != "cuda":
+        return {}
+    return {"mp_policy": MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32)}
 
 
 def is_sharded(tensor) -> bool:

@@ -49,15 +49,30 @@ def clean_response(token_ids: list[int], stop_ids: set[int], pad_token_id: int |
     return response
 
 
-# generate() fills unset options from the model's generation_config.json (Qwen2.5: top_k 20,
-# repetition penalty 1.05): pin them to plain temperature + top_p sampling, as vLLM samples.
-PLAIN_SAMPLING = dict(top_k=0, min_p=None, typical_p=1.0, repetition_penalty=1.0)
-PLAIN_SAMPLING |= dict(no_repeat_ngram_size=0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+class SeededSampling:
+    """A generate() logits processor that makes its argmax a sample: temperature, top-p, then the
+    Gumbel-max trick, argmax(log p + G) ~ p with G = -log E, E ~ Exp(1), each row's E drawn from its
+    own generator, so that a row's samples do not depend on the rows beside it."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device):
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+        self.warpers = [TemperatureLogitsWarper(temperature)]
+        self.warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+
+    def __call__(self, input_ids, scores):
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        noise = torch.empty_like(scores)
+        for row, generator in zip(noise, self.generators):
+            row.exponential_(generator=generator)
+        return scores - noise.log()
 
 
 class TransformersEngine:
     """transformers generate() on the trainer's own model, or (trainer sharded) on a whole copy that
-    receives its weights. Samples from torch's global RNG: seeded by `seed`, or continuing it."""
+    receives its weights."""
 
     def __init__(self, model, tokenizer, batch_sequences: int):
         self.model, self.tokenizer, self.batch_sequences = model, tokenizer, batch_sequences
@@ -72,17 +87,19 @@ class TransformersEngine:
         pass
 
     @torch.no_grad()
-    def generate(self, prompt_ids, n, temperature, top_p, max_new_tokens, seed=None, progress=None):
-        """n responses per prompt (temperature 0: greedy), stop token kept, no padding."""
-        if seed is not None:
-            torch.manual_seed(seed)
+    def generate(
+        self, prompt_ids, n, temperature, top_p, max_new_tokens, seeds=None, progress=None
+    ):
+        """n responses per prompt (temperature 0: greedy), stop token kept, no padding. Sampled,
+        response j of prompt i is seeded seeds[i] + j (as vLLM seeds it), whatever the batch."""
         model, pad = self.model, self.tokenizer.pad_token_id
         device, was_training = next(model.parameters()).device, model.training
         model.eval()  # the KV cache (gradient checkpointing turns it off in train mode)
-        sampling = dict(do_sample=False, repetition_penalty=1.0)
-        if temperature > 0:
-            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, **PLAIN_SAMPLING)
+        # greedy argmax, of the logits or (sampling) of SeededSampling's; no options from the
+        # model's generation_config.json (Qwen2.5's repetition penalty 1.05) act on it
+        sampling = dict(do_sample=False, repetition_penalty=1.0, no_repeat_ngram_size=0)
         rows = [ids for ids in prompt_ids for _ in range(n)]  # prompt 0's n copies, then 1's, ...
+        row_seeds = [seed + j for seed in seeds for j in range(n)] if temperature > 0 else None
         flat = []
         for start in range(0, len(rows), self.batch_sequences):
             batch = rows[start : start + self.batch_sequences]
@@ -94,6 +111,11 @@ class TransformersEngine:
             sampling |= dict(
                 max_new_tokens=max_new, pad_token_id=pad, eos_token_id=sorted(self.stop_ids)
             )
+            if row_seeds:
+                seeds_here = row_seeds[start : start + len(batch)]
+                sampling["logits_processor"] = [
+                    SeededSampling(seeds_here, temperature, top_p, device)
+                ]
             with autocast(device):
                 output = model.generate(input_ids=input_ids, attention_mask=mask, **sampling)
             flat += [clean_response(r, self.stop_ids, pad) for r in output[:, width:].tolist()]
@@ -119,7 +141,10 @@ class VLLMEngine:
         self.stop_ids = stop_token_ids(load_tokenizer(model_path), generation_config)
         self.sleep_mode, self.asleep = torch.cuda.is_available(), False  # sleep mode: CUDA only
         kv_cache_bytes = int(options.get("kv_cache_gib", 0) * 2**30) or None
-        engine_args = dict(model=model_path, tokenizer=model_path, seed=seed, dtype="float32")
+        rank = dist.get_rank() if dist.is_initialized() else 0  # the engine's own RNG: per rank
+        engine_args = dict(
+            model=model_path, tokenizer=model_path, seed=seed + rank, dtype="float32"
+        )
         engine_args |= dict(max_model_len=max_model_len, enable_prefix_caching=False)
         engine_args |= dict(enforce_eager=options.get("enforce_eager", False))
         engine_args |= dict(enable_sleep_mode=self.sleep_mode, kv_cache_memory_bytes=kv_cache_bytes)
@@ -151,18 +176,19 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs=weights)
         self.wake_up(["kv_cache"])
 
-    def generate(self, prompt_ids, n, temperature, top_p, max_new_tokens, seed=None, progress=None):
-        """n responses per prompt. The engine samples requests without a seed of their own from
-        torch's global generator, which `seed` resets: the same call gives the same samples."""
+    def generate(
+        self, prompt_ids, n, temperature, top_p, max_new_tokens, seeds=None, progress=None
+    ):
+        """n responses per prompt. Sampled, prompt i is a request seeded seeds[i]; vLLM seeds its
+        j-th sample seeds[i] + j (v1/engine/parallel_sampling.py) and draws it from that seed alone
+        (CPU: a generator per request; CUDA: Gumbel noise keyed on it), whatever the batch."""
         from vllm import SamplingParams, TokensPrompt
 
         self.wake_up()
-        if seed is not None:
-            torch.manual_seed(seed)
-        options = dict(
-            temperature=temperature, max_tokens=max_new_tokens, skip_special_tokens=False
-        )
-        params = SamplingParams(n=n, top_p=top_p if temperature > 0 else 1.0, **options)
+        options = dict(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0)
+        options |= dict(max_tokens=max_new_tokens, skip_special_tokens=False)
+        seeds = seeds if temperature > 0 else [None] * len(prompt_ids)
+        params = [SamplingParams(**options, seed=seed) for seed in seeds]
         prompts = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         groups = [[list(sample.token_ids) for sample in output.outputs] for output in outputs]

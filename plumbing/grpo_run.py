@@ -39,7 +39,7 @@ class TrainingRun:
         if args.batch_prompts % (self.world * args.mini_batches):
             share = f"the processes ({self.world}) x --mini-batches ({args.mini_batches})"
             raise DataError(f"--batch-prompts {args.batch_prompts} must be divisible by {share}")
-        models.seed_everything(args.seed + self.rank)  # each rank samples its own responses
+        models.seed_everything(args.seed + self.rank)  # (the sampler seeds each prompt itself)
         self.backend = choose_backend(args.backend)
         checkpointing = models.use_checkpointing(args.gradient_checkpointing, self.device)
         plan = dict(token_budget=args.micro_batch_tokens, checkpointing=checkpointing)

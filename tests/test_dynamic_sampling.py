@@ -3,11 +3,15 @@ most N rounds."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import run_script
 from test_grpo_train import ENV, digit_toy, toy_flags  # noqa: F401  (digit_toy: the module's fixture)
 
+import grpo_train
+import plumbing.distributed
 from grpo_train import dynamic_sampling
 
 
@@ -68,6 +72,45 @@ def test_no_mixed_group_at_all_trains_on_the_last_round_and_zero_rounds_is_off()
         sample_round, batch_size=2, max_rounds=0
     )  # off: plain GRPO
     assert groups == ["r0g0", "r0g1"] and rounds == 1 and calls == [0]
+
+
+def test_a_prompt_is_seeded_by_its_place_in_the_round_whichever_rank_samples_it(monkeypatch):
+    """sample_round seeds the round's j-th prompt by (seed, step, round, j): the two ranks of a
+    2-process run pass the seeds that one process passes for the whole batch, all distinct, and
+    another step or round gets others."""
+    passed = []
+
+    class Engine:
+        def generate(self, prompt_ids, n, temperature, top_p, max_new_tokens, seeds):
+            passed.extend(seeds)
+            return [[[1]] * n for _ in prompt_ids]
+
+    monkeypatch.setattr(grpo_train, "score", lambda run, responses, answers: [0.0] * len(answers))
+    args = grpo_train.Args(model="m", data="d", out="o", batch_prompts=4, group_size=2, seed=5)
+    examples = [{"prompt": str(i), "answer": "1"} for i in range(6)]
+
+    def seeds(step, round_, world):
+        passed.clear()
+        for rank in range(world):
+            run = SimpleNamespace(args=args, rank=rank, world=world, examples=examples)
+            run.engine, run.encode = Engine(), lambda question: [3]
+            grpo_train.sample_round(run, step, round_)
+        return list(passed)
+
+    one_process = seeds(step=3, round_=1, world=1)
+    assert seeds(step=3, round_=1, world=2) == one_process and len(set(one_process)) == 4
+    assert not set(one_process) & set(seeds(step=4, round_=1, world=1) + seeds(3, 0, world=1))
+
+
+def test_a_replicated_process_keeps_its_passes_when_another_runs_more(monkeypatch):
+    """Dynamic sampling can leave a process one group while another runs 8 passes. Replicated
+    (DDP: a buffer broadcast in the first forward, an all-reduce in the last backward) it runs its
+    own passes; only a sharded model's passes, collectives all, must match."""
+    monkeypatch.setattr(plumbing.distributed, "all_gather", lambda count: [count, 8])
+    prompts, responses = [[1] * 3] * 2, [[2] * 3] * 2  # one group of G = 2, 6 tokens each
+    assert grpo_train.micro_batches(prompts, responses, 6) == [[0], [1]]
+    with pytest.raises(RuntimeError, match="8 passes needed but this process holds 2"):
+        grpo_train.micro_batches(prompts, responses, 6, sharded=True)
 
 
 def test_script_logs_the_sampling_rounds(digit_toy, tmp_path):  # noqa: F811

@@ -712,11 +712,14 @@ VLLM_CHECK = textwrap.dedent("""
         engine.push_weights(model)
         result["vllm_synced"] = greedy(engine)
         result["hf_perturbed"] = greedy(hf_sampler)
-        sampled = engine.generate(prompts[:2], 4, 1.0, 1.0, 6, seed=123)
+        seeds = [123, 456, 789, 12]
+        sampled = engine.generate(prompts, 4, 1.0, 1.0, 6, seeds=seeds)
         result["sampled_again_equal"] = sampled == engine.generate(
-            prompts[:2], 4, 1.0, 1.0, 6, seed=123)
-        result["other_seed_differs"] = sampled != engine.generate(
-            prompts[:2], 4, 1.0, 1.0, 6, seed=124)
+            prompts, 4, 1.0, 1.0, 6, seeds=seeds)
+        result["alone_equal"] = sampled == [
+            engine.generate([p], 4, 1.0, 1.0, 6, seeds=[s])[0] for p, s in zip(prompts, seeds)]
+        result["other_seed_differs"] = sampled[:1] != engine.generate(
+            prompts[:1], 4, 1.0, 1.0, 6, seeds=[124])
         result["sampled_distinct"] = len({tuple(s) for s in sampled[0]}) > 1
         print("RESULT " + json.dumps(result))
 """)
@@ -748,7 +751,8 @@ def test_vllm_backend_trains_and_its_greedy_ids_equal_the_trainer_after_a_push(d
     assert found["vllm_synced"] == found["hf_perturbed"]
     assert (
         found["sampled_again_equal"] and found["sampled_distinct"]
-    )  # one seed per call, G distinct samples
+    )  # a seed per prompt, G distinct samples
+    assert found["alone_equal"]  # a prompt's samples: the same alone as in a batch
     assert found["other_seed_differs"]
 
 

@@ -3,18 +3,22 @@ engines' pure pieces, the command line, the memory plan. Expected numbers are wo
 comments."""
 
 import dataclasses
+import json
+import textwrap
 from typing import Literal
 
 import numpy as np
 import pytest
+import torch
+from conftest import ROOT, run_script
 
 from common import token_budget_batches
 from plumbing.cli import DataError, arg, parse_args
 from plumbing.data import read_jsonl
 from plumbing.distributed import shard
-from plumbing.engines import clean_response, stop_token_ids
+from plumbing.engines import SeededSampling, TransformersEngine, clean_response, stop_token_ids
 from plumbing.files import ChunkStore, already_done, atomic_path, write_json, write_jsonl
-from plumbing.memory_plan import check_memory_plan, count_parameters, memory_plan, use_fsdp
+from plumbing.memory_plan import check_memory_plan, count_parameters, memory_plan, refusal, use_fsdp
 from plumbing.models import derive_seed
 
 # -------------------------------------------------------------------------------------------- files
@@ -116,6 +120,99 @@ def test_stop_token_ids_join_tokenizer_and_generation_config():
 
     assert stop_token_ids(Tokenizer(), GenerationConfig()) == {1, 7}
     assert stop_token_ids(Tokenizer(), None) == {1}
+
+
+def test_seeded_sampling_draws_from_the_tempered_and_nucleus_cut_distribution():
+    """The argmax of SeededSampling's scores is a sample of softmax(logits / T), top-p cut: 40,000
+    rows, one generator each, against the probabilities worked by hand (standard error < 0.003)."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    rows = 40_000
+    scores = p.log().expand(rows, 4)
+
+    def frequencies(temperature, top_p):
+        sampler = SeededSampling(list(range(rows)), temperature, top_p, torch.device("cpu"))
+        picks = sampler(None, scores.clone()).argmax(dim=1)
+        return torch.bincount(picks, minlength=4).double() / rows
+
+    assert frequencies(1.0, 1.0).tolist() == pytest.approx(p.tolist(), abs=0.012)
+    squared = p**2 / (p**2).sum()  # T = 0.5: p^2 renormalised = .704, .254, .063, .007
+    assert frequencies(0.5, 1.0).tolist() == pytest.approx(squared.tolist(), abs=0.012)
+    # top-p 0.7 keeps the fewest most likely tokens holding 0.7 of the mass: .5, .3 -> .625, .375
+    assert frequencies(1.0, 0.7).tolist() == pytest.approx([0.625, 0.375, 0, 0], abs=0.012)
+
+
+def test_hf_engine_samples_a_prompt_alike_alone_and_in_any_batch(tiny_model):
+    """Response j of prompt i is drawn from seed seeds[i] + j alone: the same in a padded batch of
+    other prompts (rows of one prompt split over two generate() calls) as alone; the same prompt
+    under another seed (another index) gets other noise."""
+    from plumbing.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    model = load_model(str(tiny_model), torch.device("cpu")).eval()
+    engine = TransformersEngine(model, tokenizer, batch_sequences=6)  # 6: not a multiple of n = 4
+    prompts = [tokenizer(q)["input_ids"] for q in ("1+2=", "23+45=", "7=", "100+2000=", "0+0=")]
+    seeds = [derive_seed(0, i) for i in range(len(prompts))]
+    batch = engine.generate(prompts, 4, 1.0, 1.0, 6, seeds=seeds)
+    alone = [engine.generate([p], 4, 1.0, 1.0, 6, seeds=[s])[0] for p, s in zip(prompts, seeds)]
+    assert batch == alone
+    assert len({tuple(r) for r in batch[0]}) == 4  # n distinct samples (a random model)
+    twice = engine.generate([prompts[0]] * 2, 4, 1.0, 1.0, 6, seeds=seeds[:2])
+    assert twice[0] == batch[0] and twice[1] != twice[0]
+
+
+BF16_LAYERS_CHECK = textwrap.dedent("""
+    import json, sys, torch
+    import common
+    from plumbing import distributed as D
+    from plumbing.models import load_model
+
+    if __name__ == "__main__":
+        rank, world, device = D.init_distributed()
+        reference, model = (load_model(sys.argv[1], device) for _ in range(2))
+        prompts, responses = [[5, 6, 7]] * 2, [[8, 9, 10, 1], [11, 12, 1]]
+        exact = common.response_logprobs(reference, prompts, responses, 1.0)[0]
+        precision = D.layer_precision
+        D.layer_precision = lambda device: precision(torch.device("cuda"))  # CUDA's policy
+        D.shard_model(model)
+        seen = {}
+        model.transformer.h[0].attn.register_forward_hook(
+            lambda module, inputs, out: seen.update(layer=str(module.c_attn.weight.dtype)))
+        head_logprobs = common.head_logprobs
+        def spy(hidden, weight, *rest):
+            seen.update(head=str(weight.dtype))
+            return head_logprobs(hidden, weight, *rest)
+        common.head_logprobs = spy
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as dist.autocast on CUDA
+            logprobs = common.response_logprobs(model, prompts, responses, 1.0)[0]
+        logprobs.sum().backward()
+        seen.update(logprobs=str(logprobs.dtype), error=float((logprobs - exact).abs().max()))
+        seen.update(grad=str(next(model.parameters()).grad.dtype))
+        if rank == 0:
+            print("RESULT " + json.dumps(seen))
+        D.finish_distributed()
+""")
+
+
+def test_fsdp_bf16_policy_keeps_the_lm_head_and_log_softmax_in_float32(tiny_model, tmp_path):
+    """CUDA's MixedPrecisionPolicy forced on 2 CPU processes: the layers compute with bf16 weights,
+    the LM head gets its float32 weights (common.head_logprobs computes in float32), the log-probs
+    are float32 and within bf16 error of float32's, and the gradients reach the float32 shards in
+    float32."""
+    script = tmp_path / "bf16_layers.py"
+    script.write_text(BF16_LAYERS_CHECK)
+    result = run_script(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29745",
+        str(script),
+        str(tiny_model),
+        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
+    seen = json.loads(next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    assert seen["layer"] == "torch.bfloat16"
+    assert seen["head"] == seen["logprobs"] == seen["grad"] == "torch.float32"
+    assert 0 < seen["error"] < 0.01  # bf16 layers: close to, not equal to, float32's
 
 
 def test_derive_seed_is_stable_and_separates_streams():
@@ -245,18 +342,22 @@ def test_memory_plan_by_hand():
         card_gib=10,
     )
     # weights 2^28 x (4 + 2) B = 1.5 GiB; grads x 4 = 1; AdamW x 8 = 2; vLLM 0.5 x 10 = 5
-    # activations: layer inputs 2^20 x 64 x 2 B x 2 layers = 0.25 GiB
+    # activations: float32 layer inputs 2^20 x 64 x 4 B x 2 layers = 0.5 GiB
     #              + one layer 2^20 x (16 x 64 + 4 x 256) x 2 B = 4
     # logits: 2^26 // 1024 = 2^16 tokens x 1024 x 4 B x 3 = 0.75 GiB
+    # CUDA context, cuBLAS, NCCL: 1.5 GiB; margin 0.05 x 10 = 0.5
     assert plan == {
         "weights": 1.5,
         "grads": 1.0,
         "optimizer": 2.0,
         "vllm": 5.0,
-        "activations": 4.25,
+        "activations": 4.5,
         "logits": 0.75,
         "hashes": 0,
-        "total": 14.5,
+        "gathered": 0,
+        "cuda": 1.5,
+        "margin": 0.5,
+        "total": 16.75,
     }
     without = memory_plan(
         config, 2**28, "grpo", token_budget=2**20, checkpointing=False, vllm_share=0.5, card_gib=10
@@ -266,15 +367,18 @@ def test_memory_plan_by_hand():
     assert (
         sketch["optimizer"] == 0 and sketch["hashes"] == 1.0
     )  # 2^28 x 4 B = 1 GiB of hash draws, the cap
+    assert sketch["margin"] == 4.0  # 0.05 x the default card of 80
     with pytest.raises(TypeError):  # everything after the stage by keyword: no positional mix-up
         memory_plan(config, 2**28, "sketch", 2**20, True)
     with pytest.raises(
-        DataError, match="needs 14.5 GiB per GPU, the card has 10; lower --micro-batch-tokens"
+        DataError, match="needs 16.8 GiB per GPU, the card has 10.0; lower --micro-batch-tokens"
     ):
         check_memory_plan(plan, 10, "grpo", "--micro-batch-tokens")
     assert count_parameters(config) == 1024 * 64 + 1024 * 64 + 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64
-    # sharded over 4 processes: weights, grads and optimizer state / 4 (0.375 GiB rounds to 0.38);
-    # the rest unchanged
+    # sharded over 4 processes (FSDP, bf16 policy): weights, grads and optimizer state / 4 (0.375
+    # GiB rounds to 0.38); bf16 layer inputs 0.25 + 4 = 4.25; gathered: the root (the tied
+    # embedding, 1024 x 64) whole in float32 + bf16, 65,536 x 6 B, and two of the layers of
+    # (2^28 - 65,536) / 2 parameters in bf16: 2^29 + 2^18 B = 0.5 GiB
     sharded = memory_plan(
         config,
         2**28,
@@ -285,12 +389,48 @@ def test_memory_plan_by_hand():
         card_gib=10,
         shards=4,
     )
-    assert (sharded["weights"], sharded["grads"], sharded["optimizer"], sharded["total"]) == (
-        0.38,
-        0.25,
-        0.5,
-        11.13,
+    assert (sharded["weights"], sharded["grads"], sharded["optimizer"]) == (0.38, 0.25, 0.5)
+    assert (sharded["activations"], sharded["gathered"], sharded["total"]) == (4.25, 0.5, 13.63)
+    # untied: the root holds the embedding and the LM head, 2 x 2^14 x 2^12 = 2^27 parameters, so
+    # each of the 2 layers holds (2^28 - 2^27) / 2 = 2^26: float32 root 0.5 GiB + 2 layers in bf16
+    # 0.25; GRPO's bf16 reference root 0.25 more
+    untied = GPT2Config(vocab_size=2**14, n_embd=2**12, n_layer=2, tie_word_embeddings=False)
+    settings = dict(token_budget=1, checkpointing=True, shards=8)
+    assert memory_plan(untied, 2**28, "sketch", **settings)["gathered"] == 0.75
+    assert memory_plan(untied, 2**28, "grpo", **settings)["gathered"] == 1.0
+
+
+def test_the_plan_refuses_what_vllm_would_refuse_at_start_and_names_the_share_that_fits():
+    """vLLM starts only when gpu_memory_utilization x the card is free after this process's
+    weights, grads and CUDA context (vllm/v1/worker/utils.py, request_memory)."""
+    from transformers import GPT2Config
+
+    config = GPT2Config(vocab_size=1024, n_embd=64, n_layer=2, n_head=2)
+    card, flags = 10, "--gpu-memory-utilization or --logprob-token-budget"
+
+    def collect(share):
+        settings = dict(token_budget=2**20, checkpointing=False, vllm_share=share, card_gib=card)
+        return memory_plan(config, 2**30, "collect", **settings)
+
+    # weights 2^30 x 4 B = 4 GiB; no grads; activations 2^20 x 64 x 4 B x 4 = 1; logits 0.75;
+    # CUDA 1.5; margin 0.5: 7.75 GiB besides vLLM. Free when vLLM starts: 10 - 4 - 1.5 = 4.5 GiB.
+    # The largest share that fits both: min(4.5, 10 - 7.75) / 10 = 0.225 -> 0.22
+    assert collect(0.5)["total"] == 12.75
+    assert refusal(collect(0.5), card, "collect", flags) == (
+        "collect: vLLM needs 5.0 GiB free when it starts (--gpu-memory-utilization x 10.0), 4.5 "
+        "are after the weights, grads and CUDA context; lower --gpu-memory-utilization (fits "
+        "with --gpu-memory-utilization 0.22)"
     )
+    assert refusal(collect(0.4), card, "collect", flags) == (  # starts, but 11.75 GiB in all
+        "collect: the memory plan needs 11.8 GiB per GPU, the card has 10.0; lower "
+        f"{flags} (fits with --gpu-memory-utilization 0.22)"
+    )
+    assert refusal(collect(0.22), card, "collect", flags) is None  # 9.95 GiB
+    assert refusal(collect(0.23), card, "collect", flags) is not None  # 10.05 GiB
+    with pytest.raises(DataError, match="vLLM needs 5.0 GiB free when it starts"):
+        check_memory_plan(collect(0.5), card, "collect", flags)
+    no_vllm = memory_plan(config, 2**30, "sketch", token_budget=1, checkpointing=True, card_gib=1)
+    assert refusal(no_vllm, 1, "sketch", "--token-budget").endswith("; lower --token-budget")
 
 
 def test_fsdp_is_chosen_when_the_replicated_state_takes_over_half_a_card():

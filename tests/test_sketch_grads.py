@@ -793,6 +793,23 @@ def test_torchrun_sharded_model_gives_the_sketch_of_one_process(
     assert one_meta == two_meta
 
 
+def test_torchrun_sharded_with_fewer_responses_on_one_process(tiny_model, tmp_path):
+    """K = 3 responses on 2 sharded processes and a micro-batch per response: one process holds 2,
+    the other 1 and a term of weight 0, so both run the 2 passes that gather the weights (a
+    collective; before, the second process stopped: "2 passes needed but this process holds 1").
+    The sketch of one process."""
+    path = tmp_path / "k3.jsonl"
+    make_synthetic_rollouts(tiny_model, path, n_prompts=4, k=3, temperature=0.7)
+    flags = ["--model", str(tiny_model), "--rollouts", str(path), "--proj-dim", "64"]
+    flags += ["--token-budget", "1"]
+    single, double = tmp_path / "one.npy", tmp_path / "two.npy"
+    run_script("sketch_grads.py", *flags, "--out", str(single), env={"OMP_NUM_THREADS": "1"})
+    torchrun(*flags, "--fsdp", "on", "--out", str(double), port=29537)
+    one = np.load(single)
+    assert np.abs(one).max() > 0
+    np.testing.assert_allclose(np.load(double), one, rtol=1e-4, atol=1e-5 * np.abs(one).max())
+
+
 def test_sharding_needs_a_response_per_process(tiny_model, rollouts, tmp_path):
     path, rows = rollouts
     one_response = tmp_path / "one_response.jsonl"
