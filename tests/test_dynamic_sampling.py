@@ -85,7 +85,10 @@ def test_a_prompt_is_seeded_by_its_place_in_the_round_whichever_rank_samples_it(
             passed.extend(seeds)
             return [[[1]] * n for _ in prompt_ids]
 
-    monkeypatch.setattr(grpo_train, "score", lambda run, responses, answers: [0.0] * len(answers))
+    def score(tokenizer, responses, answers, **rule):
+        return [0.0] * len(answers)
+
+    monkeypatch.setattr(grpo_train.common, "score_responses", score)
     args = grpo_train.Args(model="m", data="d", out="o", batch_prompts=4, group_size=2, seed=5)
     examples = [{"prompt": str(i), "answer": "1"} for i in range(6)]
 
@@ -93,7 +96,8 @@ def test_a_prompt_is_seeded_by_its_place_in_the_round_whichever_rank_samples_it(
         passed.clear()
         for rank in range(world):
             run = SimpleNamespace(args=args, rank=rank, world=world, examples=examples)
-            run.engine, run.encode = Engine(), lambda question: [3]
+            run.engine, run.encode, run.tokenizer = Engine(), lambda question: [3], None
+            run.engine.stop_ids = {0}
             grpo_train.sample_round(run, step, round_)
         return list(passed)
 
