@@ -98,7 +98,8 @@ setting NODE_RANK        0                         0                        # th
 setting MASTER_ADDR      127.0.0.1                 127.0.0.1                # node 0's address (NNODES > 1)
 setting MASTER_PORT      29500                     29500                    # a free port on node 0 (NNODES > 1)
 setting SEED             0                         0
-setting DEMO_SEED        ""                        "$SEED"                  # make_demo.py --seed (bench/accel_bench.py: one demo for all seeds)
+setting DEMO_SEED        ""                        "$SEED"                  # make_demo.py --seed (bench/accel_bench.py sets it per demo)
+setting PIN_ISA          0                         1                        # 1: AVX2 kernels on any x86 CPU and one thread: the same bits on all
 PYTHON=${PYTHON:-.venv/bin/python}
 
 # ------------------------------------------------------------------------------------------ checks
@@ -109,6 +110,7 @@ for v in STAGES STEPS_PER_STAGE K VAL_K VAL_MIN_MIXED VAL_MEAN_OF MAX_NEW_TOKENS
 done
 for v in RATIO TEMPERATURE ROLLOUT_TEMPERATURE LR KL_COEF ENTROPY_COEF; do is_float "$v" "${!v}"; done
 (( STAGES >= 1 )) || fail "STAGES must be >= 1"
+[[ $PIN_ISA == [01] ]] || fail "PIN_ISA=$PIN_ISA: 1 (AVX2 kernels on any x86 CPU, one thread) or 0 (the CPU's own)"
 awk -v r="$RATIO" 'BEGIN { exit !(r > 0 && r <= 1) }' || fail "RATIO=$RATIO: the share of the pool selected per stage, in (0, 1]"
 IFS=, read -ra test_files <<< "$TEST_DATA"
 test_stems=(); for f in "${test_files[@]}"; do b=$(basename "$f"); test_stems+=("${b%.*}"); done
@@ -126,7 +128,7 @@ done
 
 cat <<EOF
 CROPI run ($kind; settings: --help)
-  PRESET=${PRESET:-<none>} OUT_DIR=$OUT_DIR METHOD=$METHOD COMPARE=${COMPARE:-<none>} SEED=$SEED NGPU=$NGPU NNODES=$NNODES
+  PRESET=${PRESET:-<none>} OUT_DIR=$OUT_DIR METHOD=$METHOD COMPARE=${COMPARE:-<none>} SEED=$SEED NGPU=$NGPU NNODES=$NNODES PIN_ISA=$PIN_ISA
   MODEL=$MODEL
   TRAIN_DATA=$TRAIN_DATA
   VAL_DATA=$VAL_DATA
@@ -137,6 +139,12 @@ CROPI run ($kind; settings: --help)
   BATCH_PROMPTS=$BATCH_PROMPTS GROUP_SIZE=$GROUP_SIZE LR=$LR KL_COEF=$KL_COEF ENTROPY_COEF=$ENTROPY_COEF DYNAMIC_ROUNDS=$DYNAMIC_ROUNDS
   EVAL_EVERY=$EVAL_EVERY MICRO_BATCH=$MICRO_BATCH SAVE_EVERY=$SAVE_EVERY
 EOF
+# PIN_ISA=1: every stage (make_demo.py too) runs in one thread (torch's LayerNorm gradients add up by thread) and, on
+# any x86 CPU, with torch's AVX2 kernels and MKL's AVX2 code path (an AVX-512 CPU rounds otherwise): the same bits.
+if [[ $PIN_ISA == 1 ]]; then
+  export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+  if [[ $(uname -m) == x86_64 ]]; then export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2; fi
+fi
 # ------------------------------------------------------------------------------------------ helpers
 # run_step NAME DONE_FILE OUTPUTS command...: run the command unless DONE_FILE holds the same settings key, and
 # record its wall-clock seconds and key. The key hashes the command line (paths relative to OUT_DIR, the launcher

@@ -174,7 +174,8 @@ class TrainingRun:
                 self.model.save_pretrained(folder, state_dict=weights)
                 self.tokenizer.save_pretrained(folder)
                 meta = {"settings": dataclasses.asdict(self.args), "world_size": self.world}
-                write_json(folder / "grpo_train.json", meta | {"backend": self.backend})
+                meta |= {"backend": self.backend} | models.cpu_kernels()
+                write_json(folder / "grpo_train.json", meta)
             self.store.remove()
             print(f"wrote {self.args.out}")
         dist.finish_distributed()
