@@ -35,7 +35,14 @@ from plumbing.cli import DataError, arg, run_main
 from plumbing.data import load_data_files, pass_rate_histogram
 from plumbing.engines import choose_backend, make_engine
 from plumbing.memory_plan import plan_memory
-from plumbing.models import check_model, context_length, derive_seed, load_model, load_tokenizer
+from plumbing.models import (
+    check_model,
+    context_length,
+    cpu_kernels,
+    derive_seed,
+    load_model,
+    load_tokenizer,
+)
 
 
 @dataclasses.dataclass
@@ -152,6 +159,7 @@ def collect_rollouts(args: Args, settings: dict, examples: list[dict], tokenizer
         rows = [row for chunk in done for row in chunk]
         files.write_jsonl(args.out, rows)
         summary = summarize(rows, seconds, tokens) | {"backend": backend, "settings": settings}
+        summary |= cpu_kernels()
         files.write_json(summary_path(args), summary | {"tokens_generated_this_run": int(tokens)})
         store.remove()
         print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))

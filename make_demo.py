@@ -34,7 +34,9 @@ the warm-started model and what GRPO on the full pool learns.
 
 The build is reproducible to the byte: every draw is seeded, and the warm-up runs on the CPU, in one
 thread, with deterministic kernels, so the same seed writes the same model.safetensors whatever the
-machine's number of cores. demo.json records the sha256 of every file written, to compare builds.
+machine's number of cores; and with torch's and MKL's AVX2 code (run_cropi.sh's PIN_ISA; by hand,
+ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 python make_demo.py) whatever the x86 CPU. demo.json records
+the sha256 of every file written, to compare builds, and the kernels that ran (cpu_capability).
 
 Writes OUT/data/{train,val_<skill>,test_<skill>}.jsonl, OUT/model/ (HF checkpoint + tokenizer),
 OUT/demo.json.
@@ -53,7 +55,7 @@ import torch
 
 from plumbing.cli import DataError, arg, run_main
 from plumbing.files import atomic_path, write_json, write_jsonl
-from plumbing.models import seed_everything
+from plumbing.models import cpu_kernels, seed_everything
 
 
 @dataclasses.dataclass
@@ -362,6 +364,7 @@ def main(args: Args) -> None:
             **dataclasses.asdict(args),
             "parameters": sum(p.numel() for p in model.parameters()),
             "sha256": sha256,
+            **cpu_kernels(),
         },
     )
     print(

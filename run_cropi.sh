@@ -99,7 +99,8 @@ setting NODE_RANK        0                         0                        # th
 setting MASTER_ADDR      127.0.0.1                 127.0.0.1                # node 0's address (NNODES > 1)
 setting MASTER_PORT      29500                     29500                    # a free port on node 0 (NNODES > 1)
 setting SEED             0                         0
-setting DEMO_SEED        ""                        "$SEED"                  # make_demo.py --seed (bench/accel_bench.py: one demo for all seeds)
+setting DEMO_SEED        ""                        "$SEED"                  # make_demo.py --seed (bench/accel_bench.py sets it per demo)
+setting PIN_ISA          0                         1                        # 1: AVX2 kernels on any x86 CPU and one thread: the same bits on all
 PYTHON=${PYTHON:-.venv/bin/python}
 
 # ------------------------------------------------------------------------------------------ checks
@@ -111,6 +112,7 @@ done
 for v in RATIO TEMPERATURE ROLLOUT_TEMPERATURE LR KL_COEF ENTROPY_COEF; do is_float "$v" "${!v}"; done
 (( STAGES >= 1 )) || fail "STAGES must be >= 1"
 case "$REPORT_TO" in none|tensorboard|wandb|trackio) ;; *) fail "REPORT_TO=$REPORT_TO: expected none, tensorboard, wandb or trackio" ;; esac
+[[ $PIN_ISA == [01] ]] || fail "PIN_ISA=$PIN_ISA: 1 (AVX2 kernels on any x86 CPU, one thread) or 0 (the CPU's own)"
 awk -v r="$RATIO" 'BEGIN { exit !(r > 0 && r <= 1) }' || fail "RATIO=$RATIO: the share of the pool selected per stage, in (0, 1]"
 IFS=, read -ra test_files <<< "$TEST_DATA"
 test_stems=(); for f in "${test_files[@]}"; do b=$(basename "$f"); test_stems+=("${b%.*}"); done
@@ -128,7 +130,7 @@ done
 
 cat <<EOF
 CROPI run ($kind; settings: --help)
-  PRESET=${PRESET:-<none>} OUT_DIR=$OUT_DIR METHOD=$METHOD COMPARE=${COMPARE:-<none>} SEED=$SEED NGPU=$NGPU NNODES=$NNODES
+  PRESET=${PRESET:-<none>} OUT_DIR=$OUT_DIR METHOD=$METHOD COMPARE=${COMPARE:-<none>} SEED=$SEED NGPU=$NGPU NNODES=$NNODES PIN_ISA=$PIN_ISA
   MODEL=$MODEL
   TRAIN_DATA=$TRAIN_DATA
   VAL_DATA=$VAL_DATA
@@ -139,10 +141,16 @@ CROPI run ($kind; settings: --help)
   BATCH_PROMPTS=$BATCH_PROMPTS GROUP_SIZE=$GROUP_SIZE LR=$LR KL_COEF=$KL_COEF ENTROPY_COEF=$ENTROPY_COEF DYNAMIC_ROUNDS=$DYNAMIC_ROUNDS
   EVAL_EVERY=$EVAL_EVERY MICRO_BATCH=$MICRO_BATCH SAVE_EVERY=$SAVE_EVERY REPORT_TO=$REPORT_TO
 EOF
+# PIN_ISA=1: every stage (make_demo.py too) runs in one thread (torch's LayerNorm gradients add up by thread) and, on
+# any x86 CPU, with torch's AVX2 kernels and MKL's AVX2 code path (an AVX-512 CPU rounds otherwise): the same bits.
+if [[ $PIN_ISA == 1 ]]; then
+  export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+  if [[ $(uname -m) == x86_64 ]]; then export ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2; fi
+fi
 # ------------------------------------------------------------------------------------------ helpers
 # run_step NAME DONE_FILE OUTPUTS INPUTS command...: run the command unless DONE_FILE holds the same key, and record
 # its wall-clock seconds, key and inputs' hashes. The key hashes the command line (paths relative to OUT_DIR; the
-# launcher and --report-to/--run-name left out: they change no result), the content of the INPUTS (files or folders
+# launcher and --report-to/--run-name left out: they change no result; PIN_ISA added), the content of the INPUTS (files or folders
 # it reads: data, checkpoints, what the steps before wrote) and the key of the step before, so that a changed setting
 # or an input edited in place redoes its step and every later one (saying which input changed); the stale OUTPUTS of
 # a redone step are deleted first, and only inside the run's own folders (OUT_DIR, DEMO_DIR). OUTPUTS and INPUTS are
@@ -177,7 +185,7 @@ run_step() {
   local name=$1 done_file=$2 outputs inputs record key changed reason path; shift 2
   mapfile -t outputs <<< "$1"; mapfile -t inputs <<< "$2"; shift 2
   record=$(echo "after $chain"; content_hashes "${inputs[@]}" | relative)  # what the key covers, besides the command
-  key=$({ printf '%s\n' "${@:2}" | sed '/^--\(report-to\|run-name\)$/,+1d' | relative; echo "$record"; } | sha256sum | cut -c1-16)
+  key=$({ printf '%s\n' "PIN_ISA=$PIN_ISA" "${@:2}" | sed '/^--\(report-to\|run-name\)$/,+1d' | relative; echo "$record"; } | sha256sum | cut -c1-16)
   chain=$key
   if [[ -f "$done_file" && "$(sed -n 2p "$done_file")" == "$key" ]]; then echo "[skip] $name (done)"; return; fi
   local earlier=$done_file; [[ -f "$done_file" ]] || earlier=$done_file.key

@@ -28,7 +28,7 @@ from plumbing.cli import DataError, arg, run_main
 from plumbing.data import read_rollouts
 from plumbing.files import ChunkStore, check_writable, fingerprint
 from plumbing.grad_hooks import GroupGradientHooks
-from plumbing.models import block_generator, check_model, load_trainable
+from plumbing.models import block_generator, check_model, cpu_kernels, load_trainable
 from plumbing.sketch_files import write_sketch
 
 SETTINGS = ("projector", "seed", "sparse_ratio", "dtype", "chunk_prompts")  # + model, ...
@@ -244,7 +244,7 @@ def sketch_file(sketcher: Sketcher, rows: list[dict], rollouts: str, out: str, m
         mean_of = dict(rows=sample, ids=[rows[i]["id"] for i in sample], count=len(sample))
         mean_of |= dict(max_rows=mean_of_rows, seed=args.mean_seed, rollouts_rows=len(rows))
         meta = settings | dict(rows=1, ids=["mean"], zero_rows=[], mean_of=mean_of)
-        return write_sketch(out, mean, meta) if rank == 0 else None
+        return write_sketch(out, mean, meta | cpu_kernels()) if rank == 0 else None
     # 1a + 1b, a chunk of prompts at a time, resumable
     chunks = [rows[i : i + args.chunk_prompts] for i in range(0, len(rows), args.chunk_prompts)]
 
@@ -259,7 +259,7 @@ def sketch_file(sketcher: Sketcher, rows: list[dict], rollouts: str, out: str, m
     if rank != 0:
         return None
     zero_rows = [i for i, row in enumerate(rows) if is_zero_gradient(row["rewards"])]
-    meta = settings | dict(ids=[r["id"] for r in rows], zero_rows=zero_rows)
+    meta = settings | dict(ids=[r["id"] for r in rows], zero_rows=zero_rows) | cpu_kernels()
     write_sketch(out, np.concatenate(parts), meta)
     store.remove()
     return meta

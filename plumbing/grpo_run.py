@@ -245,7 +245,8 @@ class TrainingRun:
                 self.model.save_pretrained(tmp, state_dict=weights)
                 self.tokenizer.save_pretrained(tmp)
                 meta = {"settings": run_settings(self.args), "world_size": self.world}
-                write_json(tmp / "grpo_train.json", meta | {"backend": self.backend, "step": step})
+                meta |= {"backend": self.backend, "step": step} | models.cpu_kernels()
+                write_json(tmp / "grpo_train.json", meta)
         dist.barrier()
 
     def finish(self) -> None:

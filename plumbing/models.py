@@ -92,6 +92,15 @@ def use_checkpointing(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
+def cpu_kernels() -> dict:
+    """The instruction set of torch's CPU kernels ("AVX2", "AVX512", ...) and their threads: the
+    same inputs give the same bits only with both the same (run_cropi.sh's PIN_ISA pins them)."""
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

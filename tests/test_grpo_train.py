@@ -413,6 +413,8 @@ def test_script_learns_the_toy_and_writes_a_loadable_checkpoint(digit_toy, tmp_p
         "world_size": 1,
         "backend": "hf",
         "step": 12,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels that ran
+        "torch_threads": 1,  # ENV's OMP_NUM_THREADS
     }
 
     # A second run with the same settings finds the complete checkpoint and does nothing; a later

@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,6 +111,23 @@ def test_smoke_run_produces_the_layout(smoke_run):
     assert {1, 2, 3, 4, 5, 6} <= steps  # 2 stages x 3 steps, numbered across stages
     report = (out / "report.md").read_text()
     assert "targeted" in report and "Selection per stage" in report
+
+
+def test_every_stage_of_the_demo_records_the_pinned_kernels(smoke_run):
+    """PIN_ISA (on for the demo presets) reaches every stage: each records torch's CPU kernels, AVX2
+    on any x86 CPU, in one thread (select_data.py is numpy only: see README)."""
+    records = [smoke_run / "demo" / "demo.json", *smoke_run.rglob("*.summary.json")]
+    records += [*smoke_run.rglob("*_sketch.json"), *smoke_run.rglob("grpo_train.json")]
+    kernels = {
+        str(path.relative_to(smoke_run)): {
+            key: json.loads(path.read_text()).get(key)
+            for key in ("cpu_capability", "torch_threads")
+        }
+        for path in records
+    }
+    assert len(kernels) == 1 + 3 + 2 * 3 + 2 * 2  # demo, rollouts, 2 stages' sketches, 2 x GRPO
+    isa = "AVX2" if platform.machine() == "x86_64" else torch.backends.cpu.get_cpu_capability()
+    assert kernels == dict.fromkeys(kernels, {"cpu_capability": isa, "torch_threads": 1})
 
 
 def test_second_run_does_nothing(smoke_run):
