@@ -160,9 +160,11 @@ class ChunkStore:
         self.folder, self.settings = Path(folder), settings
 
     def open(self) -> set[int]:
-        """Create the folder (or check its settings); the indices of the finished pieces."""
+        """Create the folder (or check its settings); the indices of the finished pieces. A folder
+        without pieces (a run refused or killed before its first) takes the new settings."""
         settings_file = self.folder / "settings.json"
-        if not settings_file.exists():
+        finished = {int(f.name[6:12]) for f in self.folder.glob("chunk_*.*")}
+        if not settings_file.exists() or not finished:
             write_json(settings_file, self.settings)
         details = differences(read_json(settings_file), self.settings)
         if details:
@@ -170,7 +172,7 @@ class ChunkStore:
                 f"{self.folder} holds pieces of a run with other settings ({details}); "
                 "rerun with the same settings, or delete that folder to start over"
             )
-        return {int(f.name[6:12]) for f in self.folder.glob("chunk_*.*")}
+        return finished
 
     def _path(self, index: int) -> Path:
         found = sorted(self.folder.glob(f"chunk_{index:06d}.*"))

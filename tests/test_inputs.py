@@ -14,7 +14,14 @@ from test_select_data import write_rollouts, write_sketch
 
 import common
 from plumbing.cli import DataError
-from plumbing.files import atomic_path, content_sha256, differences, fingerprint, load_npy
+from plumbing.files import (
+    ChunkStore,
+    atomic_path,
+    content_sha256,
+    differences,
+    fingerprint,
+    load_npy,
+)
 from plumbing.models import check_model
 
 
@@ -159,3 +166,14 @@ def test_the_reward_stays_fast_and_quiet_on_hostile_text(response, gold, capfd):
 def test_the_reward_still_verifies_ordinary_latex():
     assert common.reward("so \\boxed{\\frac{1}{2}}", "0.5") == 1.0
     assert common.reward("\\boxed{\\sqrt{4}}", "2") == 1.0
+
+
+def test_a_store_without_pieces_never_blocks_a_corrected_rerun(tmp_path):
+    """A run refused (or killed) after its .parts folder was made but before its first piece: the
+    rerun with corrected settings starts; once a piece exists, other settings are refused."""
+    ChunkStore(tmp_path / "x.parts", {"max_new_tokens": 0}).open()
+    store = ChunkStore(tmp_path / "x.parts", {"max_new_tokens": 8})
+    assert store.open() == set()
+    store.save(0, [{"a": 1}])
+    with pytest.raises(DataError, match="max_new_tokens: was 8, now 0"):
+        ChunkStore(tmp_path / "x.parts", {"max_new_tokens": 0}).open()
