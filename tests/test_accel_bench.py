@@ -108,7 +108,9 @@ def fake_run_cropi(events: list, lock: threading.Lock, curves=None, fail_demo=No
         if curves:
             targeted = curves[(method, int(demo))]
             rows = [
-                {"step": step, "eval": {"test_rot": a, "test_swap": a, "test_rev": 0.5}}
+                {"step": step}
+                | {f"eval/{name}/accuracy": a for name in ("test_rot", "test_swap")}
+                | {"eval/test_rev/accuracy": 0.5}
                 for step, a in enumerate(targeted)
             ]
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
