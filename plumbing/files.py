@@ -56,14 +56,16 @@ def atomic_path(path: str | os.PathLike, folder: bool = False) -> Iterator[Path]
 
 
 def check_writable(*paths: str | os.PathLike) -> None:
-    """Before any model loads: the folder of each output exists (or is made) and takes a file."""
+    """Before any model loads: the nearest existing folder of each output takes a file (nothing
+    is left behind)."""
     for path in map(Path, paths):
+        folder = path.absolute().parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise DataError(f"{path}: cannot write there ({folder} is a file, not a folder)")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=path.parent).close()
-        except FileExistsError:
-            cause = "a file stands where a folder should be"
-            raise DataError(f"{path}: cannot write there ({cause})") from None
+            tempfile.TemporaryFile(dir=folder).close()
         except OSError as error:
             raise DataError(f"{path}: cannot write there ({error.strerror})") from None
 

@@ -134,7 +134,10 @@ def test_unwritable_output_is_refused_before_the_model_loads(tiny_model, tmp_pat
     data = write_data(tmp_path / "d.jsonl", 2)
     result = run_script(*collect_args(tiny_model, [data], blocker / "out.jsonl"), check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert f"{blocker / 'out.jsonl'}: cannot write there (a file stands where" in result.stderr
+    assert (
+        f"{blocker / 'out.jsonl'}: cannot write there ({blocker} is a file, not a folder)"
+        in result.stderr
+    )
     assert "sampling" not in result.stderr + result.stdout  # refused before any model work
 
 

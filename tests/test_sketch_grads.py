@@ -614,7 +614,8 @@ def test_resume_uses_finished_chunks_and_refuses_other_settings(tiny_model, roll
     # rest
     parts = tmp_path / "s.npy.parts"
     parts.mkdir()
-    settings = {k: first[k] for k in first if k not in ("ids", "zero_rows", "nonfinite_rows")}
+    written_after = ("ids", "zero_rows", "nonfinite_rows", "cpu_capability", "torch_threads")
+    settings = {k: first[k] for k in first if k not in written_after}
     (parts / "settings.json").write_text(json.dumps(settings))
     np.save(parts / "chunk_000001.npy", np.full((3, 64), 7.0, dtype=np.float32))
     sg.main(args)
@@ -624,6 +625,7 @@ def test_resume_uses_finished_chunks_and_refuses_other_settings(tiny_model, roll
     assert not parts.exists()
     parts.mkdir()
     (parts / "settings.json").write_text(json.dumps({**settings, "seed": 99}))
+    np.save(parts / "chunk_000001.npy", np.full((3, 64), 7.0, dtype=np.float32))  # a piece made
     with pytest.raises(DataError, match="seed"):
         sg.main(args)
 
