@@ -125,7 +125,7 @@ def test_every_stage_of_the_demo_records_the_pinned_kernels(smoke_run):
         }
         for path in records
     }
-    # demo, rollouts, 2 stages' sketches, 2 methods x 2 stages x (GRPO's output, its checkpoint-<step>)
+    # demo, rollouts, 2 stages' sketches, 2 methods x 2 stages x (GRPO's output, checkpoint-<step>)
     assert len(kernels) == 1 + 3 + 2 * 3 + 2 * 2 * 2
     isa = "AVX2" if platform.machine() == "x86_64" else torch.backends.cpu.get_cpu_capability()
     assert kernels == dict.fromkeys(kernels, {"cpu_capability": isa, "torch_threads": 1})
