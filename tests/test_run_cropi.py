@@ -197,6 +197,7 @@ def test_a_verl_parquet_pool_runs_the_loop_and_tensorboard_holds_each_stage(smok
         ({"RATIO": "2"}, "RATIO=2: the share of the pool selected per stage, in (0, 1]"),
         ({"RATIO": "0"}, "RATIO=0: the share of the pool selected per stage, in (0, 1]"),
         ({"REPORT_TO": "mlflow"}, "REPORT_TO=mlflow: expected none, tensorboard, wandb or trackio"),
+        ({"BACKEND": "tpu"}, "BACKEND=tpu: expected auto, vllm or hf"),
         (
             {"TARGETED": "test_bogus"},
             "TARGETED=test_bogus: test_bogus is not the name of a TEST_DATA file",
