@@ -163,6 +163,7 @@ def collect_rollouts(args: Args, settings: dict, examples: list[dict], tokenizer
         files.write_json(summary_path(args), summary | {"tokens_generated_this_run": int(tokens)})
         store.remove()
         print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=2))
+    engine.close()
     dist.finish_distributed()
 
 

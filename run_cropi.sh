@@ -92,6 +92,7 @@ setting EVAL_EVERY       50                        10
 setting MICRO_BATCH      16384                     65536                    # padded tokens per forward/backward in GRPO
 setting SAVE_EVERY       50                        20                       1
 setting REPORT_TO        none                      none                     # live curves: none, tensorboard (stage_<m>/tensorboard), wandb, trackio
+setting BACKEND          auto                      auto                     # sampler of collect and GRPO: auto (vLLM on CUDA, else hf), vllm, hf
 setting DEMO_ARGS        ""                        ""                       "--pool-per-skill 15 --val-per-skill 16 --test-per-skill 8 --warmup-per-skill 100 --warmup-steps 300"
 setting NGPU             1                         1                        # processes (GPUs) per node
 setting NNODES           1                         1                        # nodes: run this script on each, same settings
@@ -113,6 +114,7 @@ for v in RATIO TEMPERATURE ROLLOUT_TEMPERATURE LR KL_COEF ENTROPY_COEF; do is_fl
 (( STAGES >= 1 )) || fail "STAGES must be >= 1"
 case "$REPORT_TO" in none|tensorboard|wandb|trackio) ;; *) fail "REPORT_TO=$REPORT_TO: expected none, tensorboard, wandb or trackio" ;; esac
 [[ $PIN_ISA == [01] ]] || fail "PIN_ISA=$PIN_ISA: 1 (AVX2 kernels on any x86 CPU, one thread) or 0 (the CPU's own)"
+case "$BACKEND" in auto|vllm|hf) ;; *) fail "BACKEND=$BACKEND: expected auto, vllm or hf" ;; esac
 awk -v r="$RATIO" 'BEGIN { exit !(r > 0 && r <= 1) }' || fail "RATIO=$RATIO: the share of the pool selected per stage, in (0, 1]"
 IFS=, read -ra test_files <<< "$TEST_DATA"
 test_stems=(); for f in "${test_files[@]}"; do b=$(basename "$f"); test_stems+=("${b%.*}"); done
@@ -127,6 +129,8 @@ for method in $METHOD ${COMPARE//,/ }; do
 done
 [[ -n "$TRAIN_DATA" && -n "$VAL_DATA" ]] || fail "set TRAIN_DATA and VAL_DATA (comma-separated files) with MODEL"
 [[ -x "$PYTHON" ]] || fail "PYTHON=$PYTHON not found: run 'bash install.sh' first"
+[[ $BACKEND != vllm ]] || "$PYTHON" -c 'import importlib.util, sys; sys.exit(not importlib.util.find_spec("vllm"))' ||
+  fail "BACKEND=vllm: vLLM is not installed for $PYTHON (bash install.sh installs it), or set BACKEND=hf"
 
 cat <<EOF
 CROPI run ($kind; settings: --help)
@@ -139,7 +143,7 @@ CROPI run ($kind; settings: --help)
   K=$K VAL_K=$VAL_K VAL_MIN_MIXED=$VAL_MIN_MIXED TEMPERATURE=$TEMPERATURE (offline) ROLLOUT_TEMPERATURE=$ROLLOUT_TEMPERATURE (GRPO) MAX_NEW_TOKENS=$MAX_NEW_TOKENS
   PROJECTOR=${PROJECTOR:-<default>} PROJ_DIM=${PROJ_DIM:-<default>} SPARSE_RATIO=${SPARSE_RATIO:-<default>} VAL_MEAN_OF=$VAL_MEAN_OF
   BATCH_PROMPTS=$BATCH_PROMPTS GROUP_SIZE=$GROUP_SIZE LR=$LR KL_COEF=$KL_COEF ENTROPY_COEF=$ENTROPY_COEF DYNAMIC_ROUNDS=$DYNAMIC_ROUNDS
-  EVAL_EVERY=$EVAL_EVERY MICRO_BATCH=$MICRO_BATCH SAVE_EVERY=$SAVE_EVERY REPORT_TO=$REPORT_TO
+  EVAL_EVERY=$EVAL_EVERY MICRO_BATCH=$MICRO_BATCH SAVE_EVERY=$SAVE_EVERY REPORT_TO=$REPORT_TO BACKEND=$BACKEND
 EOF
 # PIN_ISA=1: every stage (make_demo.py too) runs in one thread (torch's LayerNorm gradients add up by thread) and, on
 # any x86 CPU, with torch's AVX2 kernels and MKL's AVX2 code path (an AVX-512 CPU rounds otherwise): the same bits.
@@ -262,7 +266,7 @@ collect() {  # collect ROLLOUT_DIR CHECKPOINT SEED NAME K MIN_MIXED data-flags..
   run_step "collect rollouts: $name" "$dir/$name.done" "$(paths "$dir/$name.jsonl" "$dir/$name.summary.json" "$dir/$name.jsonl.parts")" \
     "$(paths "${inputs[@]}")" \
     launch collect_rollouts.py --model "$checkpoint" "$@" --out "$dir/$name.jsonl" --k "$k" --temperature "$TEMPERATURE" \
-      --max-new-tokens "$MAX_NEW_TOKENS" --seed "$seed" --system-prompt "$SYSTEM_PROMPT" --min-mixed "$min_mixed"
+      --max-new-tokens "$MAX_NEW_TOKENS" --seed "$seed" --system-prompt "$SYSTEM_PROMPT" --min-mixed "$min_mixed" --backend "$BACKEND"
 }
 collect_all() {  # collect_all ROLLOUT_DIR CHECKPOINT SEED: K responses per training prompt, VAL_K per validation prompt
   local dir=$1 checkpoint=$2 seed=$3 i
@@ -320,7 +324,7 @@ grpo() {  # grpo STAGE_DIR STAGE CHECKPOINT METHOD
       --group-size "$GROUP_SIZE" --lr "$LR" --kl-coef "$KL_COEF" --entropy-coef "$ENTROPY_COEF" \
       --temperature "$ROLLOUT_TEMPERATURE" --max-new-tokens "$MAX_NEW_TOKENS" \
       --eval-max-new-tokens "$MAX_NEW_TOKENS" --micro-batch-tokens "$MICRO_BATCH" --save-every "$SAVE_EVERY" \
-      --system-prompt "$SYSTEM_PROMPT" "${dynamic[@]}" --report-to "$REPORT_TO" --run-name "$(basename "$OUT_DIR")/${1#"$OUT_DIR"/}"
+      --system-prompt "$SYSTEM_PROMPT" --backend "$BACKEND" "${dynamic[@]}" --report-to "$REPORT_TO" --run-name "$(basename "$OUT_DIR")/${1#"$OUT_DIR"/}"
 }
 
 # ------------------------------------------------------------------------------------------ the loop

@@ -86,6 +86,9 @@ class TransformersEngine:
     def release_memory(self, keep_weights: bool) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
     @torch.no_grad()
     def generate(
         self, prompt_ids, n, temperature, top_p, max_new_tokens, seeds=None, progress=None
@@ -151,8 +154,10 @@ class VLLMEngine:
         if torch.cuda.is_available():
             engine_args["dtype"] = "bfloat16"
             engine_args["gpu_memory_utilization"] = options.get("gpu_memory_utilization", 0.6)
-        else:
+        else:  # no chunked prefill: a prefill split over two steps rewinds the seeded request's
+            # generator, which a CPU generator cannot ("CPU Generator does not use offset", 0.32)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GB of KV cache on a CPU
+            engine_args["enable_chunked_prefill"] = False
         if dist.is_initialized() and dist.get_world_size() > 1:
             engine_args["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(**engine_args)
@@ -162,6 +167,11 @@ class VLLMEngine:
         if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=1 if keep_weights else 2)
             self.asleep = True
+
+    def close(self) -> None:
+        """Shut the engine down before the process group goes: its teardown leaves vLLM's groups,
+        and one left after the group is gone prints a traceback at exit."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         if self.asleep:

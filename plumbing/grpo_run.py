@@ -255,4 +255,5 @@ class TrainingRun:
         if self.rank == 0:
             self.store.remove()
             print(f"wrote {self.args.out}")
+        self.engine.close()
         dist.finish_distributed()

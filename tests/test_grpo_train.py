@@ -691,6 +691,9 @@ VLLM_CHECK = textwrap.dedent("""
             super().__init__(*args, **kwargs)
             engines.append(self)
 
+        def close(self):  # kept running, to be inspected after main()
+            pass
+
     if __name__ == "__main__":
         E.VLLMEngine = RecordedVLLMEngine  # make_engine builds it
         args = parse_args(grpo_train.Args, sys.argv[1:])

