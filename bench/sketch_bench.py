@@ -18,7 +18,11 @@ its fidelity.
   3. Concentration: the share of the exact gradient's squared norm in its largest coordinates.
   4. Peak memory: the real sketch_grads.py command, run as a subprocess, with its high-water
      resident set size.
-  5. Batched (--parts batched, not run by default): the default (--batched-backward: many prompts
+  5. Floor (--parts floor, not run by default): the stage's batched sketch against a bare
+     forward+backward of the very micro-batches it makes (the same prompts, terms and token budget;
+     no hooks, nothing hashed, the summed dW computed as training would), interleaved batch by
+     batch in a rotating order, in CPU and wall time: what the hooks and the hashing add.
+  6. Batched (--parts batched, not run by default): the default (--batched-backward: many prompts
      in one forward+backward, each prompt's exact gradient hashed) and --batched-backward off (one
      backward per prompt, every .grad hashed in place: the same sketch), side by side: seconds per
      prompt in CPU time (time.process_time; run it with OMP_NUM_THREADS=1, since wall time on a
@@ -118,7 +122,8 @@ class Args:
         DEFAULTS.chunk_prompts,
         "--parts batched: prompts per batched forward+backward (sketch_grads.py's --chunk-prompts)",
     )
-    timed_batches: int = arg(3, "--parts batched: batches of --batch-prompts prompts timed")
+    timed_batches: int = arg(3, "--parts batched/floor: batches of --batch-prompts prompts timed")
+    threads: int = arg(0, "torch threads (0: torch's default); fix it so that timings repeat")
 
 
 # ------------------------------------------------------------------------------- model and rollouts
@@ -369,18 +374,30 @@ def time_overhead(model_path: str, rows: list[dict], args: Args, sparse_ratio: f
     }
 
 
-def time_batched(model_path: str, rows: list[dict], args: Args) -> dict:
+def bare_batched(sketcher: sg.Sketcher, rows: list[dict]) -> None:
+    """A bare forward+backward of the micro-batches that the batched sketch makes of these prompts
+    (the same terms, the same token budget): no hooks, nothing hashed, the summed dW computed."""
+    terms = sg.surrogate_terms([[row] for row in rows], 1.0)
+    for batch in sg.micro_batches(terms, sketcher.args.token_budget):
+        sg.surrogate(sketcher.model, batch, sketcher.pad_token_id).backward()
+    sketcher.model.zero_grad(set_to_none=True)
+
+
+def time_batched(model_path: str, rows: list[dict], args: Args, names=None) -> dict:
     """Seconds per prompt, side by side: the default sketch (args.batch_prompts prompts per
-    forward+backward, exact, hashed), the same with a backward per prompt (--batched-backward off)
-    and a bare per-prompt forward+backward, interleaved batch by batch (in a rotating order), in CPU
-    time (process_time) and wall time."""
+    forward+backward, exact, hashed), the same with a backward per prompt (--batched-backward off),
+    a bare per-prompt forward+backward and a bare forward+backward of the default's micro-batches,
+    (or only those `names`) interleaved batch by batch (in a rotating order), in CPU time
+    (process_time) and wall time."""
     default = stage_sketcher(model_path, args)
-    per_prompt = stage_sketcher(model_path, args, batched_backward="off")
+    per_prompt = stage_sketcher(model_path, args, batched_backward="off")  # no hooks
     runs = {
         "default": lambda chunk: default.sketch_groups([[row] for row in chunk]),
         "per_prompt": lambda chunk: per_prompt.sketch_groups([[row] for row in chunk]),
         "bare": lambda chunk: bare_forward_backward(per_prompt, chunk),
+        "bare_batched": lambda chunk: bare_batched(per_prompt, chunk),
     }
+    runs = {name: run for name, run in runs.items() if name in (names or runs)}
     for run in runs.values():  # warm-up
         run(rows[:1])
     cpu, wall = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
@@ -756,6 +773,7 @@ def markdown_report(results: dict, command: str) -> str:
             "default": "default: countsketch F = 1, batched backward (exact)",
             "per_prompt": "countsketch F = 1, a backward per prompt (--batched-backward off)",
             "bare": "bare forward+backward, a backward per prompt",
+            "bare_batched": "bare forward+backward of the default's micro-batches",
         }
         lines += [
             "",
@@ -792,6 +810,29 @@ def markdown_report(results: dict, command: str) -> str:
             "`(batched)`: sketch_grads.py's own sketches (hooks); the other row: the same "
             "CountSketch applied to the exact per-prompt gradients.",
         ]
+    if "floor" in results:
+        t = results["floor"]
+        cpu, wall = t["cpu_seconds_per_prompt"], t["wall_seconds_per_prompt"]
+        lines += [
+            "",
+            "## The batched sketch against its floor: a bare forward+backward of the same "
+            "micro-batches",
+            "",
+            f"{t['prompts']} training prompts with mixed rewards timed, {t['batch_prompts']} per "
+            f"batch (token budget {DEFAULTS.token_budget}), {t['threads']} thread(s), seed "
+            f"{results['seed']}; interleaved batch by batch in a rotating order.",
+            "",
+        ]
+        lines += table(
+            ["per prompt", "CPU s", "wall s"],
+            [
+                ["sketch (sketch_grads.py's default: hooks + CountSketch)"]
+                + [f"{cpu['default']:.3f}", f"{wall['default']:.3f}"],
+                ["bare forward+backward of the same micro-batches"]
+                + [f"{cpu['bare_batched']:.3f}", f"{wall['bare_batched']:.3f}"],
+                ["**sketch / bare**", f"**{t['cpu_ratio']:.3f}**", f"{t['wall_ratio']:.3f}"],
+            ],
+        )
     if "memory" in results:
         lines += ["", "## Peak memory of `sketch_grads.py` (VmHWM, 8 prompts)", ""]
         lines += table(
@@ -804,7 +845,7 @@ def markdown_report(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = ("overhead", "fidelity", "concentration", "memory", "batched")
+PARTS = ("overhead", "fidelity", "concentration", "memory", "batched", "floor")
 
 
 def main(args: Args) -> None:
@@ -814,6 +855,8 @@ def main(args: Args) -> None:
             f"sketch_bench.py: error: --parts {unknown[0]!r} is not one of {', '.join(PARTS)}"
         )
     seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     n_train = args.train_prompts or (240 if args.quick else 200)
     n_val = args.val_prompts or (12 if args.quick else 24)
@@ -834,6 +877,7 @@ def main(args: Args) -> None:
     default_out = ROOT / "bench" / "results" / f"sketch_bench{'_quick' if args.quick else ''}.json"
     out = Path(args.out or default_out)
     results: dict = {"model": str(model_path), "k": k, "proj_dim": args.proj_dim}
+    results |= {"seed": args.seed, "threads": torch.get_num_threads()}
 
     # Rollouts (cached for the full run: sampling SmolLM2 on 2 cores takes minutes)
     rollouts_file = cache / (
@@ -913,9 +957,22 @@ def main(args: Args) -> None:
             f"gradient, {time.perf_counter() - start:.0f}s)"
         )
 
-    # 5. Batched: the batched backward against a backward per prompt (only when named)
+    # 6. Batched: the batched backward against a backward per prompt (only when named)
     if "batched" in args.parts:
         results["batched"] = run_batched(str(model_path), train, val_sets, mixed, args)
+
+    # 5. Floor: the batched sketch against a bare forward+backward of its micro-batches
+    if "floor" in args.parts:
+        floor = time_batched(str(model_path), mixed, args, names=("default", "bare_batched"))
+        for clock in ("cpu", "wall"):
+            per_prompt = floor[f"{clock}_seconds_per_prompt"]
+            floor[f"{clock}_ratio"] = per_prompt["default"] / per_prompt["bare_batched"]
+        results["floor"] = floor
+        print(
+            f"floor ({floor['prompts']} prompts, {floor['threads']} thread(s)): sketch / bare "
+            f"forward+backward of the same micro-batches = {floor['cpu_ratio']:.3f} CPU time, "
+            f"{floor['wall_ratio']:.3f} wall time"
+        )
 
     # 3. Why coordinates cannot be dropped at random: how concentrated the exact gradients are
     if "concentration" in args.parts and not args.quick:
@@ -967,6 +1024,8 @@ def main(args: Args) -> None:
             f"batched_cpu_speedup={cpu['per_prompt'] / cpu['default']:.2f} "
             f"precision_at_10_default={by_name[BATCHED]:.2f}"
         )
+    if "floor" in results:
+        summary.append(f"floor_ratio={results['floor']['cpu_ratio']:.3f}")
     print(" ".join(summary))
 
 
