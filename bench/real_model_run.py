@@ -125,8 +125,8 @@ def markdown(results: dict) -> str:
     for method, figures in results["methods"].items():
         lines += ["", f"## {method}: seconds per stage", ""]
         lines += report_table(
-            ["stage", "sketch", "select", "GRPO", "GRPO per step", "selection share"]
-            + ["prompts sketched", "sketch s per prompt"],
+            ["stage", "sketch", "select", "GRPO", "GRPO / steps", "selection share"]
+            + ["prompts sketched", "sketch / prompts sketched"],
             [
                 [r["stage"], f"{r['sketch_s']:.0f}", f"{r['select_s']:.0f}", f"{r['grpo_s']:.0f}"]
                 + [f"{r['grpo_s_per_step']:.0f}", fmt(r["selection_share"], "{:.0%}")]
@@ -136,7 +136,11 @@ def markdown(results: dict) -> str:
         )
         lines += [
             "",
-            f"GRPO steps, seconds (timing_s/step): {figures['grpo_step_s']}; the sampler, "
+            "Each step's whole time (run_cropi.sh's .done files: start-up, model loads, the "
+            "evaluations, the save included); selection share = (sketch + select) / stage; the "
+            "sketch per prompt counts the validation sets' prompts and the start-up too.",
+            "",
+            f"GRPO steps alone, seconds (timing_s/step): {figures['grpo_step_s']}; the sampler, "
             "weight push and scoring included: "
             f"{fmt(figures['grpo_sampling_tokens_per_s'], '{:.0f}')} generated tokens/s.",
             "",
