@@ -50,6 +50,8 @@ for name in sys.argv[2:]:
         sys.exit(f"{name}: unknown setting; did you mean {match[0]}?")' "$known" $(compgen -e) 2>&1) || fail "$misspelt"
 PRESET=${PRESET:-}
 case "$PRESET" in ""|smoke) ;; *) fail "PRESET=$PRESET: expected 'smoke' or unset" ;; esac
+[[ $PRESET == smoke && -n "${MODEL:-}" ]] && fail "PRESET=smoke is the embedded demo's small budget; with MODEL=$MODEL \
+leave PRESET unset and set the sizes (STAGES, STEPS_PER_STAGE, K, MAX_NEW_TOKENS, ...)"
 kind=real; [[ -z "${MODEL:-}" ]] && kind=demo; [[ $kind == demo && $PRESET == smoke ]] && kind=smoke
 # setting NAME REAL DEMO [SMOKE]: NAME keeps its value from the environment, else takes the default of this kind of
 # run: REAL = the authors' release on a real model, DEMO = the embedded demo, SMOKE = the smoke preset (default DEMO).

