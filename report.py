@@ -449,9 +449,10 @@ def compare_methods(
                 else None
             )
             full_seconds = seconds_at_step(full_reached, steps_per_stage, full[1], full[2])
+            wall = f"{full_seconds / seconds:.2f}" if seconds and full_seconds else "-"  # 0 s: none
             cells += [
                 f"{speedup(full[0]['targeted'], target_curve):.2f}",
-                f"{full_seconds / seconds:.2f}" if seconds else "never reached",
+                "never reached" if seconds is None else wall,
             ]
         else:
             cells += ["-", "-"]
@@ -460,7 +461,8 @@ def compare_methods(
     lines += [
         "",
         "Speed-up: the steps (or seconds) full data needs to first reach its own final targeted "
-        "accuracy, divided by those this method needs (0 / never reached: it did not get there). "
+        "accuracy, divided by those this method needs (0 / never reached: it did not get there; "
+        "-: no seconds to divide, as full data is there at step 0). "
         "One seed of a small run: see bench/accel_bench.py for the experiment with several seeds "
         "and intervals.",
     ]

@@ -66,7 +66,9 @@ def peak_memory(log: Path) -> dict[str, float]:
     step run again keeps its last figure)."""
     peaks, section, step = {}, "offline rollouts", ""
     for line in log.read_text().splitlines():
-        if line.startswith("=== "):  # "=== cropi: stage 0 / 2 (checkpoint ...)"
+        if line.startswith("CROPI run ("):  # an invocation starts (the log holds every one)
+            section = "offline rollouts"
+        elif line.startswith("=== "):  # "=== cropi: stage 0 / 2 (checkpoint ...)"
             section = line[4:].split(" / ")[0]
         elif line.startswith(("[run ] ", "[redo] ")):
             step = line[7:].split(": its ")[0].split(": made ")[0]
