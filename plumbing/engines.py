@@ -144,8 +144,6 @@ class VLLMEngine:
         self.stop_ids = stop_token_ids(load_tokenizer(model_path), generation_config)
         self.sleep_mode, self.asleep = torch.cuda.is_available(), False  # sleep mode: CUDA only
         kv_cache_bytes = int(options.get("kv_cache_gib", 0) * 2**30) or None
-        if not torch.cuda.is_available():  # a CPU has no share to take it from: 1 GiB by default
-            kv_cache_bytes = kv_cache_bytes or 2**30
         rank = dist.get_rank() if dist.is_initialized() else 0  # the engine's own RNG: per rank
         engine_args = dict(
             model=model_path, tokenizer=model_path, seed=seed + rank, dtype="float32"
@@ -159,6 +157,7 @@ class VLLMEngine:
         else:  # no chunked prefill: a prefill split over two steps rewinds the seeded request's
             # generator, which a CPU generator cannot ("CPU Generator does not use offset", 0.32)
             engine_args["enable_chunked_prefill"] = False
+            engine_args["kv_cache_memory_bytes"] = kv_cache_bytes or 2**30  # no share: 1 GiB
         if dist.is_initialized() and dist.get_world_size() > 1:
             engine_args["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(**engine_args)
