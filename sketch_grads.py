@@ -115,10 +115,11 @@ def micro_batches(terms: list[Term], token_budget: int) -> list[list[Term]]:
 
 
 # --------------------------------------------------- 1b  the CountSketch, S folded into its signs
-HASH_BLOCK = 1 << 21  # coordinates per block of hash draws; up to 128 blocks (1 GiB) are cached
+HASH_BLOCK = 1 << 21  # coordinates per block of hash draws
+KEPT_DRAWS_BYTES = 2 * 2**30  # parameters' draws kept for the next prompts, up to 2 GiB in all
 
 
-@functools.lru_cache(maxsize=128)  # drawn once, used for every prompt
+@functools.lru_cache(maxsize=4)  # small parameters side by side share a block
 def block_draws(seed: int, block: int, proj_dim: int, sparse_ratio: float, exact: bool, device):
     """r(i) for the HASH_BLOCK coordinates i of a block: bucket h(i) = r // 2, sign s(i) = +1 if r
     is odd, -1 if even (r uniform in [0, 2N), from its own generator: it depends on (seed, i)
@@ -128,7 +129,7 @@ def block_draws(seed: int, block: int, proj_dim: int, sparse_ratio: float, exact
         draws = torch.arange(first, first + HASH_BLOCK, device=device).mul_(2).add_(1)
     else:
         hashes = dict(generator=block_generator(seed, "countsketch", block, device), device=device)
-        draws = torch.randint(0, 2 * proj_dim, (HASH_BLOCK,), dtype=torch.int32, **hashes)
+        draws = torch.randint(0, 2 * proj_dim, (HASH_BLOCK,), dtype=torch.int64, **hashes)
     if sparse_ratio < 1:
         keep = block_generator(seed, "keep", block, device)
         uniform = torch.rand(HASH_BLOCK, generator=keep, device=device)
@@ -141,35 +142,39 @@ class CountSketch:
     r(i) = r, and sketch[b, h] = halves[b, 2h + 1] - halves[b, 2h] (the signs applied once)."""
 
     def __init__(self, parameters, args: Args, device: torch.device):
-        self.seed, self.sparse_ratio = args.seed, args.sparse_ratio
-        self.exact = args.projector == "none"  # P = I
+        exact = args.projector == "none"  # P = I
         sizes = [p.numel() for p in parameters]
-        self.width = sum(sizes) if self.exact else args.proj_dim
+        self.width = sum(sizes) if exact else args.proj_dim
         self.offset = {id(p): int(o) for p, o in zip(parameters, np.cumsum([0] + sizes))}
-        self.device, self.cached = device, (None, None)
+        self.hash = dict(seed=args.seed, proj_dim=self.width, sparse_ratio=args.sparse_ratio)
+        self.hash |= dict(exact=exact, device=device)  # block_draws' settings
+        self.device, self.kept = device, {}
 
     def draws(self, p) -> torch.Tensor:
-        """The draws r(i) of p's coordinates, in p's flat layout (the last parameter's: cached)."""
-        if self.cached[0] is not p:
-            first, count = self.offset[id(p)], p.numel()
-            blocks = range(first // HASH_BLOCK, (first + count - 1) // HASH_BLOCK + 1)
-            settings = dict(proj_dim=self.width, sparse_ratio=self.sparse_ratio, exact=self.exact)
-            drawn = [block_draws(self.seed, b, **settings, device=self.device) for b in blocks]
-            drawn = drawn[0] if len(drawn) == 1 else torch.cat(drawn)  # a copy only across blocks
-            start = first - blocks[0] * HASH_BLOCK
-            self.cached = (p, drawn[start : start + count])
-        return self.cached[1]
+        """The draws r(i) of p's coordinates, in p's flat layout, int64 (index_add_ is fastest with
+        them); kept while KEPT_DRAWS_BYTES allow, since drawing costs about three times hashing."""
+        if id(p) in self.kept:
+            return self.kept[id(p)]
+        first, count = self.offset[id(p)], p.numel()
+        blocks = range(first // HASH_BLOCK, (first + count - 1) // HASH_BLOCK + 1)
+        drawn = torch.cat([block_draws(block=b, **self.hash) for b in blocks])
+        start = first - blocks[0] * HASH_BLOCK
+        draws = drawn[start : start + count].clone()  # not a view: the blocks are not all kept
+        if draws.nbytes + sum(kept.nbytes for kept in self.kept.values()) <= KEPT_DRAWS_BYTES:
+            self.kept[id(p)] = draws
+        return draws
 
     def start(self, groups: int) -> None:
         self.halves = torch.zeros(groups, 2 * self.width + 1, device=self.device)
 
-    def add(self, group: int | None, p, values: torch.Tensor, rows=None) -> None:
-        """Group b's (None: every group's) share of p's gradient: shaped like p, or rows `rows`."""
+    def add(self, groups: list[int] | None, p, values: torch.Tensor, rows=None) -> None:
+        """The groups' (None: every group's) shares of p's gradient, values [len(groups), ...]:
+        each shaped like p, or p's rows `rows`; each draw is read once for all the groups."""
         draws = self.draws(p) if rows is None else self.draws(p).view(p.shape[0], -1)[rows]
-        if group is None:
-            self.halves.index_add_(1, draws.reshape(-1), values.reshape(len(self.halves), -1))
-        else:
-            self.halves[group].index_add_(0, draws.reshape(-1), values.reshape(-1))
+        groups = range(len(self.halves)) if groups is None else groups
+        part = torch.zeros(len(groups), self.halves.shape[1], device=self.device)
+        part.index_add_(1, draws.reshape(-1), values.reshape(len(groups), -1))
+        self.halves.index_add_(0, torch.tensor(groups, device=self.device), part)
 
     def rows(self) -> torch.Tensor:
         return self.halves[:, 1 : 2 * self.width : 2] - self.halves[:, 0 : 2 * self.width : 2]
@@ -220,7 +225,7 @@ class Sketcher:
             for batch in dist.equal_pass_count(batches) if self.share else batches:
                 surrogate(self.model, batch, self.pad_token_id).backward()
             for p in (p for p in self.parameters if p.grad is not None):
-                self.sketch.add(b, p, *dist.local_rows(p.grad))  # its values, their rows
+                self.sketch.add([b], p, *dist.local_rows(p.grad))  # its values, their rows
         self.model.zero_grad(set_to_none=True)
         return self.sketch.rows()
 

@@ -24,8 +24,8 @@ class GroupGradientHooks:
       an embedding E [V, H] (token v_t):            row v_t of G_b gets the output gradient g_t
       a bias:                                       sum_{t in b} delta_t
       norm weights and biases (token by token):     the vjp of the module re-run on each row
-    Each share goes to sink.add(group, parameter, values, rows): values shaped like the parameter,
-    or (rows given) its rows `rows`; group None: values [groups, ...] for every group at once.
+    Each share goes to sink.add(groups, parameter, values, rows): values [len(groups), ...], each
+    shaped like the parameter or (rows given) its rows `rows`; groups None: every group at once.
     The parameters are frozen while hooked: the backward computes no summed dW (nobody reads it).
     """
 
@@ -34,6 +34,9 @@ class GroupGradientHooks:
 
         self.model, self.sink, self.active, self.handles = model, sink, False, []
         self.parameters = [p for p in model.parameters() if p.requires_grad]
+        # many groups' G_b of a weight, handed over together, in the memory of one summed gradient
+        numel, device = sum(p.numel() for p in self.parameters), self.parameters[0].device
+        self.products = torch.empty(numel, device=device)
         self.head = model.get_output_embeddings()
         self.exact, self.transposed = [], set()  # exact: summed per group, handed over at the end
         for name, module in model.named_modules():
@@ -97,11 +100,17 @@ class GroupGradientHooks:
                 self.head_tap.__exit__(None, None, None)
 
     def add_matrix(self, weight, delta: torch.Tensor, x: torch.Tensor, row_group) -> None:
-        """G_b = sum over group b's rows and tokens of delta_t x_t^T, in the weight's layout."""
-        for group, rows in group_runs(row_group):
-            d, inputs = delta[rows].flatten(0, -2).float(), x[rows].flatten(0, -2).float()
-            grad = inputs.T @ d if id(weight) in self.transposed else d.T @ inputs
-            self.sink.add(group, weight, grad)
+        """G_b = sum over group b's rows and tokens of delta_t x_t^T, in the weight's layout, for
+        as many groups at a time as self.products holds."""
+        runs, most = group_runs(row_group), len(self.products) // weight.numel()
+        for first in range(0, len(runs), most):
+            some = runs[first : first + most]
+            products = self.products[: len(some) * weight.numel()].view(len(some), *weight.shape)
+            for (_, rows), product in zip(some, products):
+                d, inputs = delta[rows].flatten(0, -2).float(), x[rows].flatten(0, -2).float()
+                pair = (inputs.T, d) if id(weight) in self.transposed else (d.T, inputs)
+                torch.matmul(*pair, out=product)
+            self.sink.add([group for group, _ in some], weight, products)
 
     def linear_hook(self, module, args, output):
         if not self.active:  # gradient checkpointing re-runs the forward in the backward
@@ -130,7 +139,7 @@ class GroupGradientHooks:
             grad = grad.float() if counted is None else grad.float() * counted
             for group, rows in group_runs(row_group):
                 rows_grad = grad[rows].reshape(-1, grad.shape[-1])
-                self.sink.add(group, module.weight, rows_grad, rows=ids[rows].reshape(-1))
+                self.sink.add([group], module.weight, rows_grad, rows=ids[rows].reshape(-1))
 
         output.register_hook(backward)
         return output

@@ -49,7 +49,7 @@ def memory_plan(
                  input (the residual stream) is float32 beside float32 weights, bf16 under FSDP's
                  bf16 policy (shards > 1)
     logits       one LM-head chunk in float32 (2^26 logits) x ~3 tensors (logits, softmax, grad)
-    hashes       the CountSketch's cached hash draws (sketch): 4 B a coordinate, at most 1 GiB
+    hashes       the CountSketch's cached hash draws (sketch): 8 B a coordinate, at most 2 GiB
     gathered     FSDP (shards > 1): the root's weights kept whole after its forward (embeddings
                  and LM head, float32; GRPO's reference: bf16 too) and two layers gathered in bf16
                  (the one computing, the one prefetched)
@@ -77,7 +77,7 @@ def memory_plan(
         "vllm": vllm_share * card_gib * GIB if stage in ("collect", "grpo") else 0,
         "activations": activations,
         "logits": max(1, 2**26 // config.vocab_size) * config.vocab_size * 4 * 3,
-        "hashes": min(num_params * 4, GIB) if stage == "sketch" else 0,
+        "hashes": min(num_params * 8, 2 * GIB) if stage == "sketch" else 0,
         "gathered": root * (6 if stage == "grpo" else 4) + 2 * layer * 2 if shards > 1 else 0,
         "cuda": CUDA_OVERHEAD_GIB * GIB,
         "margin": MARGIN * card_gib * GIB,

@@ -364,9 +364,7 @@ def test_memory_plan_by_hand():
     )
     assert without["activations"] == 8.0  # every layer's internals: 2 x 4 GiB
     sketch = memory_plan(config, 2**28, "sketch", token_budget=2**20, checkpointing=True)
-    assert (
-        sketch["optimizer"] == 0 and sketch["hashes"] == 1.0
-    )  # 2^28 x 4 B = 1 GiB of hash draws, the cap
+    assert sketch["optimizer"] == 0 and sketch["hashes"] == 2.0  # 2^28 x 8 B = 2 GiB, the cap
     assert sketch["margin"] == 4.0  # 0.05 x the default card of 80
     with pytest.raises(TypeError):  # everything after the stage by keyword: no positional mix-up
         memory_plan(config, 2**28, "sketch", 2**20, True)

@@ -92,7 +92,7 @@ def test_fidelity_study_projects_every_set_like_sketch_grads(tiny_model, study_i
         sketch.start(len(grads))
         for b, p in itertools.product(range(len(grads)), sketcher.parameters):
             offset = sketch.offset[id(p)]
-            sketch.add(b, p, grads[b, offset : offset + p.numel()].view(p.shape))
+            sketch.add([b], p, grads[b, offset : offset + p.numel()].view(p.shape))
         expected = sketch.rows().double().numpy()
         assert np.abs(expected).max() > 0
         np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
