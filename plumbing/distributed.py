@@ -49,8 +49,14 @@ def barrier() -> None:
 
 
 def finish_distributed() -> None:
+    """Leave the process group together. After the last collective each process says so through
+    torchrun's store and waits for all the others: a process that closes its connections while
+    another still reads its end of the last barrier can abort that one (gloo's issue #155)."""
     if dist.is_initialized():
         dist.barrier()
+        store, rank = dist.distributed_c10d._get_default_store(), dist.get_rank()
+        store.set(f"finished/{rank}", "1")
+        store.wait([f"finished/{r}" for r in range(dist.get_world_size())])
         dist.destroy_process_group()
 
 
