@@ -159,9 +159,9 @@ class CountSketch:
         blocks = range(first // HASH_BLOCK, (first + count - 1) // HASH_BLOCK + 1)
         drawn = torch.cat([block_draws(block=b, **self.hash) for b in blocks])
         start = first - blocks[0] * HASH_BLOCK
-        draws = drawn[start : start + count].clone()  # not a view: the blocks are not all kept
+        draws = drawn[start : start + count]
         if draws.nbytes + sum(kept.nbytes for kept in self.kept.values()) <= KEPT_DRAWS_BYTES:
-            self.kept[id(p)] = draws
+            self.kept[id(p)] = draws = draws.clone()  # not a view: the blocks are not all kept
         return draws
 
     def start(self, groups: int) -> None:
