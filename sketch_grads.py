@@ -96,9 +96,8 @@ def surrogate(model, terms: list[Term], pad: int) -> torch.Tensor:
     inputs = ([t.row["prompt_ids"] for t in terms], responses, terms[0].row["temperature"])
     with dist.autocast(next(model.parameters()).device):
         logprobs, mask, _ = response_logprobs(model, *inputs, pad_token_id=pad)
-    behavior = torch.zeros_like(logprobs)
-    for j, t in enumerate(terms):
-        behavior[j, : len(responses[j])] = torch.tensor(t.row["behavior_logprobs"][t.k])
+    behavior = [torch.tensor(t.row["behavior_logprobs"][t.k]) for t in terms]  # beta, 0-padded
+    behavior = torch.nn.utils.rnn.pad_sequence(behavior, batch_first=True).to(logprobs.device)
     weights = torch.tensor([t.weight for t in terms], device=logprobs.device)
     return popi_surrogate(logprobs.float(), behavior, mask, weights, num_responses=1)
 
@@ -158,8 +157,7 @@ class CountSketch:
         first, count = self.offset[id(p)], p.numel()
         blocks = range(first // HASH_BLOCK, (first + count - 1) // HASH_BLOCK + 1)
         drawn = torch.cat([block_draws(block=b, **self.hash) for b in blocks])
-        start = first - blocks[0] * HASH_BLOCK
-        draws = drawn[start : start + count]
+        draws = drawn[first % HASH_BLOCK :][:count]  # from p's first coordinate in its first block
         if draws.nbytes + sum(kept.nbytes for kept in self.kept.values()) <= KEPT_DRAWS_BYTES:
             self.kept[id(p)] = draws = draws.clone()  # not a view: the blocks are not all kept
         return draws
@@ -216,7 +214,6 @@ class Sketcher:
             return self.sketch.rows()
         terms = surrogate_terms(groups, weight * (self.share[1] if self.share else 1))
         for b in range(len(groups)):  # a backward per group, then its .grad sketched in place
-            self.model.zero_grad(set_to_none=True)
             mine = [t for t in terms if t.group == b]
             if self.share:  # its share; as many terms (pads of weight 0) and passes as the others
                 mine += [t._replace(weight=0.0) for t in mine[:1]] * (-len(mine) % self.share[1])
@@ -226,7 +223,7 @@ class Sketcher:
                 surrogate(self.model, batch, self.pad_token_id).backward()
             for p in (p for p in self.parameters if p.grad is not None):
                 self.sketch.add([b], p, *dist.local_rows(p.grad))  # its values, their rows
-        self.model.zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)
         return self.sketch.rows()
 
 
@@ -234,7 +231,6 @@ def sketch_file(sketcher: Sketcher, rows: list[dict], rollouts: str, out: str, m
     """One rollouts file -> OUT.npy + OUT.json: a row per prompt, or (mean_of_rows) the mean's.
     Each process takes its share of the prompts; sharded (FSDP), every process all of them."""
     args, rank, sharded, world = sketcher.args, sketcher.rank, bool(sketcher.share), sketcher.world
-    split = (lambda items: items) if sharded else (lambda items: dist.shard(items, rank, world))
     if sharded and min(len(row["response_ids"]) for row in rows) < world:
         raise DataError(f"{rollouts}: a prompt has fewer responses than the {world} processes")
     settings = {key: getattr(args, key) for key in SETTINGS} | fingerprint([args.model, rollouts])
@@ -244,7 +240,8 @@ def sketch_file(sketcher: Sketcher, rows: list[dict], rollouts: str, out: str, m
     to_numpy = lambda sketch: sketch.to(getattr(torch, args.dtype)).cpu().numpy()  # noqa: E731
     if mean_of_rows:  # 1c: (1/m) sum_i P S g(s_i) = P S (1/m) sum_i g(s_i), parts of all processes
         sample = mean_sample(rows, mean_of_rows, args.mean_seed, rollouts)
-        mean = sketcher.sketch_groups([[rows[i] for i in split(sample)]], weight=1 / len(sample))
+        mine = sample if sharded else dist.shard(sample, rank, world)
+        mean = sketcher.sketch_groups([[rows[i] for i in mine]], weight=1 / len(sample))
         mean = to_numpy(dist.all_sum(mean, sketcher.device))
         mean_of = dict(rows=sample, ids=[rows[i]["id"] for i in sample], count=len(sample))
         mean_of |= dict(max_rows=mean_of_rows, seed=args.mean_seed, rollouts_rows=len(rows))
@@ -253,14 +250,12 @@ def sketch_file(sketcher: Sketcher, rows: list[dict], rollouts: str, out: str, m
     # 1a + 1b, a chunk of prompts at a time, resumable
     chunks = [rows[i : i + args.chunk_prompts] for i in range(0, len(rows), args.chunk_prompts)]
 
-    def sketch_chunk(c: int) -> np.ndarray:
+    def sketch_part(c: int) -> np.ndarray:
         part = sketcher.sketch_groups([[row] for row in chunks[c]])
         return to_numpy(dist.all_sum(part, sketcher.device) if sharded else part)
 
     store = ChunkStore(f"{out}.parts", settings)
-    parts = dist.run_chunks(
-        store, len(chunks), sketch_chunk, rank=rank, world=world, shared=sharded
-    )
+    parts = dist.run_chunks(store, len(chunks), sketch_part, rank=rank, world=world, shared=sharded)
     if rank != 0:
         return None
     zero_rows = [i for i, row in enumerate(rows) if is_zero_gradient(row["rewards"])]
