@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import re
 import sys
@@ -66,6 +67,9 @@ def run_main(main, args_class) -> None:
         main(args)
     except DataError as error:
         sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+    # the stage's objects freed now, not at the interpreter's exit: a model held in reference
+    # cycles holds a process group, whose gloo threads must end while Python can still run them
+    gc.collect()
     print(f"{Path(sys.argv[0]).name}: {peak_memory()}", flush=True)
 
 

@@ -5,6 +5,7 @@ places tensors; FSDP2 sharding; the training state saved and loaded in shards
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import warnings
@@ -51,13 +52,22 @@ def barrier() -> None:
 def finish_distributed() -> None:
     """Leave the process group together. After the last collective each process says so through
     torchrun's store and waits for all the others: a process that closes its connections while
-    another still reads its end of the last barrier can abort that one (gloo's issue #155)."""
+    another still reads its end of the last barrier can abort that one (gloo's issue #155).
+    Then the group's threads must end while Python runs, not when it exits: a gloo group freed as
+    the interpreter clears its modules can abort the process ('terminate called without an active
+    exception'). destroy_process_group() forgets the group, but every device mesh (FSDP2's) keeps
+    it, and DTensor's caches keep the meshes: the meshes let it go, and the stage's own objects
+    (run_main collects them) are its last holders."""
     if dist.is_initialized():
+        from torch.distributed.device_mesh import DeviceMesh
+
         dist.barrier()
         store, rank = dist.distributed_c10d._get_default_store(), dist.get_rank()
         store.set(f"finished/{rank}", "1")
         store.wait([f"finished/{r}" for r in range(dist.get_world_size())])
         dist.destroy_process_group()
+        for mesh in (o for o in gc.get_objects() if isinstance(o, DeviceMesh)):
+            getattr(mesh, "_pg_registry", {}).clear()  # where torch 2.13 keeps a mesh's groups
 
 
 def all_sum(values, device: torch.device):

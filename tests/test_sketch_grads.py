@@ -796,6 +796,52 @@ def test_torchrun_sharded_model_gives_the_sketch_of_one_process(
     assert one_meta == two_meta
 
 
+THREADS_AT_EXIT = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")  # the stage, as `python STAGE.py FLAGS` runs it
+tasks = sorted(os.listdir("/proc/self/task"))
+print("THREADS", [open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks], flush=True)
+"""
+
+
+def test_torchrun_sharded_stage_ends_its_gloo_threads_before_python_exits(
+    tiny_model, rollouts, tmp_path
+):
+    """A sharded (FSDP2) stage on 2 processes: once the stage has returned, its process group's
+    gloo threads are gone, so none is torn down while the interpreter clears its modules at exit
+    (where torch's gloo groups can abort a process: 'terminate called without an active
+    exception'). Before, the device meshes that DTensor's caches keep held the group to the end."""
+    path, _ = rollouts
+    script = tmp_path / "threads_at_exit.py"
+    script.write_text(THREADS_AT_EXIT)
+    flags = [
+        "--model",
+        str(tiny_model),
+        "--rollouts",
+        str(path),
+        "--proj-dim",
+        "64",
+        "--fsdp",
+        "on",
+    ]
+    result = run_script(
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29538",
+        str(script),
+        "sketch_grads.py",
+        *flags,
+        "--out",
+        str(tmp_path / "sketch.npy"),
+        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
+    threads = [line for line in result.stdout.splitlines() if line.startswith("THREADS")]
+    assert len(threads) == 2 and (tmp_path / "sketch.npy").exists()
+    assert not any("gloo" in line for line in threads), threads
+
+
 def test_torchrun_sharded_with_fewer_responses_on_one_process(tiny_model, tmp_path):
     """K = 3 responses on 2 sharded processes and a micro-batch per response: one process holds 2,
     the other 1 and a term of weight 0, so both run the 2 passes that gather the weights (a
