@@ -667,8 +667,8 @@ def test_bad_flags_are_refused(tiny_model, rollouts, tmp_path):
         )
 
 
-def torchrun(*flags: str, port: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def torchrun(*flags: str, port: int, script: str = "sketch_grads.py", env: dict | None = None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run(
         [
             sys.executable,
@@ -676,7 +676,7 @@ def torchrun(*flags: str, port: int) -> None:
             "torch.distributed.run",
             "--nproc_per_node=2",
             f"--master_port={port}",
-            "sketch_grads.py",
+            script,
             *flags,
         ],
         cwd=ROOT,
@@ -816,28 +816,10 @@ def test_torchrun_sharded_stage_ends_its_gloo_threads_before_python_exits(
     path, _ = rollouts
     script = tmp_path / "threads_at_exit.py"
     script.write_text(THREADS_AT_EXIT)
-    flags = [
-        "--model",
-        str(tiny_model),
-        "--rollouts",
-        str(path),
-        "--proj-dim",
-        "64",
-        "--fsdp",
-        "on",
-    ]
-    run_script(
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=29538",
-        str(script),
-        "sketch_grads.py",
-        *flags,
-        "--out",
-        str(tmp_path / "sketch.npy"),
-        env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "THREADS_FILE": str(tmp_path / "t")},
-    )
+    flags = ["--model", str(tiny_model), "--rollouts", str(path), "--proj-dim", "64"]
+    flags += ["--fsdp", "on", "--out", str(tmp_path / "sketch.npy")]
+    env = {"PYTHONPATH": str(ROOT), "THREADS_FILE": str(tmp_path / "t")}
+    torchrun("sketch_grads.py", *flags, port=29538, script=str(script), env=env)
     threads = [(tmp_path / f"t{rank}").read_text() for rank in range(2)]
     assert (tmp_path / "sketch.npy").exists() and all("python" in names for names in threads)
     assert not any("gloo" in names for names in threads), threads
