@@ -21,7 +21,8 @@ its fidelity.
   5. Floor (--parts floor, not run by default): the stage's batched sketch against a bare
      forward+backward of the very micro-batches it makes (the same prompts, terms and token budget;
      no hooks, nothing hashed, the summed dW computed as training would), interleaved batch by
-     batch in a rotating order, in CPU and wall time: what the hooks and the hashing add.
+     batch in a rotating order, in CPU and wall time: what the hooks and the hashing add; and the
+     sketch with nothing hashed, which splits the two.
   6. Batched (--parts batched, not run by default): the default (--batched-backward: many prompts
      in one forward+backward, each prompt's exact gradient hashed) and --batched-backward off (one
      backward per prompt, every .grad hashed in place: the same sketch), side by side: seconds per
@@ -56,6 +57,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -394,13 +396,17 @@ def bare_batched(sketcher: sg.Sketcher, rows: list[dict]) -> None:
 def time_batched(model_path: str, rows: list[dict], args: Args, names=None) -> dict:
     """Seconds per prompt, side by side: the default sketch (args.batch_prompts prompts per
     forward+backward, exact, hashed), the same with a backward per prompt (--batched-backward off),
-    a bare per-prompt forward+backward and a bare forward+backward of the default's micro-batches,
-    (or only those `names`) interleaved batch by batch (in a rotating order), in CPU time
+    a bare per-prompt forward+backward, a bare forward+backward of the default's micro-batches and
+    the default with nothing hashed ("unhashed": what the hooks' per-prompt G_b cost), (or only
+    those `names`) interleaved batch by batch (in a rotating order), in CPU time
     (process_time) and wall time."""
     default = stage_sketcher(model_path, args)
     per_prompt = stage_sketcher(model_path, args, batched_backward="off")  # no hooks
+    unhashed = stage_sketcher(model_path, args)  # the same hooks; their G_b handed to no sketch
+    unhashed.hooks.sink = types.SimpleNamespace(add=lambda *shares, **rows: None)
     runs = {
         "default": lambda chunk: default.sketch_groups([[row] for row in chunk]),
+        "unhashed": lambda chunk: unhashed.sketch_groups([[row] for row in chunk]),
         "per_prompt": lambda chunk: per_prompt.sketch_groups([[row] for row in chunk]),
         "bare": lambda chunk: bare_forward_backward(per_prompt, chunk),
         "bare_batched": lambda chunk: bare_batched(per_prompt, chunk),
@@ -832,15 +838,24 @@ def markdown_report(results: dict, command: str) -> str:
             "",
         ]
         lines += table(
-            ["per prompt", "CPU s", "wall s"],
+            ["per prompt", "CPU ms", "wall ms"],
             [
                 ["sketch (sketch_grads.py's default: hooks + CountSketch)"]
-                + [f"{cpu['default']:.3f}", f"{wall['default']:.3f}"],
+                + [f"{1e3 * cpu['default']:.2f}", f"{1e3 * wall['default']:.2f}"],
+                ["the same hooks, each prompt's G_b formed but not hashed"]
+                + [f"{1e3 * cpu['unhashed']:.2f}", f"{1e3 * wall['unhashed']:.2f}"],
                 ["bare forward+backward of the same micro-batches"]
-                + [f"{cpu['bare_batched']:.3f}", f"{wall['bare_batched']:.3f}"],
+                + [f"{1e3 * cpu['bare_batched']:.2f}", f"{1e3 * wall['bare_batched']:.2f}"],
                 ["**sketch / bare**", f"**{t['cpu_ratio']:.3f}**", f"{t['wall_ratio']:.3f}"],
             ],
         )
+        lines += [
+            "",
+            f"Of the CPU overhead, as shares of the bare pass: hashing {t['hashing_share']:+.3f} "
+            f"(sketch - unhashed); forming each prompt's gradient (its own products G_b at few "
+            f"tokens each instead of one summed dW, the norms' vjp, the hooks) "
+            f"{t['gradients_share']:+.3f} (unhashed - bare).",
+        ]
     if "memory" in results:
         lines += ["", "## Peak memory of `sketch_grads.py` (VmHWM, 8 prompts)", ""]
         lines += table(
@@ -971,15 +986,20 @@ def main(args: Args) -> None:
 
     # 5. Floor: the batched sketch against a bare forward+backward of its micro-batches
     if "floor" in args.parts:
-        floor = time_batched(str(model_path), mixed, args, names=("default", "bare_batched"))
+        names = ("default", "unhashed", "bare_batched")
+        floor = time_batched(str(model_path), mixed, args, names=names)
         for clock in ("cpu", "wall"):
             per_prompt = floor[f"{clock}_seconds_per_prompt"]
             floor[f"{clock}_ratio"] = per_prompt["default"] / per_prompt["bare_batched"]
+        cpu = floor["cpu_seconds_per_prompt"]  # the overhead's two parts, as shares of the floor
+        floor["hashing_share"] = (cpu["default"] - cpu["unhashed"]) / cpu["bare_batched"]
+        floor["gradients_share"] = (cpu["unhashed"] - cpu["bare_batched"]) / cpu["bare_batched"]
         results["floor"] = floor
         print(
             f"floor ({floor['prompts']} prompts, {floor['threads']} thread(s)): sketch / bare "
             f"forward+backward of the same micro-batches = {floor['cpu_ratio']:.3f} CPU time, "
-            f"{floor['wall_ratio']:.3f} wall time"
+            f"{floor['wall_ratio']:.3f} wall time (hashing {floor['hashing_share']:+.3f}, "
+            f"per-prompt G_b, norms and hooks {floor['gradients_share']:+.3f})"
         )
 
     # 3. Why coordinates cannot be dropped at random: how concentrated the exact gradients are
