@@ -402,11 +402,17 @@ def time_batched(model_path: str, rows: list[dict], args: Args, names=None) -> d
     (process_time) and wall time."""
     default = stage_sketcher(model_path, args)
     per_prompt = stage_sketcher(model_path, args, batched_backward="off")  # no hooks
-    unhashed = stage_sketcher(model_path, args)  # the same hooks; their G_b handed to no sketch
-    unhashed.hooks.sink = types.SimpleNamespace(add=lambda *shares, **rows: None)
+
+    def unhashed(chunk):  # the default's hooks, their G_b handed to no sketch
+        default.hooks.sink = types.SimpleNamespace(add=lambda *shares, **rows: None)
+        try:
+            default.sketch_groups([[row] for row in chunk])
+        finally:
+            default.hooks.sink = default.sketch
+
     runs = {
         "default": lambda chunk: default.sketch_groups([[row] for row in chunk]),
-        "unhashed": lambda chunk: unhashed.sketch_groups([[row] for row in chunk]),
+        "unhashed": unhashed,
         "per_prompt": lambda chunk: per_prompt.sketch_groups([[row] for row in chunk]),
         "bare": lambda chunk: bare_forward_backward(per_prompt, chunk),
         "bare_batched": lambda chunk: bare_batched(per_prompt, chunk),
