@@ -51,8 +51,8 @@ def barrier() -> None:
 
 def finish_distributed() -> None:
     """Leave the process group together. After the last collective each process says so through
-    torchrun's store and waits for all the others: a process that closes its connections while
-    another still reads its end of the last barrier can abort that one (gloo's issue #155).
+    torchrun's store and waits for all the others (a precaution after gloo's issue #155, a process
+    closing its connections while another still reads the last barrier; not seen to matter here).
     Then the group's threads must end while Python runs, not when it exits: a gloo group freed as
     the interpreter clears its modules can abort the process ('terminate called without an active
     exception'). destroy_process_group() forgets the group, but every device mesh (FSDP2's) keeps
