@@ -175,14 +175,13 @@ class GroupGradientHooks:
 
     def head_hook(self, ins: torch.Tensor, logits: torch.Tensor) -> None:
         """A chunk of response tokens through the head: ins = h_t / T [n, H], logits z_t [n, V]
-        (their gradient is delta_t); a chunk's padding tokens get no gradient."""
-        count = len(ins)
-        token_group = self.head_group[self.head_seen : self.head_seen + count]
-        token_group = torch.nn.functional.pad(token_group, (0, count - len(token_group)))
-        self.head_seen += count
-        ins = ins.detach()[:, None]
+        (their gradient is delta_t); the last chunk's padding tokens (no gradient) are left out."""
+        token_group = self.head_group[self.head_seen : self.head_seen + len(ins)]
+        real = len(token_group)
+        self.head_seen += len(ins)
+        ins = ins.detach()[:real, None]
         logits.register_hook(
-            lambda delta: self.add_matrix(self.head.weight, delta[:, None], ins, token_group)
+            lambda delta: self.add_matrix(self.head.weight, delta[:real, None], ins, token_group)
         )
 
     def remove(self) -> None:
