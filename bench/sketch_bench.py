@@ -126,7 +126,9 @@ class Args:
         DEFAULTS.chunk_prompts,
         "--parts batched: prompts per batched forward+backward (sketch_grads.py's --chunk-prompts)",
     )
-    timed_batches: int = arg(3, "--parts batched/floor: batches of --batch-prompts prompts timed")
+    timed_batches: int = arg(
+        3, "--parts batched/floor: batches of --batch-prompts prompts timed (cycled if fewer)"
+    )
     threads: int = arg(0, "torch threads (0: torch's default); fix it so that timings repeat")
 
 
@@ -399,7 +401,8 @@ def time_batched(model_path: str, rows: list[dict], args: Args, names=None) -> d
     a bare per-prompt forward+backward, a bare forward+backward of the default's micro-batches and
     the default with nothing hashed ("unhashed": what the hooks' per-prompt G_b cost), (or only
     those `names`) interleaved batch by batch (in a rotating order), in CPU time
-    (process_time) and wall time."""
+    (process_time) and wall time; and each batch's CPU seconds. With fewer full batches than
+    args.timed_batches, they are timed again in turn."""
     default = stage_sketcher(model_path, args)
     per_prompt = stage_sketcher(model_path, args, batched_backward="off")  # no hooks
 
@@ -420,23 +423,28 @@ def time_batched(model_path: str, rows: list[dict], args: Args, names=None) -> d
     runs = {name: run for name, run in runs.items() if name in (names or runs)}
     for run in runs.values():  # warm-up
         run(rows[:1])
-    cpu, wall = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
-    batches = range(0, len(rows), args.batch_prompts)
-    timed = [rows[i : i + args.batch_prompts] for i in batches][: args.timed_batches]
+    wall = dict.fromkeys(runs, 0.0)
+    batches = [rows[i : i + args.batch_prompts] for i in range(0, len(rows), args.batch_prompts)]
+    full = [batch for batch in batches if len(batch) == args.batch_prompts] or batches[:1]
+    timed = [full[b % len(full)] for b in range(args.timed_batches)]
+    per_batch = {name: [] for name in runs}
     for b, chunk in enumerate(timed):
         names = list(runs)[b % len(runs) :] + list(runs)[: b % len(runs)]
         for name in names:
             cpu_start, wall_start = time.process_time(), time.perf_counter()
             runs[name](chunk)
-            cpu[name] += time.process_time() - cpu_start
+            per_batch[name].append(time.process_time() - cpu_start)
             wall[name] += time.perf_counter() - wall_start
+    cpu = {name: sum(seconds) for name, seconds in per_batch.items()}
     n = sum(map(len, timed))
     return {
         "prompts": n,
+        "distinct_prompts": len({row["id"] for batch in timed for row in batch}),
         "batch_prompts": args.batch_prompts,
         "threads": torch.get_num_threads(),
         "cpu_seconds_per_prompt": {k: v / n for k, v in cpu.items()},
         "wall_seconds_per_prompt": {k: v / n for k, v in wall.items()},
+        "cpu_seconds_per_batch": per_batch,
     }
 
 
@@ -838,9 +846,10 @@ def markdown_report(results: dict, command: str) -> str:
             "## The batched sketch against its floor: a bare forward+backward of the same "
             "micro-batches",
             "",
-            f"{t['prompts']} training prompts with mixed rewards timed, {t['batch_prompts']} per "
-            f"batch (token budget {DEFAULTS.token_budget}), {t['threads']} thread(s), seed "
-            f"{results['seed']}; interleaved batch by batch in a rotating order.",
+            f"{t['prompts']} prompts timed ({t['distinct_prompts']} distinct training prompts "
+            f"with mixed rewards), {t['batch_prompts']} per batch (token budget "
+            f"{DEFAULTS.token_budget}), {t['threads']} thread(s), seed {results['seed']}; "
+            "interleaved batch by batch in a rotating order.",
             "",
         ]
         lines += table(
@@ -861,6 +870,10 @@ def markdown_report(results: dict, command: str) -> str:
             f"(sketch - unhashed); forming each prompt's gradient (its own products G_b at few "
             f"tokens each instead of one summed dW, the norms' vjp, the hooks) "
             f"{t['gradients_share']:+.3f} (unhashed - bare).",
+            "",
+            "Each batch's sketch / bare (CPU time, the two timed back to back): "
+            + ", ".join(f"{ratio:.3f}" for ratio in t["cpu_ratio_per_batch"])
+            + f"; median **{t['cpu_ratio_median']:.3f}**.",
         ]
     if "memory" in results:
         lines += ["", "## Peak memory of `sketch_grads.py` (VmHWM, 8 prompts)", ""]
@@ -1000,12 +1013,18 @@ def main(args: Args) -> None:
         cpu = floor["cpu_seconds_per_prompt"]  # the overhead's two parts, as shares of the floor
         floor["hashing_share"] = (cpu["default"] - cpu["unhashed"]) / cpu["bare_batched"]
         floor["gradients_share"] = (cpu["unhashed"] - cpu["bare_batched"]) / cpu["bare_batched"]
+        per_batch = floor["cpu_seconds_per_batch"]  # each batch's pair, timed back to back
+        floor["cpu_ratio_per_batch"] = [
+            sketch / bare for sketch, bare in zip(per_batch["default"], per_batch["bare_batched"])
+        ]
+        floor["cpu_ratio_median"] = float(np.median(floor["cpu_ratio_per_batch"]))
         results["floor"] = floor
         print(
             f"floor ({floor['prompts']} prompts, {floor['threads']} thread(s)): sketch / bare "
-            f"forward+backward of the same micro-batches = {floor['cpu_ratio']:.3f} CPU time, "
-            f"{floor['wall_ratio']:.3f} wall time (hashing {floor['hashing_share']:+.3f}, "
-            f"per-prompt G_b, norms and hooks {floor['gradients_share']:+.3f})"
+            f"forward+backward of the same micro-batches = {floor['cpu_ratio']:.3f} CPU time "
+            f"(median of the batches {floor['cpu_ratio_median']:.3f}), {floor['wall_ratio']:.3f} "
+            f"wall time (hashing {floor['hashing_share']:+.3f}, per-prompt G_b, norms and hooks "
+            f"{floor['gradients_share']:+.3f})"
         )
 
     # 3. Why coordinates cannot be dropped at random: how concentrated the exact gradients are
@@ -1060,6 +1079,7 @@ def main(args: Args) -> None:
         )
     if "floor" in results:
         summary.append(f"floor_ratio={results['floor']['cpu_ratio']:.3f}")
+        summary.append(f"floor_ratio_median={results['floor']['cpu_ratio_median']:.3f}")
     print(" ".join(summary))
 
 

@@ -194,3 +194,16 @@ def test_exact_gradients_are_the_stage_projector_none(tiny_model, study_inputs, 
     np.testing.assert_array_equal(
         sb.exact_gradients(sketcher, rows[:2], kept).numpy(), got[:2, kept]
     )
+
+
+def test_time_batched_times_full_batches_in_turn_and_keeps_each_batch(tiny_model, study_inputs):
+    """Fewer full batches than --timed-batches: they are timed again in turn (the partial one
+    never); each batch's CPU seconds are kept, in order, beside the per-prompt means."""
+    _, rows = study_inputs  # 9 prompts: batches of 4, 4 and 1
+    args = sb.Args(proj_dim=64, batch_prompts=4, timed_batches=3)
+    timed = sb.time_batched(str(tiny_model), rows, args, names=("default", "bare_batched"))
+    assert (timed["prompts"], timed["distinct_prompts"]) == (12, 8)  # batches 1, 2, 1
+    for name in ("default", "bare_batched"):
+        per_batch = timed["cpu_seconds_per_batch"][name]
+        assert len(per_batch) == 3 and all(seconds > 0 for seconds in per_batch)
+        assert timed["cpu_seconds_per_prompt"][name] == pytest.approx(sum(per_batch) / 12)
