@@ -70,7 +70,7 @@ sys.path.insert(0, str(ROOT))
 import make_demo  # noqa: E402
 import sketch_grads as sg  # noqa: E402
 from common import encode_prompt, format_prompt, response_logprobs, reward  # noqa: E402
-from plumbing.cli import arg, parse_args  # noqa: E402
+from plumbing.cli import DataError, arg, parse_args  # noqa: E402
 from plumbing.data import read_jsonl  # noqa: E402
 from plumbing.distributed import get_device  # noqa: E402
 from plumbing.files import atomic_path, write_json, write_jsonl  # noqa: E402
@@ -130,6 +130,11 @@ class Args:
         3, "--parts batched/floor: batches of --batch-prompts prompts timed (cycled if fewer)"
     )
     threads: int = arg(0, "torch threads (0: torch's default); fix it so that timings repeat")
+    floor_response_tokens: int = arg(
+        0,
+        "--parts floor: every response lengthened to this many tokens (0: as sampled)",
+        at_least=0,
+    )
 
 
 # ------------------------------------------------------------------------------- model and rollouts
@@ -393,6 +398,29 @@ def bare_batched(sketcher: sg.Sketcher, rows: list[dict]) -> None:
     for batch in sg.micro_batches(terms, sketcher.args.token_budget):
         sg.surrogate(sketcher.model, batch, sketcher.pad_token_id).backward()
     sketcher.model.zero_grad(set_to_none=True)
+
+
+def lengthen_responses(rows: list[dict], length: int, config, seed: int) -> list[dict]:
+    """The rows with every response extended to `length` tokens by seeded random token ids, each
+    with behaviour log-prob log(1/V): the floor at longer responses (what the passes cost does not
+    depend on which tokens they are)."""
+    longest_prompt = max(len(row["prompt_ids"]) for row in rows)
+    if longest_prompt + length > config.max_position_embeddings:
+        raise DataError(
+            f"--floor-response-tokens {length}: a prompt of {longest_prompt} tokens and the "
+            f"response pass the model's {config.max_position_embeddings} positions"
+        )
+    generator, uniform = torch.Generator().manual_seed(seed), -math.log(config.vocab_size)
+    longer = []
+    for row in rows:
+        tails = [
+            torch.randint(config.vocab_size, (max(0, length - len(r)),), generator=generator)
+            for r in row["response_ids"]
+        ]
+        responses = [r + tail.tolist() for r, tail in zip(row["response_ids"], tails)]
+        behavior = [b + [uniform] * len(t) for b, t in zip(row["behavior_logprobs"], tails)]
+        longer.append(row | dict(response_ids=responses, behavior_logprobs=behavior))
+    return longer
 
 
 def time_batched(model_path: str, rows: list[dict], args: Args, names=None) -> dict:
@@ -849,7 +877,14 @@ def markdown_report(results: dict, command: str) -> str:
             f"{t['prompts']} prompts timed ({t['distinct_prompts']} distinct training prompts "
             f"with mixed rewards), {t['batch_prompts']} per batch (token budget "
             f"{DEFAULTS.token_budget}), {t['threads']} thread(s), seed {results['seed']}; "
-            "interleaved batch by batch in a rotating order.",
+            "interleaved batch by batch in a rotating order. Responses: "
+            + (
+                f"lengthened to {t['lengthened_to']} tokens (seeded random tokens after the "
+                "sampled ones, --floor-response-tokens)"
+                if t.get("lengthened_to")
+                else f"as sampled, {t['response_tokens_mean']:.1f} tokens on average"
+            )
+            + ".",
             "",
         ]
         lines += table(
@@ -1006,7 +1041,17 @@ def main(args: Args) -> None:
     # 5. Floor: the batched sketch against a bare forward+backward of its micro-batches
     if "floor" in args.parts:
         names = ("default", "unhashed", "bare_batched")
-        floor = time_batched(str(model_path), mixed, args, names=names)
+        rows = mixed
+        if args.floor_response_tokens:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model_path)
+            rows = lengthen_responses(mixed, args.floor_response_tokens, config, args.seed)
+        floor = time_batched(str(model_path), rows, args, names=names)
+        floor["lengthened_to"] = args.floor_response_tokens
+        floor["response_tokens_mean"] = float(
+            np.mean([len(r) for row in rows for r in row["response_ids"]])
+        )
         for clock in ("cpu", "wall"):
             per_prompt = floor[f"{clock}_seconds_per_prompt"]
             floor[f"{clock}_ratio"] = per_prompt["default"] / per_prompt["bare_batched"]

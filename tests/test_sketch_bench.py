@@ -4,6 +4,7 @@ bookkeeping (against sketch_grads.py's own sketches), and the peak-memory measur
 import itertools
 import math
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,25 @@ def test_time_batched_times_full_batches_in_turn_and_keeps_each_batch(tiny_model
         per_batch = timed["cpu_seconds_per_batch"][name]
         assert len(per_batch) == 3 and all(seconds > 0 for seconds in per_batch)
         assert timed["cpu_seconds_per_prompt"][name] == pytest.approx(sum(per_batch) / 12)
+
+
+def test_lengthen_responses_pads_with_seeded_tokens_of_uniform_logprob():
+    config = types.SimpleNamespace(vocab_size=50, max_position_embeddings=12)
+    rows = [
+        dict(
+            id="a",
+            prompt_ids=[1, 2],
+            response_ids=[[3], [4, 5, 6]],
+            behavior_logprobs=[[-1.0], [-1, -2, -3]],
+        )
+    ]
+    longer = sb.lengthen_responses(rows, 4, config, seed=0)
+    assert [len(r) for r in longer[0]["response_ids"]] == [4, 4]
+    assert longer[0]["response_ids"][0][:1] == [3] and longer[0]["response_ids"][1][:3] == [4, 5, 6]
+    assert longer[0]["behavior_logprobs"][0] == [-1.0] + [-math.log(50)] * 3
+    assert longer[0]["behavior_logprobs"][1] == [-1, -2, -3, -math.log(50)]
+    assert all(0 <= t < 50 for r in longer[0]["response_ids"] for t in r)
+    assert sb.lengthen_responses(rows, 4, config, seed=0) == longer  # seeded
+    assert rows[0]["response_ids"] == [[3], [4, 5, 6]]  # the input left as it was
+    with pytest.raises(sb.DataError, match="--floor-response-tokens 11"):
+        sb.lengthen_responses(rows, 11, config, seed=0)  # 2 + 11 > 12 positions
