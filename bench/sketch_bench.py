@@ -22,7 +22,9 @@ its fidelity.
      forward+backward of the very micro-batches it makes (the same prompts, terms and token budget;
      no hooks, nothing hashed, the summed dW computed as training would), interleaved batch by
      batch in a rotating order, in CPU and wall time: what the hooks and the hashing add; and the
-     sketch with nothing hashed, which splits the two.
+     sketch with nothing hashed, which splits the two. --floor-response-tokens L: every response
+     lengthened to L tokens by seeded random ones (the overhead is of size d per prompt, so it
+     weighs less as responses get longer).
   6. Batched (--parts batched, not run by default): the default (--batched-backward: many prompts
      in one forward+backward, each prompt's exact gradient hashed) and --batched-backward off (one
      backward per prompt, every .grad hashed in place: the same sketch), side by side: seconds per
