@@ -23,8 +23,8 @@ its fidelity.
      no hooks, nothing hashed, the summed dW computed as training would), interleaved batch by
      batch in a rotating order, in CPU and wall time: what the hooks and the hashing add; and the
      sketch with nothing hashed, which splits the two. --floor-response-tokens L: every response
-     lengthened to L tokens by seeded random ones (the overhead is of size d per prompt, so it
-     weighs less as responses get longer).
+     lengthened to L tokens by seeded random ones (most of the overhead is work of size d per
+     prompt: it should weigh less as responses get longer).
   6. Batched (--parts batched, not run by default): the default (--batched-backward: many prompts
      in one forward+backward, each prompt's exact gradient hashed) and --batched-backward off (one
      backward per prompt, every .grad hashed in place: the same sketch), side by side: seconds per
@@ -403,16 +403,16 @@ def bare_batched(sketcher: sg.Sketcher, rows: list[dict]) -> None:
 
 
 def lengthen_responses(rows: list[dict], length: int, config, seed: int) -> list[dict]:
-    """The rows with every response extended to `length` tokens by seeded random token ids, each
-    with behaviour log-prob log(1/V): the floor at longer responses (what the passes cost does not
-    depend on which tokens they are)."""
+    """The rows with every shorter response extended to `length` tokens by seeded random token
+    ids, each with behaviour log-prob log(1/V): the floor at longer responses (what the passes cost
+    does not depend on which tokens they are)."""
     longest_prompt = max(len(row["prompt_ids"]) for row in rows)
     if longest_prompt + length > config.max_position_embeddings:
         raise DataError(
             f"--floor-response-tokens {length}: a prompt of {longest_prompt} tokens and the "
             f"response pass the model's {config.max_position_embeddings} positions"
         )
-    generator, uniform = torch.Generator().manual_seed(seed), -math.log(config.vocab_size)
+    generator, log_uniform = torch.Generator().manual_seed(seed), -math.log(config.vocab_size)
     longer = []
     for row in rows:
         tails = [
@@ -420,7 +420,7 @@ def lengthen_responses(rows: list[dict], length: int, config, seed: int) -> list
             for r in row["response_ids"]
         ]
         responses = [r + tail.tolist() for r, tail in zip(row["response_ids"], tails)]
-        behavior = [b + [uniform] * len(t) for b, t in zip(row["behavior_logprobs"], tails)]
+        behavior = [b + [log_uniform] * len(t) for b, t in zip(row["behavior_logprobs"], tails)]
         longer.append(row | dict(response_ids=responses, behavior_logprobs=behavior))
     return longer
 
