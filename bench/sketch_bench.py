@@ -72,7 +72,7 @@ sys.path.insert(0, str(ROOT))
 import make_demo  # noqa: E402
 import sketch_grads as sg  # noqa: E402
 from common import encode_prompt, format_prompt, response_logprobs, reward  # noqa: E402
-from plumbing.cli import DataError, arg, parse_args  # noqa: E402
+from plumbing.cli import DataError, arg, run_main  # noqa: E402
 from plumbing.data import read_jsonl  # noqa: E402
 from plumbing.distributed import get_device  # noqa: E402
 from plumbing.files import atomic_path, write_json, write_jsonl  # noqa: E402
@@ -1131,4 +1131,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    run_main(main, Args)
