@@ -56,9 +56,11 @@ class TrainingRun:
         plan |= dict(vllm_share=args.gpu_memory_utilization if self.backend == "vllm" else 0.0)
         share = " or --gpu-memory-utilization" if self.device.type == "cuda" else ""
         if self.backend == "hf":  # generate()'s KV cache: a step's or an evaluation's sequences
-            calls = [sequences, *map(len, self.eval_sets.values())]
-            length = self.longest_prompt + max(args.max_new_tokens, args.eval_max_new_tokens)
-            plan["generation_tokens"] = min(args.hf_generation_batch, max(calls)) * length
+            calls = [(sequences, args.max_new_tokens)]
+            calls += [(len(rows), args.eval_max_new_tokens) for rows in self.eval_sets.values()]
+            plan["generation_tokens"] = max(
+                min(args.hf_generation_batch, n) * (self.longest_prompt + new) for n, new in calls
+            )
             share = " or --hf-generation-batch"
         flags = f"--micro-batch-tokens{share}, or use --fsdp on"
         self.sharded = plan_memory(args.model, self.device, "grpo", **plan, flags=flags)

@@ -629,7 +629,8 @@ def test_the_memory_plan_counts_a_pass_of_the_data_and_refuses_before_loading(
 ):
     """The plan's activations are those of the most tokens one pass holds: B x G = 64 sequences
     of the longest prompt + 3 new tokens, below --micro-batch-tokens 100000; generate()'s KV cache
-    those of the 64 sequences of a step. Refused (memory too small) before any model loads."""
+    those of its largest call, a step's 64 sequences or an evaluation set. Refused (memory too
+    small) before any model loads."""
     import plumbing.grpo_run
     import plumbing.memory_plan
     import plumbing.models
@@ -656,6 +657,11 @@ def test_the_memory_plan_counts_a_pass_of_the_data_and_refuses_before_loading(
     longest = max(map(len, encoded))  # 5 tokens: the toy's prompts
     assert longest == 5
     assert planned["token_budget"] == planned["generation_tokens"] == 64 * (longest + 3)
+    # an evaluation set of the 24 prompts, answered in up to 50 tokens: its call holds more
+    flags += ["--eval-data", str(data), "--eval-max-new-tokens", "50"]
+    with pytest.raises(DataError):
+        grpo_train.main(parse_args(grpo_train.Args, flags[1:]))
+    assert planned["token_budget"] == 64 * (5 + 3) and planned["generation_tokens"] == 24 * (5 + 50)
 
 
 def test_bad_flags_give_clear_errors(digit_toy, tmp_path, capsys):
