@@ -587,6 +587,18 @@ def test_memory_plan_refuses_before_loading_and_names_the_flags(tiny_model, monk
         sg.Sketcher(sg.Args(model=str(tiny_model)), CPU, 0, 1)
 
 
+def test_a_plan_past_the_machines_memory_ends_in_one_line_on_a_cpu(tiny_model, rollouts, tmp_path):
+    """A token budget of 10^9: terabytes of activations, more than any machine has available."""
+    path, _ = rollouts
+    out = tmp_path / "s.npy"
+    argv = ["--model", str(tiny_model), "--rollouts", str(path), "--out", str(out)]
+    result = run_script("sketch_grads.py", *argv, "--token-budget", "1000000000", check=False)
+    assert result.returncode == 1 and "memory plan (sketch, GiB per process)" in result.stdout
+    (error,) = result.stderr.strip().splitlines()  # one line
+    assert "GiB available for it; lower --token-budget, or use --fsdp on" in error
+    assert not out.exists() and not out.with_name("s.npy.parts").exists()
+
+
 def test_nonfinite_rows_flagged(tiny_model, rollouts, tmp_path):
     path, rows = rollouts
     bad = [dict(r) for r in rows]
