@@ -293,34 +293,41 @@ def load_results(path: Path, setup: dict) -> dict:
     return {"setup": setup, "points": {}}
 
 
-def memory_plans(model_dir: Path) -> dict:
-    """plumbing.memory_plan of each pass for this model at its script's default token budget."""
+def memory_plans(model_dir: Path, length: int) -> dict:
+    """plumbing.memory_plan of each pass as it runs on a CPU here at response length `length`
+    (without the margin, 5% of whatever memory the machine has available): collect's log-prob pass
+    and the sketch at their scripts' token budgets, GRPO's step (B x G = 8 sequences, hf) at the
+    most tokens a pass holds and generate()'s KV cache of its 8 sequences."""
     from transformers import AutoConfig
 
     import collect_rollouts
+    import common
     import grpo_train
     import sketch_grads
+    from plumbing.memory_plan import pass_tokens
+    from plumbing.models import load_tokenizer
 
-    config = AutoConfig.from_pretrained(model_dir)
-    num_params = count_parameters(config)
-    budgets = {
-        "collect": (collect_rollouts.Args().logprob_token_budget, False),
-        "sketch": (sketch_grads.Args().token_budget, True),
-        "grpo": (grpo_train.Args().micro_batch_tokens, True),
+    config, tokenizer = AutoConfig.from_pretrained(model_dir), load_tokenizer(str(model_dir))
+    prompt = max(
+        len(common.encode_prompt(tokenizer, common.format_prompt(tokenizer, q))) for q in QUESTIONS
+    )
+    num_params, grpo = count_parameters(config), grpo_train.Args()
+    step_tokens = 8 * (prompt + length)  # the step's 2 prompts x 4 responses
+    settings = {
+        "collect": dict(token_budget=collect_rollouts.Args().logprob_token_budget),
+        "sketch": dict(token_budget=sketch_grads.Args().token_budget),
+        "grpo": dict(
+            token_budget=pass_tokens(grpo.micro_batch_tokens, 8, prompt + length),
+            generation_tokens=step_tokens,
+        ),
     }
     plans = {}
-    for stage, (
-        budget,
-        checkpointing,
-    ) in budgets.items():  # checkpointing: "auto" turns it on with CUDA
-        plan = memory_plan(
-            config, num_params, stage, token_budget=budget, checkpointing=checkpointing
-        )
-        plans[stage] = {
-            "token_budget": budget,
-            "total": plan["total"],
-            "parts": {k: v for k, v in plan.items() if k != "total"},
-        }
+    for stage, setting in settings.items():
+        cpu = dict(checkpointing=False, device_type="cpu", card_gib=0.0)  # "auto" on a CPU: off
+        plan = memory_plan(config, num_params, stage, **setting, **cpu)
+        parts = {k: v for k, v in plan.items() if k not in ("total", "margin")}
+        plans[stage] = {"token_budget": setting["token_budget"], "total": plan["total"]}
+        plans[stage] |= {"length": length, "parts": parts}
     return plans
 
 
@@ -356,12 +363,12 @@ def markdown_report(results: dict) -> str:
     lines += ["", "Wall time in brackets (the whole child: imports, model loading, the pass).", ""]
     if results.get("plan"):
         lines += [
-            "The memory plan each stage prints on a GPU (plumbing.memory_plan, GiB) for this model "
-            "at the same token budgets, beside the largest peak measured here. The plan counts "
-            "what the GPU holds (weights, grads, optimizer, bf16 activations, one float32 logit "
-            "chunk), not the interpreter, torch's CPU libraries and the tokenizer that the "
-            "resident figure includes; like the measurement, it does not grow with L: memory "
-            "follows the token budget.",
+            "The memory plan each stage prints on a CPU (plumbing.memory_plan, GiB, without its "
+            "margin of 5% of the memory available) for this model at L = "
+            f"{max(p['length'] for p in results['plan'].values())}, beside the largest peak "
+            "measured here: the tokens of a pass (token budget, or GRPO's 8 sequences when "
+            "fewer), float32 activations, generate()'s KV cache (grpo), one float32 logit chunk "
+            "and 1 GiB for the interpreter and its libraries. Memory follows the token budget.",
             "",
             "| pass | token budget | plan, GiB | largest peak measured, GiB |",
             "|---|---|---|---|",
@@ -420,7 +427,7 @@ def main(args: Args) -> None:
     results = load_results(
         path, {"vocab_size": args.vocab_size, "threads": args.threads, "seed": args.seed}
     )
-    results["plan"] = memory_plans(model_dir)
+    results["plan"] = memory_plans(model_dir, max(args.lengths))
     for length in args.lengths:
         for stage in [s for s in STAGES if s in args.stages]:
             key = f"{stage}@{length}"

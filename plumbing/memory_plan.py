@@ -66,7 +66,7 @@ def memory_plan(
                  input (the residual stream) is float32 beside float32 weights, bf16 under FSDP's
                  bf16 policy (shards > 1)
     logits       one LM-head chunk in float32 (common.chunked_head_logprobs: at most 2^26 logits
-                 and 4,096 tokens) x ~3 tensors (logits, softmax, grad)
+                 and 4,096 tokens) x ~3 tensors (logits, softmax, grad); GRPO's entropy ~2 more
     hashes       the CountSketch's cached hash draws (sketch): 8 B a coordinate, at most 2 GiB
     gathered     FSDP (shards > 1): the root's weights kept whole after its forward (embeddings
                  and LM head, float32; GRPO's reference: bf16 too) and two layers gathered in bf16
@@ -89,7 +89,8 @@ def memory_plan(
         activations = internals * layers
     root = config.vocab_size * hidden * (1 if getattr(config, "tie_word_embeddings", True) else 2)
     layer = (num_params - root) / layers
-    reference = (4 if on_cpu else 2) if stage == "grpo" else 0
+    grpo = stage == "grpo"
+    reference = (4 if on_cpu else 2) if grpo else 0
     engine = vllm_share * card_gib * GIB  # on a CPU: the weights and the KV cache
     if on_cpu and vllm_share:
         engine = num_params * 4 + (vllm_kv_cache_gib or 1.0) * GIB
@@ -105,7 +106,7 @@ def memory_plan(
         "vllm": engine if stage in ("collect", "grpo") else 0,
         "kv_cache": kv_cache if stage in ("collect", "grpo") else 0,
         "activations": activations,
-        "logits": min(chunk_tokens, token_budget) * config.vocab_size * 4 * 3,
+        "logits": min(chunk_tokens, token_budget) * config.vocab_size * 4 * (5 if grpo else 3),
         "hashes": min(num_params * 8, 2 * GIB) if stage == "sketch" else 0,
         "gathered": root * (6 if stage == "grpo" else 4) + 2 * layer * 2 if shards > 1 else 0,
         "runtime": RUNTIME_GIB[device_type] * GIB,

@@ -351,8 +351,8 @@ def test_memory_plan_by_hand():
     # weights 2^28 x (4 + 2) B = 1.5 GiB; grads x 4 = 1; AdamW x 8 = 2; vLLM 0.5 x 10 = 5
     # activations: float32 layer inputs 2^20 x 64 x 4 B x 2 layers = 0.5 GiB
     #              + one layer 2^20 x (16 x 64 + 4 x 256) x 2 B = 4
-    # logits: a chunk of min(4096, 2^26 // 1024) = 4096 tokens x 1024 x 4 B x 3 = 0.05 GiB
-    # CUDA context, cuBLAS, NCCL: 1.5 GiB; margin 0.05 x 10 = 0.5
+    # logits: a chunk of min(4096, 2^26 // 1024) = 4096 tokens x 1024 x 4 B x 5 (GRPO's entropy)
+    # = 0.08 GiB; CUDA context, cuBLAS, NCCL: 1.5 GiB; margin 0.05 x 10 = 0.5
     assert plan == {
         "weights": 1.5,
         "grads": 1.0,
@@ -360,12 +360,12 @@ def test_memory_plan_by_hand():
         "vllm": 5.0,
         "kv_cache": 0,
         "activations": 4.5,
-        "logits": 0.05,
+        "logits": 0.08,
         "hashes": 0,
         "gathered": 0,
         "runtime": 1.5,
         "margin": 0.5,
-        "total": 16.05,
+        "total": 16.08,
     }
     without = memory_plan(
         config, 2**28, "grpo", token_budget=2**20, checkpointing=False, vllm_share=0.5, card_gib=10
@@ -396,7 +396,7 @@ def test_memory_plan_by_hand():
         shards=4,
     )
     assert (sharded["weights"], sharded["grads"], sharded["optimizer"]) == (0.38, 0.25, 0.5)
-    assert (sharded["activations"], sharded["gathered"], sharded["total"]) == (4.25, 0.5, 12.93)
+    assert (sharded["activations"], sharded["gathered"], sharded["total"]) == (4.25, 0.5, 12.96)
     # untied: the root holds the embedding and the LM head, 2 x 2^14 x 2^12 = 2^27 parameters, so
     # each of the 2 layers holds (2^28 - 2^27) / 2 = 2^26: float32 root 0.5 GiB + 2 layers in bf16
     # 0.25; GRPO's bf16 reference root 0.25 more
@@ -467,7 +467,7 @@ def test_the_cpu_plan_by_hand():
     grpo = memory_plan(config, 2**28, "grpo", vllm_share=0.6, vllm_kv_cache_gib=2, **settings)
     # weights 2^28 x (4 + 4) B = 2 GiB; grads 1; AdamW 2; vLLM 2^28 x 4 B = 1 + KV 2 = 3
     # activations: every layer's internals 2^20 x (16 x 64 + 4 x 256) x 4 B = 8 GiB, x 2 layers
-    # logits: a chunk of min(4096, 2^26 // 1024) = 4096 tokens x 1024 x 4 B x 3 = 0.05 GiB
+    # logits: a chunk of min(4096, 2^26 // 1024) = 4096 tokens x 1024 x 4 B x 5 = 0.08 GiB
     # runtime 1; margin 0.05 x 10 = 0.5
     assert grpo == {
         "weights": 2.0,
@@ -476,18 +476,18 @@ def test_the_cpu_plan_by_hand():
         "vllm": 3.0,
         "kv_cache": 0,
         "activations": 16.0,
-        "logits": 0.05,
+        "logits": 0.08,
         "hashes": 0,
         "gathered": 0,
         "runtime": 1.0,
         "margin": 0.5,
-        "total": 25.55,
+        "total": 25.58,
     }
     hf = memory_plan(config, 2**28, "grpo", vllm_share=0.0, **settings)
-    assert hf["vllm"] == 0 and hf["total"] == 22.55
+    assert hf["vllm"] == 0 and hf["total"] == 22.58
     # generate()'s KV cache: 2 layers x (K, V) x 2 heads x 32 dims x 4 B = 1 KiB a token
     sampling = memory_plan(config, 2**28, "grpo", generation_tokens=2**20, **settings)
-    assert sampling["kv_cache"] == 1.0 and sampling["total"] == 23.55
+    assert sampling["kv_cache"] == 1.0 and sampling["total"] == 23.58
     on_cuda = settings | dict(device_type="cuda", generation_tokens=2**20)
     assert memory_plan(config, 2**28, "collect", **on_cuda)["kv_cache"] == 0.5  # bf16
     assert memory_plan(config, 2**28, "sketch", **on_cuda)["kv_cache"] == 0  # no sampling
