@@ -213,6 +213,6 @@ def memory_gib(device: torch.device) -> float:
         with open("/proc/meminfo") as meminfo:
             fields = dict(line.split(":", 1) for line in meminfo)
         available = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError):  # not Linux
+    except (OSError, KeyError, ValueError):  # not Linux
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return available / GIB / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
