@@ -45,8 +45,8 @@ class TrainingRun:
         self.eval_sets = {Path(p).stem: load_examples(p) for p in args.eval_data}
         self.tokenizer = models.load_tokenizer(args.model)
         self.pad = self.tokenizer.pad_token_id
-        rows = self.examples + [r for rows in self.eval_sets.values() for r in rows]
-        self.longest_prompt = max(len(self.encode(r["prompt"])) for r in rows)
+        rows = self.examples + [row for evals in self.eval_sets.values() for row in evals]
+        self.longest_prompt = max(len(self.encode(row["prompt"])) for row in rows)
         # a pass of the update holds at most this process's B / processes x G sequences
         sequences = args.batch_prompts // self.world * args.group_size
         longest = self.longest_prompt + args.max_new_tokens
