@@ -77,8 +77,9 @@ def memory_plan(
     shards: processes that share weights, grads and optimizer state (FSDP); 1 = replicated.
     """
     hidden, layers, on_cpu = config.hidden_size, config.num_hidden_layers, device_type == "cpu"
+    autocast_bytes = 4 if on_cpu else 2  # a value bf16 under CUDA autocast: float32 on a CPU
     intermediate = getattr(config, "intermediate_size", None) or 4 * hidden
-    internals = token_budget * (16 * hidden + 4 * intermediate) * (4 if on_cpu else 2)
+    internals = token_budget * (16 * hidden + 4 * intermediate) * autocast_bytes
     layer_input = token_budget * hidden * (2 if shards > 1 else 4)
     training = stage in ("sketch", "grpo")
     if not training:
@@ -89,26 +90,26 @@ def memory_plan(
         activations = internals * layers
     root = config.vocab_size * hidden * (1 if getattr(config, "tie_word_embeddings", True) else 2)
     layer = (num_params - root) / layers
-    grpo = stage == "grpo"
-    reference = (4 if on_cpu else 2) if grpo else 0
+    grpo, sampling = stage == "grpo", stage in ("collect", "grpo")
+    reference = autocast_bytes if grpo else 0
     engine = vllm_share * card_gib * GIB  # on a CPU: the weights and the KV cache
     if on_cpu and vllm_share:
         engine = num_params * 4 + (vllm_kv_cache_gib or 1.0) * GIB
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    kv_cache = generation_tokens * layers * 2 * kv_heads * head_dim * (4 if on_cpu else 2)
+    kv_cache = generation_tokens * layers * 2 * kv_heads * head_dim * autocast_bytes
     chunk_tokens = min(MAX_CHUNK_TOKENS, max(1, LOGITS_PER_CHUNK // config.vocab_size))
     plan = {
         "weights": num_params * (4 + reference) / shards,
         "grads": num_params * 4 / shards if training else 0,
-        "optimizer": num_params * 8 / shards if stage == "grpo" else 0,
-        "vllm": engine if stage in ("collect", "grpo") else 0,
-        "kv_cache": kv_cache if stage in ("collect", "grpo") else 0,
+        "optimizer": num_params * 8 / shards if grpo else 0,
+        "vllm": engine if sampling else 0,
+        "kv_cache": kv_cache if sampling else 0,
         "activations": activations,
         "logits": min(chunk_tokens, token_budget) * config.vocab_size * 4 * (5 if grpo else 3),
         "hashes": min(num_params * 8, 2 * GIB) if stage == "sketch" else 0,
-        "gathered": root * (6 if stage == "grpo" else 4) + 2 * layer * 2 if shards > 1 else 0,
+        "gathered": root * (6 if grpo else 4) + 2 * layer * 2 if shards > 1 else 0,
         "runtime": RUNTIME_GIB[device_type] * GIB,
         "margin": MARGIN * card_gib * GIB,
     }
