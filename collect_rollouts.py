@@ -60,7 +60,7 @@ class Args:
     backend: Literal["auto", "vllm", "hf"] = arg("auto", "sampler (auto: vLLM on CUDA)")
     system_prompt: str = arg(common.DEFAULT_SYSTEM_PROMPT, "system prompt ('' for none)")
     gpu_memory_utilization: float = arg(0.6, "vLLM's share of GPU memory (the rest: log-probs)")
-    vllm_kv_cache_gib: float = arg(0.0, "vLLM KV-cache size in GiB (0: by the share above)")
+    vllm_kv_cache_gib: float = arg(0.0, "vLLM KV cache in GiB (0: by the share above)", at_least=0)
     vllm_enforce_eager: bool = arg(False, "vLLM without compilation (quicker start: tests)")
     chunk_size: int = arg(64, "prompts per chunk (a piece of OUT.jsonl.parts)", at_least=1)
     hf_batch_size: int = arg(16, "hf: prompts per generate() call (K sequences each)", at_least=1)

@@ -423,3 +423,5 @@ def test_the_memory_plan_counts_generates_kv_cache_and_refuses_before_loading(
     longest = max(len(example["prompt_ids"]) for example in examples)
     assert planned["generation_tokens"] == 3 * 4 * (longest + 6)  # 3 prompts x K = 4
     assert not (tmp_path / "out.jsonl").exists()
+    with pytest.raises(SystemExit):  # a KV cache of -1 GiB would shrink the plan
+        parse_args(cr.Args, [*argv[1:], "--vllm-kv-cache-gib", "-1"])
