@@ -905,7 +905,7 @@ def markdown_report(results: dict, command: str) -> str:
             "",
             f"Of the CPU overhead, as shares of the bare pass: hashing {t['hashing_share']:+.3f} "
             f"(sketch - unhashed); forming each prompt's gradient (its own products G_b at few "
-            f"tokens each instead of one summed dW, the norms' vjp, the hooks) "
+            f"tokens each instead of one summed dW, the norms' sums, the hooks) "
             f"{t['gradients_share']:+.3f} (unhashed - bare).",
             "",
             "Each batch's sketch / bare (CPU time, the two timed back to back): "

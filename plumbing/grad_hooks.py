@@ -23,7 +23,7 @@ class GroupGradientHooks:
       W of a Linear / Conv1D, or of the LM head:   G_b = sum_{t in b} delta_t x_t^T
       an embedding E [V, H] (token v_t):            row v_t of G_b gets the output gradient g_t
       a bias:                                       sum_{t in b} delta_t
-      norm weights and biases (token by token):     the vjp of the module re-run on each row
+      a norm's weight gamma and bias beta:          sum_{t in b} g_t * dy_t/dgamma, sum_{t in b} g_t
     Each share goes to sink.add(groups, parameter, values, rows): values [len(groups), ...], each
     shaped like the parameter or (rows given) its rows `rows`; groups None: every group at once.
     The parameters are frozen while hooked: the backward computes no summed dW (nobody reads it).
@@ -38,7 +38,10 @@ class GroupGradientHooks:
         numel, device = sum(p.numel() for p in self.parameters), self.parameters[0].device
         self.products = torch.empty(numel, device=device)
         self.head = model.get_output_embeddings()
+        if getattr(self.head, "bias", None) is not None:
+            raise DataError("--batched-backward: an LM head with a bias is not supported")
         self.exact, self.transposed = [], set()  # exact: summed per group, handed over at the end
+        self.norm_rules = {}  # a norm module -> the function giving its parameters' shares
         for name, module in model.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if module is self.head or not own:
@@ -50,13 +53,13 @@ class GroupGradientHooks:
                 self.handles.append(module.register_forward_hook(self.linear_hook))
             elif isinstance(module, torch.nn.Embedding):
                 self.handles.append(module.register_forward_hook(self.embedding_hook))
-            elif type(module).__name__.endswith("Norm"):
+            elif (rule := norm_rule(module)) is not None:
+                self.norm_rules[module] = rule
                 self.exact += own
                 self.handles.append(module.register_forward_hook(self.norm_hook))
             else:
+                self.remove()  # the hooks registered so far
                 raise DataError(f"--batched-backward has no rule for {name} ({type(module)})")
-        if getattr(self.head, "bias", None) is not None:
-            raise DataError("--batched-backward: an LM head with a bias is not supported")
         self.handles.append(model.register_forward_hook(self.model_hook))
         for p in self.parameters:
             p.requires_grad_(False)
@@ -147,22 +150,11 @@ class GroupGradientHooks:
     def norm_hook(self, module, args, output):
         if not self.active:
             return
-        x, row_group = args[0].detach(), self.row_group
-        params = dict(module.named_parameters(recurse=False))
-        frozen = {name: p.detach() for name, p in params.items()}
+        x, row_group, shares = args[0].detach(), self.row_group, self.norm_rules[module]
 
-        def row_gradient(x_row, grad_row):  # a row alone: a norm works token by token
-            def call(weights):
-                return torch.func.functional_call(module, weights, (x_row,))
-
-            return torch.func.vjp(call, frozen)[1](grad_row)[0]
-
-        def backward(grad):
-            with torch.enable_grad():
-                per_row = torch.func.vmap(row_gradient)(x, grad)
-            for name, p in params.items():
-                values = per_row[name].float().reshape(len(x), -1)
-                self.sums[id(p)].index_add_(0, row_group, values)
+        def backward(grad):  # each row's sum over its tokens, added to its group's
+            for p, share in shares(module, x, grad.float()).items():
+                self.sums[id(p)].index_add_(0, row_group, share.sum(1))
 
         output.register_hook(backward)
 
@@ -189,6 +181,43 @@ class GroupGradientHooks:
             handle.remove()
         for p in self.parameters:
             p.requires_grad_(True)
+
+
+# ------------------------------------------- a norm's parameters: their gradient token by token
+def layer_norm_shares(module, x, grad) -> dict:
+    """LayerNorm, y = gamma * x_hat + beta with x_hat = (x - mean(x)) / std(x): g * x_hat, g."""
+    x_hat = torch.nn.functional.layer_norm(x.float(), module.normalized_shape, eps=module.eps)
+    shares = {module.weight: grad * x_hat}
+    return shares if module.bias is None else shares | {module.bias: grad}
+
+
+def rms_normalized(module, x) -> torch.Tensor:
+    """x / rms(x), rms(x) = sqrt(mean(x^2) + eps), as Llama's RMSNorm computes it (in float32,
+    then in x's dtype)."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps  # torch.nn.RMSNorm's default
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rms_norm_shares(module, x, grad) -> dict:
+    """RMSNorm, y = gamma * x / rms(x): g * x / rms(x)."""
+    return {module.weight: grad * rms_normalized(module, x).float()}
+
+
+def norm_rule(module):
+    """layer_norm_shares or rms_norm_shares for a module that computes that norm (an RMSNorm is
+    checked on random rows: Gemma's, (1 + gamma) * x / rms(x), is not this one); else None."""
+    if isinstance(module, torch.nn.LayerNorm):
+        return layer_norm_shares
+    own, weight = list(module.parameters(recurse=False)), getattr(module, "weight", None)
+    if not type(module).__name__.endswith("RMSNorm") or len(own) != 1 or own[0] is not weight:
+        return None
+    rows = torch.randn(2, weight.shape[-1], generator=torch.Generator().manual_seed(0))
+    rows = rows.to(weight.device, weight.dtype)
+    with torch.no_grad():
+        same = torch.allclose(module(rows), weight * rms_normalized(module, rows))
+    return rms_norm_shares if same else None
 
 
 class HeadTap(torch.overrides.TorchFunctionMode):

@@ -1039,6 +1039,47 @@ def test_hooks_give_each_prompts_exact_gradient(
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_norm_shares_by_hand():
+    """A norm's parameters, token by token (g = the output's gradient). LayerNorm of x = (1, 3):
+    mean 2, std 1, x_hat = (-1, 1) (eps 0): gamma gets g * x_hat, beta g. RMSNorm of x = (3, 4):
+    rms = sqrt((9 + 16) / 2) = 3.5355, x / rms = (0.8485, 1.1314): gamma gets g * x / rms."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from plumbing.grad_hooks import layer_norm_shares, rms_norm_shares
+
+    layer_norm = torch.nn.LayerNorm(2, eps=0.0)
+    shares = layer_norm_shares(layer_norm, torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 5.0]]))
+    assert shares[layer_norm.weight].tolist() == [[-2.0, 5.0]]
+    assert shares[layer_norm.bias].tolist() == [[2.0, 5.0]]
+    rms_norm = LlamaRMSNorm(2, eps=0.0)
+    shares = rms_norm_shares(rms_norm, torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 2.0]]))
+    assert shares[rms_norm.weight][0].tolist() == pytest.approx([0.8485, 2.2627], abs=1e-4)
+
+
+def test_a_norm_without_a_rule_falls_back_to_a_backward_per_prompt(capsys):
+    """LayerNorm and Llama's RMSNorm have a rule; Gemma's RMSNorm, (1 + gamma) * x / rms(x), is
+    told apart on random rows and has none: the hooks are not attached (a backward per prompt),
+    or, with --batched-backward on, the run is refused naming the module."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from plumbing.cli import DataError
+    from plumbing.grad_hooks import GroupGradientHooks, norm_rule
+
+    assert norm_rule(torch.nn.LayerNorm(4)).__name__ == "layer_norm_shares"
+    assert norm_rule(LlamaRMSNorm(4)).__name__ == "rms_norm_shares"
+    config = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    config |= dict(num_attention_heads=1, num_key_value_heads=1, head_dim=32)
+    gemma = GemmaForCausalLM(GemmaConfig(**config))
+    assert norm_rule(gemma.model.norm) is None
+    assert GroupGradientHooks.attach(gemma, sink=None, required=False) is None
+    assert "has no rule for model.layers.0.input_layernorm" in capsys.readouterr().out
+    assert all(p.requires_grad for p in gemma.parameters())  # nothing left frozen
+    assert not any(m._forward_hooks for m in gemma.modules())  # nor attached
+    with pytest.raises(DataError, match="no rule for model.layers.0.input_layernorm"):
+        GroupGradientHooks.attach(gemma, sink=None, required=True)
+
+
 @pytest.mark.parametrize(
     "architecture, sparse_ratio", [("gpt2", 1.0), ("gpt2", 0.5), ("qwen2", 1.0)]
 )
