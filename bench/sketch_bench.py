@@ -451,12 +451,12 @@ def time_batched(model_path: str, rows: list[dict], args: Args, names=None) -> d
         "bare_batched": lambda chunk: bare_batched(per_prompt, chunk),
     }
     runs = {name: run for name, run in runs.items() if name in (names or runs)}
-    for run in runs.values():  # warm-up
-        run(rows[:1])
-    wall = dict.fromkeys(runs, 0.0)
     batches = [rows[i : i + args.batch_prompts] for i in range(0, len(rows), args.batch_prompts)]
     full = [batch for batch in batches if len(batch) == args.batch_prompts] or batches[:1]
     timed = [full[b % len(full)] for b in range(args.timed_batches)]
+    for run in runs.values():  # warm-up on a whole batch: its buffers are a batch's size
+        run(timed[0])
+    wall = dict.fromkeys(runs, 0.0)
     per_batch = {name: [] for name in runs}
     for b, chunk in enumerate(timed):
         names = list(runs)[b % len(runs) :] + list(runs)[: b % len(runs)]
