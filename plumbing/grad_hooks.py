@@ -17,6 +17,18 @@ def group_runs(row_group: torch.Tensor) -> list[tuple[int, slice]]:
     return [(g, slice(end - c, end)) for g, c, end in zip(groups.tolist(), counts.tolist(), ends)]
 
 
+def equal_runs(runs: list[tuple[int, slice]]) -> list[tuple[slice, int]]:
+    """Consecutive runs of equally many rows, merged: (all their rows, how many runs)."""
+    merged = []  # [first row, end, rows per run, runs]
+    for _, rows in runs:
+        size = rows.stop - rows.start
+        if merged and merged[-1][2] == size:
+            merged[-1][1], merged[-1][3] = rows.stop, merged[-1][3] + 1
+        else:
+            merged.append([rows.start, rows.stop, size, 1])
+    return [(slice(start, end), count) for start, end, _, count in merged]
+
+
 class GroupGradientHooks:
     """The backward gives every token's delta_t = dL/d(a layer's output); a group's gradient is the
     sum over its own tokens, taken per layer as the backward passes:
@@ -91,6 +103,7 @@ class GroupGradientHooks:
         with a response of response_lengths[i] tokens (the tokens the LM head sees, in order)."""
         device = self.parameters[0].device
         self.row_group = torch.tensor(row_group, device=device)
+        self.runs = group_runs(self.row_group)  # the same for every layer
         self.head_group = torch.repeat_interleave(
             self.row_group, torch.tensor(response_lengths, device=device)
         )
@@ -102,26 +115,30 @@ class GroupGradientHooks:
             if self.head_tap is not None:
                 self.head_tap.__exit__(None, None, None)
 
-    def add_matrix(self, weight, delta: torch.Tensor, x: torch.Tensor, row_group) -> None:
+    def add_matrix(self, weight, delta: torch.Tensor, x: torch.Tensor, runs) -> None:
         """G_b = sum over group b's rows and tokens of delta_t x_t^T, in the weight's layout, for
-        as many groups at a time as self.products holds."""
-        runs, most = group_runs(row_group), len(self.products) // weight.numel()
+        as many groups at a time as self.products holds; groups of equally many rows side by side
+        form one batched product (a product per group costs more in calls than in arithmetic)."""
+        most = len(self.products) // weight.numel()
         for first in range(0, len(runs), most):
             some = runs[first : first + most]
             products = self.products[: len(some) * weight.numel()].view(len(some), *weight.shape)
-            for (_, rows), product in zip(some, products):
-                d, inputs = delta[rows].flatten(0, -2).float(), x[rows].flatten(0, -2).float()
-                pair = (inputs.T, d) if id(weight) in self.transposed else (d.T, inputs)
-                torch.matmul(*pair, out=product)
+            done = 0
+            for rows, count in equal_runs(some):
+                d = delta[rows].reshape(count, -1, delta.shape[-1]).float()
+                inputs = x[rows].reshape(count, -1, x.shape[-1]).float()
+                pair = (inputs.mT, d) if id(weight) in self.transposed else (d.mT, inputs)
+                torch.bmm(*pair, out=products[done : done + count])
+                done += count
             self.sink.add([group for group, _ in some], weight, products)
 
     def linear_hook(self, module, args, output):
         if not self.active:  # gradient checkpointing re-runs the forward in the backward
             return
-        x, row_group = args[0].detach(), self.row_group
+        x, row_group, runs = args[0].detach(), self.row_group, self.runs
 
         def backward(delta):
-            self.add_matrix(module.weight, delta, x, row_group)
+            self.add_matrix(module.weight, delta, x, runs)
             if module.bias is not None:  # sum_t delta_t, per group
                 self.sums[id(module.bias)].index_add_(0, row_group, delta.float().sum(1))
 
@@ -130,7 +147,7 @@ class GroupGradientHooks:
     def embedding_hook(self, module, args, output):
         if not self.active:
             return None
-        ids, row_group = args[0], self.row_group
+        ids, row_group, runs = args[0], self.row_group, self.runs
         if not output.requires_grad:  # the parameters are frozen: the backward starts here
             output.requires_grad_()
         if ids.shape[0] != len(row_group):  # one lookup for all rows (GPT-2's positions)
@@ -140,7 +157,7 @@ class GroupGradientHooks:
 
         def backward(grad):
             grad = grad.float() if counted is None else grad.float() * counted
-            for group, rows in group_runs(row_group):
+            for group, rows in runs:
                 rows_grad = grad[rows].reshape(-1, grad.shape[-1])
                 self.sink.add([group], module.weight, rows_grad, rows=ids[rows].reshape(-1))
 
@@ -172,8 +189,9 @@ class GroupGradientHooks:
         real = len(token_group)
         self.head_seen += len(ins)
         ins = ins.detach()[:real, None]
+        runs = group_runs(token_group)
         logits.register_hook(
-            lambda delta: self.add_matrix(self.head.weight, delta[:real, None], ins, token_group)
+            lambda delta: self.add_matrix(self.head.weight, delta[:real, None], ins, runs)
         )
 
     def remove(self) -> None:

@@ -978,7 +978,7 @@ def test_hooks_give_each_prompts_exact_gradient(
     (stored transposed), the tied embedding + LM head, the position embedding, LayerNorm; Qwen2:
     Linear with and without bias, RMSNorm, an untied head, an embedding with padding_idx, products
     handed over a few groups at a time; zero for the prompts whose rewards are all equal."""
-    from plumbing.grad_hooks import GroupGradientHooks
+    from plumbing.grad_hooks import GroupGradientHooks, equal_runs, group_runs
 
     model_dir, rows = (
         (tiny_model, rollouts[1]) if architecture == "gpt2" else (tiny_qwen2[0], tiny_qwen2[2])
@@ -1013,6 +1013,8 @@ def test_hooks_give_each_prompts_exact_gradient(
     terms = sg.surrogate_terms([[row] for row in rows], 1.0)
     batches = sg.micro_batches(terms, 100)
     assert any(len({t.group for t in batch}) > 1 for batch in batches)  # micro-batches mix prompts
+    merged = [equal_runs(group_runs(torch.tensor([t.group for t in b]))) for b in batches]
+    assert any(count > 1 for runs in merged for _, count in runs)  # a product of several groups
     for batch in batches:
         with hooks.recording(
             [t.group for t in batch], [len(t.row["response_ids"][t.k]) for t in batch]
@@ -1037,6 +1039,17 @@ def test_hooks_give_each_prompts_exact_gradient(
             )
     hooks.remove()
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_group_runs_and_equal_runs_by_hand():
+    """Rows of groups 3, 3, 5, 5, 2, 2, 7: runs (3: rows 0-1), (5: 2-3), (2: 4-5), (7: 6); the
+    first three have two rows each and form one batched product of 3 groups over rows 0-5."""
+    from plumbing.grad_hooks import equal_runs, group_runs
+
+    runs = group_runs(torch.tensor([3, 3, 5, 5, 2, 2, 7]))
+    assert runs == [(3, slice(0, 2)), (5, slice(2, 4)), (2, slice(4, 6)), (7, slice(6, 7))]
+    assert equal_runs(runs) == [(slice(0, 6), 3), (slice(6, 7), 1)]
+    assert equal_runs(runs[1:]) == [(slice(2, 6), 2), (slice(6, 7), 1)]
 
 
 def test_norm_shares_by_hand():
