@@ -136,6 +136,17 @@ def block_draws(seed: int, block: int, proj_dim: int, sparse_ratio: float, exact
     return draws
 
 
+def consecutive_stretches(groups) -> list[tuple[int, int, int]]:
+    """(first group, its position in groups, how many) for each stretch of consecutive ids."""
+    stretches = []
+    for at, group in enumerate(groups):
+        if stretches and stretches[-1][0] + stretches[-1][2] == group:
+            stretches[-1][2] += 1
+        else:
+            stretches.append([group, at, 1])
+    return [tuple(stretch) for stretch in stretches]
+
+
 class CountSketch:
     """P S of each group's gradient, added piece by piece: halves[b, r] sums group b's g_i with
     r(i) = r, and sketch[b, h] = halves[b, 2h + 1] - halves[b, 2h] (the signs applied once)."""
@@ -167,12 +178,13 @@ class CountSketch:
 
     def add(self, groups: list[int] | None, p, values: torch.Tensor, rows=None) -> None:
         """The groups' (None: every group's) shares of p's gradient, values [len(groups), ...]:
-        each shaped like p, or p's rows `rows`; each draw is read once for all the groups."""
+        each shaped like p, or p's rows `rows`; added straight into the groups' rows of halves,
+        each draw read once for each stretch of consecutive groups."""
         draws = self.draws(p) if rows is None else self.draws(p).view(p.shape[0], -1)[rows]
         groups = range(len(self.halves)) if groups is None else groups
-        part = torch.zeros(len(groups), self.halves.shape[1], device=self.device)
-        part.index_add_(1, draws.reshape(-1), values.reshape(len(groups), -1))
-        self.halves.index_add_(0, torch.tensor(groups, device=self.device), part)
+        values = values.reshape(len(groups), -1)
+        for first, at, count in consecutive_stretches(groups):
+            self.halves[first : first + count].index_add_(1, draws.reshape(-1), values[at:][:count])
 
     def rows(self) -> torch.Tensor:
         return self.halves[:, 1 : 2 * self.width : 2] - self.halves[:, 0 : 2 * self.width : 2]

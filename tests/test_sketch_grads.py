@@ -242,6 +242,12 @@ def test_parameters_rows_and_pieces_add_up(small_blocks):
     assert not torch.allclose(other.rows(), expected)
 
 
+def test_consecutive_stretches_by_hand():
+    """Groups 4, 5, 6, 2, 3, 9: stretches (4 at 0, 3 groups), (2 at 3, 2), (9 at 5, 1)."""
+    assert sg.consecutive_stretches([4, 5, 6, 2, 3, 9]) == [(4, 0, 3), (2, 3, 2), (9, 5, 1)]
+    assert sg.consecutive_stretches(range(3)) == [(0, 0, 3)]
+
+
 def test_draws_of_a_parameter_spanning_blocks(small_blocks):
     parameters = [
         torch.nn.Parameter(torch.zeros(n)) for n in (50, 100, 30)
