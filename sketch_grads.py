@@ -27,7 +27,7 @@ from plumbing import distributed as dist
 from plumbing.cli import DataError, arg, run_main
 from plumbing.data import read_rollouts
 from plumbing.files import ChunkStore, check_writable, fingerprint
-from plumbing.grad_hooks import GroupGradientHooks
+from plumbing.grad_hooks import GroupGradientHooks, consecutive_stretches
 from plumbing.models import block_generator, check_model, cpu_kernels, load_trainable
 from plumbing.sketch_files import write_sketch
 
@@ -136,17 +136,6 @@ def block_draws(seed: int, block: int, proj_dim: int, sparse_ratio: float, exact
     return draws
 
 
-def consecutive_stretches(groups) -> list[tuple[int, int, int]]:
-    """(first group, its position in groups, how many) for each stretch of consecutive ids."""
-    stretches = []
-    for at, group in enumerate(groups):
-        if stretches and stretches[-1][0] + stretches[-1][2] == group:
-            stretches[-1][2] += 1
-        else:
-            stretches.append([group, at, 1])
-    return [tuple(stretch) for stretch in stretches]
-
-
 class CountSketch:
     """P S of each group's gradient, added piece by piece: halves[b, r] sums group b's g_i with
     r(i) = r, and sketch[b, h] = halves[b, 2h + 1] - halves[b, 2h] (the signs applied once)."""
@@ -178,8 +167,7 @@ class CountSketch:
 
     def add(self, groups: list[int] | None, p, values: torch.Tensor, rows=None) -> None:
         """The groups' (None: every group's) shares of p's gradient, values [len(groups), ...]:
-        each shaped like p, or p's rows `rows`; added straight into the groups' rows of halves,
-        each draw read once for each stretch of consecutive groups."""
+        each shaped like p, or p's rows `rows`; into halves, consecutive groups together."""
         draws = self.draws(p) if rows is None else self.draws(p).view(p.shape[0], -1)[rows]
         groups = range(len(self.halves)) if groups is None else groups
         values = values.reshape(len(groups), -1)

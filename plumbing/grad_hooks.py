@@ -29,6 +29,12 @@ def equal_runs(runs: list[tuple[int, slice]]) -> list[tuple[slice, int]]:
     return [(slice(start, end), count) for start, end, _, count in merged]
 
 
+def consecutive_stretches(groups) -> list[tuple[int, int, int]]:
+    """(first group, its position in groups, how many) for each stretch of consecutive ids."""
+    starts = [at for at in range(len(groups)) if at == 0 or groups[at] != groups[at - 1] + 1]
+    return [(groups[a], a, b - a) for a, b in zip(starts, starts[1:] + [len(groups)])]
+
+
 class GroupGradientHooks:
     """The backward gives every token's delta_t = dL/d(a layer's output); a group's gradient is the
     sum over its own tokens, taken per layer as the backward passes:

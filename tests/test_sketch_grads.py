@@ -244,8 +244,10 @@ def test_parameters_rows_and_pieces_add_up(small_blocks):
 
 def test_consecutive_stretches_by_hand():
     """Groups 4, 5, 6, 2, 3, 9: stretches (4 at 0, 3 groups), (2 at 3, 2), (9 at 5, 1)."""
-    assert sg.consecutive_stretches([4, 5, 6, 2, 3, 9]) == [(4, 0, 3), (2, 3, 2), (9, 5, 1)]
-    assert sg.consecutive_stretches(range(3)) == [(0, 0, 3)]
+    from plumbing.grad_hooks import consecutive_stretches
+
+    assert consecutive_stretches([4, 5, 6, 2, 3, 9]) == [(4, 0, 3), (2, 3, 2), (9, 5, 1)]
+    assert consecutive_stretches(range(3)) == [(0, 0, 3)]
 
 
 def test_draws_of_a_parameter_spanning_blocks(small_blocks):
