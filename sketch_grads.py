@@ -27,7 +27,7 @@ from plumbing import distributed as dist
 from plumbing.cli import DataError, arg, run_main
 from plumbing.data import read_rollouts
 from plumbing.files import ChunkStore, check_writable, fingerprint
-from plumbing.grad_hooks import GroupGradientHooks, consecutive_stretches
+from plumbing.grad_hooks import GroupGradientHooks, group_runs
 from plumbing.models import block_generator, check_model, cpu_kernels, load_trainable
 from plumbing.sketch_files import write_sketch
 
@@ -167,12 +167,12 @@ class CountSketch:
 
     def add(self, groups: list[int] | None, p, values: torch.Tensor, rows=None) -> None:
         """The groups' (None: every group's) shares of p's gradient, values [len(groups), ...]:
-        each shaped like p, or p's rows `rows`; into halves, consecutive groups together."""
+        each shaped like p, or p's rows `rows`; a stretch of consecutive groups at once."""
         draws = self.draws(p) if rows is None else self.draws(p).view(p.shape[0], -1)[rows]
-        groups = range(len(self.halves)) if groups is None else groups
-        values = values.reshape(len(groups), -1)
-        for first, at, count in consecutive_stretches(groups):
-            self.halves[first : first + count].index_add_(1, draws.reshape(-1), values[at:][:count])
+        groups = torch.arange(len(self.halves)) if groups is None else torch.tensor(groups)
+        values, draws = values.reshape(len(groups), -1), draws.reshape(-1)
+        for offset, at in group_runs(groups - torch.arange(len(groups))):  # id - position: constant
+            self.halves[offset + at.start : offset + at.stop].index_add_(1, draws, values[at])
 
     def rows(self) -> torch.Tensor:
         return self.halves[:, 1 : 2 * self.width : 2] - self.halves[:, 0 : 2 * self.width : 2]

@@ -11,28 +11,11 @@ from plumbing.cli import DataError
 
 
 def group_runs(row_group: torch.Tensor) -> list[tuple[int, slice]]:
-    """(group, slice of its rows) for each run of equal consecutive entries (views, no copies)."""
+    """(value, slice of its positions) for each run of equal consecutive entries: each group's
+    rows (views, no copies)."""
     groups, counts = torch.unique_consecutive(row_group, return_counts=True)
     ends = counts.cumsum(0).tolist()
     return [(g, slice(end - c, end)) for g, c, end in zip(groups.tolist(), counts.tolist(), ends)]
-
-
-def equal_runs(runs: list[tuple[int, slice]]) -> list[tuple[slice, int]]:
-    """Consecutive runs of equally many rows, merged: (all their rows, how many runs)."""
-    merged = []  # [first row, end, rows per run, runs]
-    for _, rows in runs:
-        size = rows.stop - rows.start
-        if merged and merged[-1][2] == size:
-            merged[-1][1], merged[-1][3] = rows.stop, merged[-1][3] + 1
-        else:
-            merged.append([rows.start, rows.stop, size, 1])
-    return [(slice(start, end), count) for start, end, _, count in merged]
-
-
-def consecutive_stretches(groups) -> list[tuple[int, int, int]]:
-    """(first group, its position in groups, how many) for each stretch of consecutive ids."""
-    starts = [at for at in range(len(groups)) if at == 0 or groups[at] != groups[at - 1] + 1]
-    return [(groups[a], a, b - a) for a, b in zip(starts, starts[1:] + [len(groups)])]
 
 
 class GroupGradientHooks:
@@ -129,13 +112,14 @@ class GroupGradientHooks:
         for first in range(0, len(runs), most):
             some = runs[first : first + most]
             products = self.products[: len(some) * weight.numel()].view(len(some), *weight.shape)
-            done = 0
-            for rows, count in equal_runs(some):
+            sizes = torch.tensor([rows.stop - rows.start for _, rows in some])
+            for _, alike in group_runs(sizes):  # groups of equally many rows: one batched product
+                rows = slice(some[alike][0][1].start, some[alike][-1][1].stop)
+                count = alike.stop - alike.start
                 d = delta[rows].reshape(count, -1, delta.shape[-1]).float()
                 inputs = x[rows].reshape(count, -1, x.shape[-1]).float()
                 pair = (inputs.mT, d) if id(weight) in self.transposed else (d.mT, inputs)
-                torch.bmm(*pair, out=products[done : done + count])
-                done += count
+                torch.bmm(*pair, out=products[alike])
             self.sink.add([group for group, _ in some], weight, products)
 
     def linear_hook(self, module, args, output):

@@ -242,14 +242,6 @@ def test_parameters_rows_and_pieces_add_up(small_blocks):
     assert not torch.allclose(other.rows(), expected)
 
 
-def test_consecutive_stretches_by_hand():
-    """Groups 4, 5, 6, 2, 3, 9: stretches (4 at 0, 3 groups), (2 at 3, 2), (9 at 5, 1)."""
-    from plumbing.grad_hooks import consecutive_stretches
-
-    assert consecutive_stretches([4, 5, 6, 2, 3, 9]) == [(4, 0, 3), (2, 3, 2), (9, 5, 1)]
-    assert consecutive_stretches(range(3)) == [(0, 0, 3)]
-
-
 def test_draws_of_a_parameter_spanning_blocks(small_blocks):
     parameters = [
         torch.nn.Parameter(torch.zeros(n)) for n in (50, 100, 30)
@@ -986,7 +978,7 @@ def test_hooks_give_each_prompts_exact_gradient(
     (stored transposed), the tied embedding + LM head, the position embedding, LayerNorm; Qwen2:
     Linear with and without bias, RMSNorm, an untied head, an embedding with padding_idx, products
     handed over a few groups at a time; zero for the prompts whose rewards are all equal."""
-    from plumbing.grad_hooks import GroupGradientHooks, equal_runs, group_runs
+    from plumbing.grad_hooks import GroupGradientHooks, group_runs
 
     model_dir, rows = (
         (tiny_model, rollouts[1]) if architecture == "gpt2" else (tiny_qwen2[0], tiny_qwen2[2])
@@ -1021,8 +1013,11 @@ def test_hooks_give_each_prompts_exact_gradient(
     terms = sg.surrogate_terms([[row] for row in rows], 1.0)
     batches = sg.micro_batches(terms, 100)
     assert any(len({t.group for t in batch}) > 1 for batch in batches)  # micro-batches mix prompts
-    merged = [equal_runs(group_runs(torch.tensor([t.group for t in b]))) for b in batches]
-    assert any(count > 1 for runs in merged for _, count in runs)  # a product of several groups
+    sizes = [
+        [r.stop - r.start for _, r in group_runs(torch.tensor([t.group for t in b]))]
+        for b in batches
+    ]
+    assert any(len(group_runs(torch.tensor(s))) < len(s) for s in sizes)  # a product of 2+ groups
     for batch in batches:
         with hooks.recording(
             [t.group for t in batch], [len(t.row["response_ids"][t.k]) for t in batch]
@@ -1049,15 +1044,18 @@ def test_hooks_give_each_prompts_exact_gradient(
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_group_runs_and_equal_runs_by_hand():
-    """Rows of groups 3, 3, 5, 5, 2, 2, 7: runs (3: rows 0-1), (5: 2-3), (2: 4-5), (7: 6); the
-    first three have two rows each and form one batched product of 3 groups over rows 0-5."""
-    from plumbing.grad_hooks import equal_runs, group_runs
+def test_group_runs_by_hand():
+    """Rows of groups 3, 3, 5, 5, 2, 2, 7: runs (3: rows 0-1), (5: 2-3), (2: 4-5), (7: 6). Their
+    sizes 2, 2, 2, 1 in runs: the first three groups form one batched product. Groups 4, 5, 6, 2,
+    3, 9 minus their positions: 4, 4, 4, -1, -1, 4: consecutive stretches at 0-2, 3-4, 5."""
+    from plumbing.grad_hooks import group_runs
 
     runs = group_runs(torch.tensor([3, 3, 5, 5, 2, 2, 7]))
     assert runs == [(3, slice(0, 2)), (5, slice(2, 4)), (2, slice(4, 6)), (7, slice(6, 7))]
-    assert equal_runs(runs) == [(slice(0, 6), 3), (slice(6, 7), 1)]
-    assert equal_runs(runs[1:]) == [(slice(2, 6), 2), (slice(6, 7), 1)]
+    assert group_runs(torch.tensor([2, 2, 2, 1])) == [(2, slice(0, 3)), (1, slice(3, 4))]
+    groups = torch.tensor([4, 5, 6, 2, 3, 9])
+    stretches = group_runs(groups - torch.arange(6))
+    assert stretches == [(4, slice(0, 3)), (-1, slice(3, 5)), (4, slice(5, 6))]
 
 
 def test_norm_shares_by_hand():
