@@ -189,7 +189,8 @@ def response_logprobs(
         hook.remove()
     # response token t of row i sits at len(p_i) + t, predicted by the hidden state before it
     rows = torch.repeat_interleave(torch.arange(batch, device=device), response_lengths)
-    steps = torch.cat([torch.arange(len(r), device=device) for r in response_ids])
+    first = response_lengths.cumsum(0) - response_lengths  # each row's first in the flat order
+    steps = torch.arange(len(rows), device=device) - first[rows]
     targets = torch.tensor([t for r in response_ids for t in r], dtype=torch.long, device=device)
     hidden = captured[0][rows, prompt_lengths[rows] - 1 + steps]
     head = causal_lm.get_output_embeddings()

@@ -96,8 +96,8 @@ def surrogate(model, terms: list[Term], pad: int) -> torch.Tensor:
     inputs = ([t.row["prompt_ids"] for t in terms], responses, terms[0].row["temperature"])
     with dist.autocast(next(model.parameters()).device):
         logprobs, mask, _ = response_logprobs(model, *inputs, pad_token_id=pad)
-    behavior = [torch.tensor(t.row["behavior_logprobs"][t.k]) for t in terms]  # beta, 0-padded
-    behavior = torch.nn.utils.rnn.pad_sequence(behavior, batch_first=True).to(logprobs.device)
+    behavior = [x for t in terms for x in t.row["behavior_logprobs"][t.k]]  # beta, token by token
+    behavior = mask.masked_scatter(mask.bool(), torch.tensor(behavior, device=mask.device))  # 0-pad
     weights = torch.tensor([t.weight for t in terms], device=logprobs.device)
     return popi_surrogate(logprobs.float(), behavior, mask, weights, num_responses=1)
 
