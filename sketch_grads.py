@@ -169,9 +169,9 @@ class CountSketch:
         """The groups' (None: every group's) shares of p's gradient, values [len(groups), ...]:
         each shaped like p, or p's rows `rows`; a stretch of consecutive groups at once."""
         draws = self.draws(p) if rows is None else self.draws(p).view(p.shape[0], -1)[rows]
-        groups = torch.arange(len(self.halves)) if groups is None else torch.tensor(groups)
+        groups = range(len(self.halves)) if groups is None else groups
         values, draws = values.reshape(len(groups), -1), draws.reshape(-1)
-        for offset, at in group_runs(groups - torch.arange(len(groups))):  # id - position: constant
+        for offset, at in group_runs([g - i for i, g in enumerate(groups)]):  # id - position
             self.halves[offset + at.start : offset + at.stop].index_add_(1, draws, values[at])
 
     def rows(self) -> torch.Tensor:

@@ -4,18 +4,23 @@ batched backward). A "group" is the responses of one prompt; the loss is the sum
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 
 from plumbing.cli import DataError
 
 
-def group_runs(row_group: torch.Tensor) -> list[tuple[int, slice]]:
-    """(value, slice of its positions) for each run of equal consecutive entries: each group's
-    rows (views, no copies)."""
-    groups, counts = torch.unique_consecutive(row_group, return_counts=True)
-    ends = counts.cumsum(0).tolist()
-    return [(g, slice(end - c, end)) for g, c, end in zip(groups.tolist(), counts.tolist(), ends)]
+def group_runs(values: list[int]) -> list[tuple[int, slice]]:
+    """(value, slice of its positions) for each run of equal consecutive values: each group's
+    rows (views, no copies). Plain Python: it runs for every layer, where a tensor op's call costs
+    more than the loop."""
+    runs, start = [], 0
+    for value, run in itertools.groupby(values):
+        count = sum(1 for _ in run)
+        runs.append((value, slice(start, start + count)))
+        start += count
+    return runs
 
 
 class GroupGradientHooks:
@@ -92,10 +97,8 @@ class GroupGradientHooks:
         with a response of response_lengths[i] tokens (the tokens the LM head sees, in order)."""
         device = self.parameters[0].device
         self.row_group = torch.tensor(row_group, device=device)
-        self.runs = group_runs(self.row_group)  # the same for every layer
-        self.head_group = torch.repeat_interleave(
-            self.row_group, torch.tensor(response_lengths, device=device)
-        )
+        self.runs = group_runs(row_group)  # the same for every layer
+        self.head_group = [g for g, n in zip(row_group, response_lengths) for _ in range(n)]
         self.head_seen, self.active, self.head_tap = 0, True, None
         try:
             yield
@@ -112,7 +115,7 @@ class GroupGradientHooks:
         for first in range(0, len(runs), most):
             some = runs[first : first + most]
             products = self.products[: len(some) * weight.numel()].view(len(some), *weight.shape)
-            sizes = torch.tensor([rows.stop - rows.start for _, rows in some])
+            sizes = [rows.stop - rows.start for _, rows in some]
             for _, alike in group_runs(sizes):  # groups of equally many rows: one batched product
                 rows = slice(some[alike][0][1].start, some[alike][-1][1].stop)
                 count = alike.stop - alike.start

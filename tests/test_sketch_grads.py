@@ -1013,11 +1013,8 @@ def test_hooks_give_each_prompts_exact_gradient(
     terms = sg.surrogate_terms([[row] for row in rows], 1.0)
     batches = sg.micro_batches(terms, 100)
     assert any(len({t.group for t in batch}) > 1 for batch in batches)  # micro-batches mix prompts
-    sizes = [
-        [r.stop - r.start for _, r in group_runs(torch.tensor([t.group for t in b]))]
-        for b in batches
-    ]
-    assert any(len(group_runs(torch.tensor(s))) < len(s) for s in sizes)  # a product of 2+ groups
+    sizes = [[r.stop - r.start for _, r in group_runs([t.group for t in b])] for b in batches]
+    assert any(len(group_runs(s)) < len(s) for s in sizes)  # a product of 2+ groups
     for batch in batches:
         with hooks.recording(
             [t.group for t in batch], [len(t.row["response_ids"][t.k]) for t in batch]
@@ -1050,12 +1047,12 @@ def test_group_runs_by_hand():
     3, 9 minus their positions: 4, 4, 4, -1, -1, 4: consecutive stretches at 0-2, 3-4, 5."""
     from plumbing.grad_hooks import group_runs
 
-    runs = group_runs(torch.tensor([3, 3, 5, 5, 2, 2, 7]))
+    runs = group_runs([3, 3, 5, 5, 2, 2, 7])
     assert runs == [(3, slice(0, 2)), (5, slice(2, 4)), (2, slice(4, 6)), (7, slice(6, 7))]
-    assert group_runs(torch.tensor([2, 2, 2, 1])) == [(2, slice(0, 3)), (1, slice(3, 4))]
-    groups = torch.tensor([4, 5, 6, 2, 3, 9])
-    stretches = group_runs(groups - torch.arange(6))
+    assert group_runs([2, 2, 2, 1]) == [(2, slice(0, 3)), (1, slice(3, 4))]
+    stretches = group_runs([g - i for i, g in enumerate([4, 5, 6, 2, 3, 9])])
     assert stretches == [(4, slice(0, 3)), (-1, slice(3, 5)), (4, slice(5, 6))]
+    assert group_runs([]) == []
 
 
 def test_norm_shares_by_hand():
