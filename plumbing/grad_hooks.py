@@ -23,6 +23,15 @@ def group_runs(values: list[int]) -> list[tuple[int, slice]]:
     return runs
 
 
+def shared_prefix(sequences: list[list[int]]) -> int:
+    """How many leading tokens all the sequences have in common (0 for a single one: nothing to
+    share)."""
+    if len(sequences) < 2:
+        return 0
+    columns = enumerate(zip(*sequences))
+    return next((t for t, column in columns if len(set(column)) > 1), min(map(len, sequences)))
+
+
 class GroupGradientHooks:
     """The backward gives every token's delta_t = dL/d(a layer's output); a group's gradient is the
     sum over its own tokens, taken per layer as the backward passes:
@@ -92,13 +101,15 @@ class GroupGradientHooks:
             self.sink.add(None, p, self.sums[id(p)])
 
     @contextlib.contextmanager
-    def recording(self, row_group: list[int], response_lengths: list[int]):
-        """Within it, the forward of a micro-batch: row i belongs to group row_group[i] and ends
-        with a response of response_lengths[i] tokens (the tokens the LM head sees, in order)."""
+    def recording(self, row_group: list[int], row_ids: list[tuple[list[int], list[int]]]):
+        """Within it, the forward of a micro-batch: row i, row_ids[i] = (prompt, response ids),
+        belongs to group row_group[i] (its response tokens are those the LM head sees, in order)."""
         device = self.parameters[0].device
         self.row_group = torch.tensor(row_group, device=device)
         self.runs = group_runs(row_group)  # the same for every layer
-        self.head_group = [g for g, n in zip(row_group, response_lengths) for _ in range(n)]
+        tokens = [[*prompt, *response] for prompt, response in row_ids]
+        self.shared = [shared_prefix(tokens[rows]) for _, rows in self.runs]
+        self.head_group = [g for g, (_, response) in zip(row_group, row_ids) for _ in response]
         self.head_seen, self.active, self.head_tap = 0, True, None
         try:
             yield
@@ -107,10 +118,12 @@ class GroupGradientHooks:
             if self.head_tap is not None:
                 self.head_tap.__exit__(None, None, None)
 
-    def add_matrix(self, weight, delta: torch.Tensor, x: torch.Tensor, runs) -> None:
-        """G_b = sum over group b's rows and tokens of delta_t x_t^T, in the weight's layout, for
-        as many groups at a time as self.products holds; groups of equally many rows side by side
-        form one batched product (a product per group costs more in calls than in arithmetic)."""
+    def add_matrix(self, weight, delta: torch.Tensor, x: torch.Tensor, runs, shared=None) -> None:
+        """G_b = sum over group b's rows k and tokens t of delta_{k,t} x_{k,t}^T, in the weight's
+        layout, for as many groups at a time as self.products holds; groups of equally many rows
+        side by side form one batched product (a product per group costs more in calls than in
+        arithmetic). The first shared[j] tokens of group j's rows are the same (a prompt's), so
+        their x_t is too: there sum_k delta_{k,t} x_t^T = (sum_k delta_{k,t}) x_t^T, one product."""
         most = len(self.products) // weight.numel()
         for first in range(0, len(runs), most):
             some = runs[first : first + most]
@@ -119,19 +132,29 @@ class GroupGradientHooks:
             for _, alike in group_runs(sizes):  # groups of equally many rows: one batched product
                 rows = slice(some[alike][0][1].start, some[alike][-1][1].stop)
                 count = alike.stop - alike.start
-                d = delta[rows].reshape(count, -1, delta.shape[-1]).float()
-                inputs = x[rows].reshape(count, -1, x.shape[-1]).float()
-                pair = (inputs.mT, d) if id(weight) in self.transposed else (d.mT, inputs)
-                torch.bmm(*pair, out=products[alike])
+                d = delta[rows].float().unflatten(0, (count, -1))  # [groups, rows, tokens, out]
+                inputs = x[rows].float().unflatten(0, (count, -1))
+                common = min(shared[first + alike.start : first + alike.stop]) if shared else 0
+                parts = [(d.flatten(1, 2), inputs.flatten(1, 2))]  # every row's every token
+                if common:  # the shared tokens once, then each row's own
+                    parts = [(d[:, :, :common].sum(1), inputs[:, 0, :common])]
+                    parts += [(d[:, :, common:].flatten(1, 2), inputs[:, :, common:].flatten(1, 2))]
+                torch.bmm(*self.factors(weight, *parts[0]), out=products[alike])
+                for part in parts[1:]:
+                    products[alike].baddbmm_(*self.factors(weight, *part))
             self.sink.add([group for group, _ in some], weight, products)
+
+    def factors(self, weight, d: torch.Tensor, inputs: torch.Tensor) -> tuple:
+        """delta^T x in the weight's layout as a (left, right) pair (Conv1D's is x^T delta)."""
+        return (inputs.mT, d) if id(weight) in self.transposed else (d.mT, inputs)
 
     def linear_hook(self, module, args, output):
         if not self.active:  # gradient checkpointing re-runs the forward in the backward
             return
-        x, row_group, runs = args[0].detach(), self.row_group, self.runs
+        x, row_group, runs, shared = args[0].detach(), self.row_group, self.runs, self.shared
 
         def backward(delta):
-            self.add_matrix(module.weight, delta, x, runs)
+            self.add_matrix(module.weight, delta, x, runs, shared)
             if module.bias is not None:  # sum_t delta_t, per group
                 self.sums[id(module.bias)].index_add_(0, row_group, delta.float().sum(1))
 

@@ -1015,13 +1015,15 @@ def test_hooks_give_each_prompts_exact_gradient(
     assert any(len({t.group for t in batch}) > 1 for batch in batches)  # micro-batches mix prompts
     sizes = [[r.stop - r.start for _, r in group_runs([t.group for t in b])] for b in batches]
     assert any(len(group_runs(s)) < len(s) for s in sizes)  # a product of 2+ groups
+    shared = []  # the tokens that a group's rows have in common, per group and micro-batch
     for batch in batches:
-        with hooks.recording(
-            [t.group for t in batch], [len(t.row["response_ids"][t.k]) for t in batch]
-        ):
+        row_ids = [(t.row["prompt_ids"], t.row["response_ids"][t.k]) for t in batch]
+        with hooks.recording([t.group for t in batch], row_ids):
+            shared += hooks.shared
             loss = sg.surrogate(model, batch, exact_sketcher.pad_token_id)
         loss.backward()
     hooks.finish()
+    assert any(shared)  # the shared prompt's product formed once for the group
     assert not any(
         p.requires_grad for p in model.parameters()
     )  # frozen: the backward skips every summed dW
@@ -1053,6 +1055,17 @@ def test_group_runs_by_hand():
     stretches = group_runs([g - i for i, g in enumerate([4, 5, 6, 2, 3, 9])])
     assert stretches == [(4, slice(0, 3)), (-1, slice(3, 5)), (4, slice(5, 6))]
     assert group_runs([]) == []
+
+
+def test_shared_prefix_by_hand():
+    """The tokens a group's rows have in common: 1 2 3 4 / 1 2 5 / 1 2 3 -> 2; the same row twice
+    -> its length; different first tokens -> 0; one row alone -> 0 (nothing to share)."""
+    from plumbing.grad_hooks import shared_prefix
+
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix([[7, 8], [7, 8]]) == 2
+    assert shared_prefix([[1, 2], [2, 2]]) == 0
+    assert shared_prefix([[1, 2, 3]]) == 0
 
 
 def test_norm_shares_by_hand():
