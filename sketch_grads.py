@@ -206,8 +206,8 @@ class Sketcher:
         if self.hooks:  # one forward+backward per token budget of all the groups' responses
             self.hooks.start(len(groups))
             for batch in micro_batches(surrogate_terms(groups, weight), self.args.token_budget):
-                rows = [(t.row["prompt_ids"], t.row["response_ids"][t.k]) for t in batch]
-                with self.hooks.recording([t.group for t in batch], rows):
+                row_ids = [(t.row["prompt_ids"], t.row["response_ids"][t.k]) for t in batch]
+                with self.hooks.recording([t.group for t in batch], row_ids):
                     loss = surrogate(self.model, batch, self.pad_token_id)
                 loss.backward()
             self.hooks.finish()
